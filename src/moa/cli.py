@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from moa.errors import MoAError
 
+    _quiet_libraries()
     try:
         rc = args.func(args)
         return int(rc or 0)
@@ -58,6 +59,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"moa: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars and messages are enough; silence the libraries' per-load noise."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 if __name__ == "__main__":

@@ -68,6 +68,9 @@ def make_tiny_base(
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=True,
+        # Larger than the usual 0.02 so that a LoRA on a 64-wide model can move the logits
+        # far enough for tests to see learning (tied embeddings bound the logit scale).
+        initializer_range=0.15,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).float()

@@ -1,0 +1,227 @@
+"""Routers, routing losses and decisions, and the hooks that route a forward pass.
+
+One `LayerRouter` sits before every decoder layer: it pools that layer's input hidden
+states over the prompt tokens (masked mean, float32) and maps them to expert logits with
+one linear layer. A `RoutingState` describes one forward (the mode, the fixed experts or
+the pool mask, and what the routers said); `routing_hooks` installs forward pre-hooks on the
+decoder layers that read it, run the routers when needed and fill each layer's
+`RoutingSlot`, and always removes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moa.layers import ExpertChoice, RoutingSlot
+
+ROUTER_INIT_STD = 0.02
+
+
+class LayerRouter(nn.Module):
+    """Masked mean of a layer's input over the prompt, then a linear map to E expert logits.
+
+    Args:
+        hidden_size: H, the width of the decoder's hidden states.
+        num_experts: E.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int = 0, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 0, dtype=torch.float32)
+        for _ in range(num_experts):
+            self.add_output(generator)
+
+    @property
+    def num_experts(self) -> int:
+        return self.linear.out_features
+
+    @staticmethod
+    def pool(hidden: Tensor, mask: Tensor) -> Tensor:
+        """hidden: (B, T, H), mask: (B, T) (1 = prompt token) -> (B, H) float32 masked mean."""
+        keep = mask.bool()[..., None]  # (B, T, 1)
+        # where, not multiply: padded positions may hold NaN (fully masked attention rows).
+        total = torch.where(keep, hidden.to(torch.float32), 0.0).sum(dim=1)  # (B, H)
+        return total / keep.sum(dim=1).clamp(min=1).to(torch.float32)  # (B, H)
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """hidden: (B, T, H), mask: (B, T) -> logits (B, E) float32."""
+        pooled = self.pool(hidden, mask)  # (B, H)
+        return self.linear(pooled.to(self.linear.weight.dtype))  # (B, E)
+
+    def add_output(self, generator: torch.Generator | None = None) -> None:
+        """Grow one expert row (small normal init, zero bias); the old rows are kept exactly."""
+        W, b = self.linear.weight.data, self.linear.bias.data  # (E, H), (E,)
+        row = torch.randn(1, W.shape[1], generator=generator, dtype=torch.float32) * ROUTER_INIT_STD
+        self._set(torch.cat([W, row.to(W)]), torch.cat([b, b.new_zeros(1)]))
+
+    def remove_output(self, e: int) -> None:
+        keep = [k for k in range(self.num_experts) if k != e]
+        idx = torch.tensor(keep, dtype=torch.long, device=self.linear.weight.device)
+        self._set(self.linear.weight.data.index_select(0, idx), self.linear.bias.data.index_select(0, idx))
+
+    def _set(self, W: Tensor, b: Tensor) -> None:
+        requires_grad = self.linear.weight.requires_grad
+        self.linear.weight = nn.Parameter(W.contiguous(), requires_grad=requires_grad)
+        self.linear.bias = nn.Parameter(b.contiguous(), requires_grad=requires_grad)
+        self.linear.out_features = W.shape[0]
+
+
+# --------------------------------------------------------------------------- losses and decisions
+
+
+def router_loss(router_logits: Sequence[Tensor], domain_ids: Tensor) -> Tensor:
+    """Mean over layers of the cross-entropy of each layer's logits (B, E) against domain_ids (B,)."""
+    if not router_logits:
+        raise ValueError("router_loss needs the logits of at least one layer")
+    target = domain_ids.to(router_logits[0].device).long()  # (B,)
+    losses = [F.cross_entropy(logits.float(), target) for logits in router_logits]
+    return torch.stack(losses).mean()
+
+
+def layer_probs(router_logits: Sequence[Tensor]) -> Tensor:
+    """(L, B, E) softmax probabilities of every layer's router."""
+    return torch.stack([logits.float().softmax(-1) for logits in router_logits])
+
+
+def vote(router_logits: Sequence[Tensor]) -> Tensor:
+    """Majority of the layers' top-1 choices (B,); ties broken by the summed probabilities."""
+    probs = layer_probs(router_logits)  # (L, B, E)
+    L, _, E = probs.shape
+    counts = F.one_hot(probs.argmax(-1), E).sum(0).float()  # (B, E)
+    # The tie-break term stays below 1, so it only orders experts with equal vote counts.
+    return (counts + probs.sum(0) / (L + 1)).argmax(-1)  # (B,)
+
+
+def last(router_logits: Sequence[Tensor]) -> Tensor:
+    """The last layer's top-1 choice (B,)."""
+    return router_logits[-1].argmax(-1)
+
+
+def decide(router_logits: Sequence[Tensor], how: str) -> tuple[Tensor, Tensor]:
+    """One expert per row from the per-layer logits: (index (B,), probs (B, E)).
+
+    how: "vote" (probs = mean of the layers' probabilities) or "last"/"layer" (the last layer's).
+    """
+    if how == "vote":
+        return vote(router_logits), layer_probs(router_logits).mean(0)
+    if how in ("last", "layer"):
+        return last(router_logits), router_logits[-1].float().softmax(-1)
+    raise ValueError(f"unknown decision rule {how!r}")
+
+
+# --------------------------------------------------------------------------- routing a forward
+
+
+class RoutingDone(Exception):
+    """Raised by the hooks to end a routing pass once the last needed router has run."""
+
+
+@dataclass
+class RoutingState:
+    """How one forward is routed, and what the routers said.
+
+    Modes:
+        "fixed": every row uses `expert_index` -- (B,) the same expert in every layer, or
+            (L, B) one per layer; -1 = base only. Routers run only if `run_routers`.
+        "layer": each layer uses its own router's top-1 on the pooled prompt (`pool_mask`).
+        "soft": each layer's slot gets `gates(layer, hidden (B, T, H)) -> weights (B, T, E)`.
+        "base": no expert anywhere.
+    """
+
+    mode: str = "fixed"
+    expert_index: Tensor | None = None
+    pool_mask: Tensor | None = None
+    """(B, T) bool: the tokens the routers pool over (prompt tokens, no padding)."""
+    run_routers: bool = False
+    gates: Callable[[int, Tensor], Tensor] | None = None
+    stop_after: int | None = None
+    """End the forward (raise RoutingDone) once this layer's router has run: a routing pass."""
+    logits: list[Tensor] = field(default_factory=list)
+    """Per layer, in order: router logits (B, E), when the routers ran."""
+    decisions: list[Tensor] = field(default_factory=list)
+    """Per layer, in order: the expert index (B,) that layer used (fixed and layer modes)."""
+    _choices: list[ExpertChoice] | ExpertChoice | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("fixed", "layer", "soft", "base"):
+            raise ValueError(f"unknown routing mode {self.mode!r}")
+        if self.mode == "fixed":
+            if self.expert_index is None:
+                raise ValueError("fixed routing needs expert_index")
+            if self.expert_index.ndim == 1:
+                self._choices = ExpertChoice.of(self.expert_index)
+            else:
+                self._choices = [ExpertChoice.of(row) for row in self.expert_index]
+        if (self.mode == "layer" or self.run_routers) and self.pool_mask is None:
+            raise ValueError(f"routing mode {self.mode!r} with routers needs a pool_mask")
+        if self.mode == "soft" and self.gates is None:
+            raise ValueError("soft routing needs gates")
+
+    def routers_run(self) -> bool:
+        return self.mode == "layer" or self.run_routers
+
+    def enter_layer(self, i: int, hidden: Tensor, router: LayerRouter, slot: RoutingSlot) -> None:
+        """Called before decoder layer i with its input hidden (B, T, H): route, fill the slot."""
+        logits = None
+        if self.routers_run():
+            if self.pool_mask.shape != hidden.shape[:2]:
+                raise ValueError(
+                    f"routers pool over a mask of shape {tuple(self.pool_mask.shape)} but layer {i} got "
+                    f"hidden states of shape {tuple(hidden.shape[:2])} (routers only run on a whole prompt)"
+                )
+            logits = router(hidden, self.pool_mask)  # (B, E)
+            self.logits.append(logits)
+            if self.stop_after == i:
+                raise RoutingDone
+        if self.mode == "fixed":
+            choice = self._choices if isinstance(self._choices, ExpertChoice) else self._choices[i]
+            slot.set_choice(choice)
+            self.decisions.append(choice.index)
+        elif self.mode == "layer":
+            choice = ExpertChoice.of(logits.argmax(-1))  # (B,)
+            slot.set_choice(choice)
+            self.decisions.append(choice.index)
+        elif self.mode == "soft":
+            slot.set_weights(self.gates(i, hidden))  # (B, T, E)
+        else:
+            slot.clear()
+
+
+@contextlib.contextmanager
+def routing_hooks(
+    layers: Sequence[nn.Module],
+    routers: Sequence[LayerRouter],
+    slots: Sequence[RoutingSlot],
+    state: RoutingState,
+) -> Iterator[RoutingState]:
+    """Route every forward run inside the block by `state`; hooks and slots are always cleared.
+
+    A forward that ends early with RoutingDone (a routing pass) is swallowed here.
+    """
+    handles = []
+
+    def make_hook(i: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            state.enter_layer(i, hidden, routers[i], slots[i])
+
+        return hook
+
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(make_hook(i), with_kwargs=True))
+        try:
+            yield state
+        except RoutingDone:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+        for slot in slots:
+            slot.clear()

@@ -1,0 +1,172 @@
+"""`moa score`: log-likelihood of each record's response under a base model, a PEFT adapter,
+or an MoA checkpoint (with routing), plus per-domain perplexity."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from moa.base import DEFAULT_BASE
+from moa.data import IGNORE_INDEX, Example, collate
+from moa.errors import MoAError
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sum of log p(label) over label tokens and their count.
+
+    logits (B,T,V), labels (B,T) -> (B,) float64 sums, (B,) long counts.
+    """
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:]  # (B, T-1)
+    mask = shift_labels != IGNORE_INDEX
+    lp = torch.log_softmax(shift_logits, dim=-1)
+    picked = lp.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    picked = picked.masked_fill(~mask, 0.0)
+    return picked.double().sum(-1), mask.sum(-1)
+
+
+def causal_lm_forward(model) -> Callable[[dict], tuple[torch.Tensor, list[dict]]]:
+    """Forward fn for a transformers CausalLM / PeftModel: returns (logits, per-row extras)."""
+
+    def fwd(batch):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return out.logits, [{} for _ in range(batch["input_ids"].size(0))]
+
+    return fwd
+
+
+@torch.no_grad()
+def score_examples(
+    forward: Callable[[dict], tuple[torch.Tensor, list[dict]]],
+    examples: Sequence[Example],
+    pad_id: int,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "score",
+) -> list[dict]:
+    """Score every example; rows are batched by length. Returns one dict per example, in order:
+    {"index", "domain", "logprob", "tokens", **extras}."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    results: list[dict | None] = [None] * len(examples)
+    with tqdm(total=len(examples), desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0) as bar:
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            batch = collate([examples[i] for i in idx], pad_id, padding_side="right")
+            batch["domain_names"] = [examples[i].domain for i in idx]
+            logits, extras = forward(batch)
+            lp, n = token_logprobs(logits, batch["labels"])
+            for k, i in enumerate(idx):
+                results[i] = {"index": examples[i].index, "domain": examples[i].domain,
+                              "logprob": float(lp[k]), "tokens": int(n[k]), **extras[k]}
+            bar.update(len(idx))
+    return results  # type: ignore[return-value]
+
+
+def summarize(rows: Sequence[dict]) -> dict[str, dict]:
+    """Per-domain perplexity over response tokens: exp(-sum logprob / sum tokens)."""
+    agg: dict[str, list[float]] = {}
+    for r in rows:
+        a = agg.setdefault(r["domain"], [0.0, 0])
+        a[0] += r["logprob"]
+        a[1] += r["tokens"]
+    return {d: {"ppl": math.exp(-lp / max(1, n)), "tokens": n} for d, (lp, n) in agg.items()}
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "score",
+        help="log-likelihood of each record's response; per-domain perplexity",
+        description="Score each record's assistant response (sum of token log-probabilities) under the "
+                    "base model, a PEFT adapter, or an MoA checkpoint. Writes one JSON line per record "
+                    "and prints the per-domain perplexity as JSON.",
+    )
+    p.add_argument("--data", required=True, help="JSONL file to score")
+    p.add_argument("--out", required=True, help="output JSONL (one line per scored record)")
+    p.add_argument("--base", default=None, help=f"base model (default: {DEFAULT_BASE}, or the MoA checkpoint's)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply to the base")
+    src.add_argument("--moa", default=None, help="an MoA checkpoint directory")
+    p.add_argument("--routing", default="vote", choices=["explicit", "vote", "last", "layer"],
+                   help="with --moa: how the expert is chosen (explicit uses each record's domain label)")
+    p.add_argument("--domain", default=None, help="score only the records of this domain")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=1024, help="truncate records to this many tokens")
+    p.add_argument("--skip-invalid", action="store_true", help="skip bad JSONL lines instead of stopping")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from moa.data import encode_records, read_records, select_domains
+    from moa.io import atomic_write_text
+
+    if args.batch_size <= 0:
+        raise MoAError(f"--batch-size must be positive, got {args.batch_size}")
+    records, skipped = read_records(args.data, skip_invalid=args.skip_invalid)
+    if skipped:
+        print(f"moa: skipped {skipped} invalid line(s) in {args.data}", file=sys.stderr)
+    if args.domain:
+        records = select_domains(records, [args.domain], args.data)
+    if args.moa:
+        forward, tok = moa_forward(args.moa, args.routing, args.base)
+    else:
+        from moa.base import load_base
+
+        model, tok = load_base(args.base or DEFAULT_BASE)
+        if args.adapter:
+            model = load_peft_adapter(model, args.adapter)
+        forward = causal_lm_forward(model)
+    examples, truncated = encode_records(tok, records, args.max_length)
+    if truncated:
+        print(f"moa: truncated {truncated} record(s) to --max-length {args.max_length}", file=sys.stderr)
+    rows = score_examples(forward, examples, tok.pad_token_id, args.batch_size)
+    atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
+    print(json.dumps(summarize(rows)))
+    return 0
+
+
+def load_peft_adapter(model, adapter_dir):
+    from peft import PeftModel
+
+    path = Path(adapter_dir)
+    if not (path / "adapter_config.json").is_file():
+        raise MoAError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        m = PeftModel.from_pretrained(model, str(path))
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise MoAError(f"adapter {path} does not fit the base model: {str(e).splitlines()[0]}") from e
+    m.eval()
+    return m
+
+
+def moa_forward(moa_dir, routing: str, base=None):
+    """Forward fn for an MoA checkpoint; extras: domain_routed and router_probs per row."""
+    from moa.model import MoAModel
+
+    model = MoAModel.from_pretrained(moa_dir, base=base)
+    model.eval()
+    index = {d: k for k, d in enumerate(model.domains)}
+
+    def fwd(batch):
+        kw = {}
+        if routing == "explicit":
+            if "domain_names" not in batch:
+                raise MoAError("--routing explicit needs each record's domain")
+            kw["domains"] = batch["domain_names"]
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    prompt_mask=batch["prompt_mask"], routing=routing, **kw)
+        extras = []
+        for i, d in enumerate(out.domains):
+            probs = None
+            if out.router_probs is not None:
+                probs = {dom: round(float(out.router_probs[i, k]), 6) for dom, k in index.items()}
+            extras.append({"domain_routed": d, "router_probs": probs})
+        return out.logits, extras
+
+    return fwd, model.tokenizer

@@ -1,0 +1,219 @@
+"""Training commands. Stage 1: `moa train-expert` trains one PEFT LoRA on one domain's records.
+
+The loop itself (accelerate, checkpoints, resume) is `moa.trainer`; this module decides what
+is trained and what is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from moa.base import DEFAULT_BASE, base_reference, base_signature
+from moa.errors import MoAError
+
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def parse_targets(text: str) -> list[str]:
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    if not targets:
+        raise MoAError("--targets must name at least one module, e.g. q_proj,v_proj")
+    return targets
+
+
+def load_training_records(path, domains: list[str] | None, skip_invalid: bool):
+    from moa.data import read_records, select_domains
+
+    records, skipped = read_records(path, skip_invalid=skip_invalid)
+    if skipped:
+        print(f"moa: skipped {skipped} invalid line(s) in {path}", file=sys.stderr)
+    if domains is not None:
+        records = select_domains(records, domains, path)
+    return records
+
+
+def encode_for_training(tok, records, max_length: int):
+    from moa.data import encode_records
+
+    examples, truncated = encode_records(tok, records, max_length)
+    if truncated:
+        print(f"moa: truncated {truncated} of {len(examples)} record(s) to --max-length {max_length} tokens",
+              file=sys.stderr)
+    empty = [e for e in examples if all(l == -100 for l in e.labels[1:])]
+    if len(empty) == len(examples):
+        raise MoAError(f"no response token left after truncation to --max-length {max_length}")
+    return examples
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# --------------------------------------------------------------------------- stage 1
+
+
+def train_expert(
+    *,
+    data: str | Path,
+    domain: str,
+    out: str | Path,
+    base: str = DEFAULT_BASE,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.05,
+    targets: list[str] | None = None,
+    cfg=None,
+    resume: bool = False,
+    overwrite: bool = False,
+    skip_invalid: bool = False,
+    records=None,
+) -> dict:
+    """Train one LoRA expert on the records of `domain` and write a PEFT adapter to `out`.
+
+    Returns a summary dict (steps, final loss, seconds). `records` may be passed instead of
+    reading `data` again (used by the demo, which trains several experts from one file).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from moa.base import load_base
+    from moa.data import ShuffledSampler
+    from moa.trainer import Trainer, TrainConfig, causal_lm_loss_sum, start_run, write_run_files
+
+    cfg = cfg or TrainConfig()
+    targets = targets or parse_targets(DEFAULT_TARGETS)
+    if rank <= 0:
+        raise MoAError(f"--rank must be positive, got {rank}")
+    if alpha <= 0:
+        raise MoAError(f"--alpha must be positive, got {alpha}")
+    if not 0 <= dropout < 1:
+        raise MoAError(f"--dropout must be in [0, 1), got {dropout}")
+    out = Path(out)
+    run_config = {
+        "stage": "expert", "domain": domain, "data": str(Path(data).resolve()) if data else None,
+        "base": base_reference(base), "rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets,
+        "train": _cfg_dict(cfg),
+    }
+    if records is None:
+        records = load_training_records(data, [domain], skip_invalid)
+    else:
+        records = [r for r in records if r.domain == domain]
+        if not records:
+            raise MoAError(f"no record of domain '{domain}'")
+    start_run(out, run_config, resume=resume, overwrite=overwrite)
+
+    torch.manual_seed(cfg.seed)
+    model, tok = load_base(base)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    examples = encode_for_training(tok, records, cfg.max_length)
+    present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise MoAError(f"--targets {','.join(missing)} not found in the base model "
+                       f"(linear modules: {', '.join(sorted(present))})")
+    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                      bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    peft_model.peft_config["default"].base_model_name_or_path = base_reference(base)
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    params = dict(peft_model.named_parameters())
+
+    def state_fn():
+        return {n: params[n].detach().clone() for n in names}
+
+    def load_state_fn(t):
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(t[n])
+
+    def loss_fn(m, batch):
+        lm = causal_lm_loss_sum(m, batch) / batch["global_tokens"]
+        return lm, {"loss": lm.detach()}
+
+    trainer = Trainer(
+        model=peft_model, params=[params[n] for n in names], examples=examples,
+        sampler=ShuffledSampler(len(examples), cfg.batch_size, cfg.seed), loss_fn=loss_fn, cfg=cfg, out=out,
+        pad_id=tok.pad_token_id, state_fn=state_fn, load_state_fn=load_state_fn, desc=f"expert {domain}",
+        log_prefix=f"train-expert {domain}: {len(examples)} records, ",
+    )
+    result = trainer.train(resume=resume)
+    summary = {"domain": domain, "steps": result.steps, "interrupted": result.interrupted,
+               "seconds": round(result.seconds, 1), "records": len(examples),
+               "final_loss": result.log[-1]["loss"] if result.log else None}
+    if result.interrupted:
+        return summary
+    if trainer.acc.is_main_process:
+        save_adapter(trainer.acc.unwrap_model(trainer.model), out, {
+            "domain": domain, "base": base_reference(base), "base_signature": base_signature(model.config),
+            "train": run_config,
+        })
+        write_run_files(out, run_config, result.log, f"expert '{domain}'")
+    trainer.acc.wait_for_everyone()
+    return summary
+
+
+def save_adapter(peft_model, out: Path, info: dict) -> None:
+    """Write the PEFT adapter files into `out` atomically (each file: temp + fsync + rename)."""
+    from moa.io import atomic_dir, atomic_write_json
+
+    staging = out / ".adapter-staging"
+    with atomic_dir(staging) as tmp:
+        peft_model.save_pretrained(str(tmp))
+    for f in sorted(staging.iterdir()):
+        if f.is_file():
+            os.replace(f, out / f.name)
+    shutil.rmtree(staging, ignore_errors=True)
+    atomic_write_json(out / "moa_adapter.json", info)
+
+
+def _cfg_dict(cfg) -> dict:
+    from dataclasses import asdict
+
+    return asdict(cfg)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def register(sub) -> None:
+    from moa.trainer import add_train_args
+
+    p = sub.add_parser(
+        "train-expert",
+        help="stage 1: train one LoRA expert on one domain's records",
+        description="Stage 1 of MoA: train a LoRA adapter on the records of one domain and write a "
+                    "standard PEFT adapter directory (adapter_config.json + adapter_model.safetensors), "
+                    "train_log.jsonl, train_config.json and loss.png.",
+    )
+    p.add_argument("--data", required=True, help="training JSONL file")
+    p.add_argument("--domain", required=True, help="domain whose records are used")
+    p.add_argument("--out", required=True, help="output directory (the PEFT adapter)")
+    p.add_argument("--base", default=DEFAULT_BASE, help=f"base model: '{DEFAULT_BASE}' or a local checkpoint dir")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    p.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated module names to adapt")
+    add_train_args(p)
+    p.set_defaults(func=_cmd_train_expert)
+
+
+def _cmd_train_expert(args) -> int:
+    from moa.trainer import config_from_args
+
+    summary = train_expert(
+        data=args.data, domain=args.domain, out=args.out, base=args.base, rank=args.rank, alpha=args.alpha,
+        dropout=args.dropout, targets=parse_targets(args.targets), cfg=config_from_args(args),
+        resume=args.resume, overwrite=args.overwrite, skip_invalid=args.skip_invalid,
+    )
+    if summary["interrupted"]:
+        return 130
+    if is_main_process():
+        print(json.dumps(summary))
+    return 0

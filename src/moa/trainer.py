@@ -1,0 +1,481 @@
+"""One training loop for every stage (stage-1 experts, stage-2 mixture, router refits, baselines).
+
+It owns what all of them share: accelerate (data-parallel processes, bf16 autocast), the
+deterministic step-indexed samplers, global-batch loss normalisation, gradient accumulation,
+atomic checkpoints with exact resume, Ctrl-C, progress bar, `train_log.jsonl` and `loss.png`.
+A stage supplies only `loss_fn(model, batch) -> (loss, metrics)` and what to save.
+
+Loss normalisation: `loss_fn` returns sums divided by the *global* batch's label-token count
+(`batch["global_tokens"]`) or row count (`batch["global_rows"]`). Data-parallel gradients are
+averaged over ranks, so each rank's loss is multiplied by the world size: N processes, any
+gradient accumulation, and one process with the same global batch give the same gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from moa.data import IGNORE_INDEX, Example, collate
+from moa.errors import MoAError
+from moa.io import atomic_dir, atomic_write_json, atomic_write_text, load_tensors, save_tensors
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = None
+    """Optimizer steps. Exactly one of max_steps / epochs is used (max_steps wins)."""
+    epochs: float | None = None
+    """Passes over the data (natural proportions) when max_steps is not given."""
+    batch_size: int = 8
+    """Global batch size in records (over all processes and accumulation steps)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on each process."""
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    """Fraction of steps with linear warm-up; then linear decay to 10% of lr."""
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    seed: int = 0
+    bf16: bool | None = None
+    """bf16 autocast; None = on where the hardware supports it (AVX-512 bf16 / AMX, CUDA)."""
+    save_every: int = 0
+    """Checkpoint every N steps under OUT/checkpoints (0 = only at the end / on Ctrl-C)."""
+    keep_checkpoints: int = 2
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise MoAError(f"--max-steps must be positive, got {self.max_steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise MoAError(f"--epochs must be positive, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise MoAError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.grad_accum <= 0:
+            raise MoAError(f"--grad-accum must be positive, got {self.grad_accum}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise MoAError(f"--lr must be a positive number, got {self.lr}")
+        if self.max_length < 8:
+            raise MoAError(f"--max-length must be at least 8, got {self.max_length}")
+        if self.save_every < 0:
+            raise MoAError(f"--save-every must be >= 0, got {self.save_every}")
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil((self.epochs or 1.0) * steps_per_epoch))
+
+
+def bf16_supported() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def resolve_bf16(flag: bool | None) -> bool:
+    if flag is None:
+        return bf16_supported()
+    return flag
+
+
+def add_train_args(p, *, lr: float = 2e-4, batch_size: int = 8) -> None:
+    """The options every training command shares."""
+    g = p.add_argument_group("training")
+    steps = g.add_mutually_exclusive_group()
+    steps.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 1 epoch)")
+    steps.add_argument("--epochs", type=float, default=None, help="passes over the data")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="global batch size in records")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each process")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
+    g.add_argument("--max-length", type=int, default=512, help="truncate records to this many tokens")
+    g.add_argument("--seed", type=int, default=0, help="seed for init, data order and dropout")
+    g.add_argument("--bf16", dest="bf16", action="store_true", default=None,
+                   help="bf16 autocast (default: on where the CPU/GPU supports bf16)")
+    g.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps under OUT/checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    g.add_argument("--overwrite", action="store_true", help="replace an OUT that holds a different run")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (large bases)")
+    g.add_argument("--skip-invalid", action="store_true", help="skip bad JSONL lines instead of stopping")
+
+
+def config_from_args(args) -> TrainConfig:
+    return TrainConfig(
+        max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, max_length=args.max_length, seed=args.seed, bf16=args.bf16, save_every=args.save_every,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+
+
+# --------------------------------------------------------------------------- output dir / checkpoints
+
+_CKPT = re.compile(r"^step-(\d+)$")
+
+
+def prepare_out_dir(out: Path, run_config: dict, *, resume: bool, overwrite: bool, is_main: bool = True) -> None:
+    """Refuse to mix two different runs in one directory (unless --overwrite)."""
+    cfg_path = out / "train_config.json"
+    if out.is_file():
+        raise MoAError(f"--out {out} is a file, expected a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    old = None
+    if cfg_path.is_file():
+        try:
+            old = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+    same = old is not None and _comparable(old) == _comparable(run_config)
+    if overwrite:
+        if is_main and not resume:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    elif resume:
+        if old is None or not same:
+            raise MoAError(f"--resume: {out} holds a different run (its train_config.json differs); "
+                           "use a new --out or --overwrite")
+    else:
+        raise MoAError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+
+
+def start_run(out: Path, run_config: dict, *, resume: bool, overwrite: bool) -> bool:
+    """Check `out` (see prepare_out_dir) and record the run's config in it at once, so that a
+    run killed at any moment can be resumed. Returns whether this is the main process."""
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    prepare_out_dir(out, run_config, resume=resume, overwrite=overwrite, is_main=is_main)
+    if is_main:
+        atomic_write_json(out / "train_config.json", run_config)
+    return is_main
+
+
+def _comparable(cfg: dict) -> dict:
+    # Options that may change between an interrupted run and its resume.
+    skip = {"save_every", "resume", "overwrite", "world_size", "debug", "keep_checkpoints"}
+    out = {k: v for k, v in cfg.items() if k not in skip}
+    if isinstance(out.get("train"), dict):
+        out["train"] = {k: v for k, v in out["train"].items() if k not in skip}
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def newest_checkpoint(out: Path) -> Path | None:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT.match(p.name)) and (p / "state.json").is_file()]
+    return max(found)[1] if found else None
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    t = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            t[f"cuda{i}"] = s
+    return t
+
+
+def _set_rng(t: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(t["torch"])
+    if torch.cuda.is_available():
+        states = [t[k] for k in sorted(t) if k.startswith("cuda")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    log: list[dict]
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over label tokens. logits (B,T,V), labels (B,T)."""
+    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:]  # (B, T-1)
+    return torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+
+
+def causal_lm_loss_sum(model, batch: dict) -> torch.Tensor:
+    """LM loss sum for a transformers CausalLM (or PEFT model), computing the vocabulary
+    projection only at positions that have a label (most tokens are prompt or padding)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
+                output_hidden_states=True, use_cache=False)
+    hidden = out.hidden_states[-1]  # (B, T, H), final norm applied
+    labels = batch["labels"]
+    keep = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+    h = hidden[:, :-1][keep]  # (N, H)
+    head = model.get_output_embeddings()
+    logits = head(h).float()  # (N, V)
+    return torch.nn.functional.cross_entropy(logits, labels[:, 1:][keep], reduction="sum")
+
+
+class Trainer:
+    """Runs `loss_fn` over step-indexed batches with AdamW, checkpoints and resume."""
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        params: Sequence[torch.nn.Parameter],
+        examples: Sequence[Example],
+        sampler,
+        loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+        cfg: TrainConfig,
+        out: Path,
+        pad_id: int,
+        domains: Sequence[str] | None = None,
+        state_fn: Callable[[], dict[str, torch.Tensor]],
+        load_state_fn: Callable[[dict[str, torch.Tensor]], None],
+        desc: str = "train",
+        log_prefix: str = "",
+        accelerator=None,
+    ):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.cfg = cfg
+        self.out = Path(out)
+        self.examples = examples
+        self.sampler = sampler
+        self.loss_fn = loss_fn
+        self.pad_id = pad_id
+        self.domains = domains
+        self.state_fn = state_fn
+        self.load_state_fn = load_state_fn
+        self.desc = desc
+        self.log_prefix = log_prefix
+        self.bf16 = resolve_bf16(cfg.bf16)
+        self.acc = accelerator or Accelerator(
+            mixed_precision="bf16" if self.bf16 else "no",
+            cpu=not torch.cuda.is_available(),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self.world = self.acc.num_processes
+        if cfg.batch_size % (self.world * cfg.grad_accum):
+            raise MoAError(f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum "
+                           f"({self.world} x {cfg.grad_accum})")
+        self.total = cfg.total_steps(sampler.steps_per_epoch())
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise MoAError("nothing to train: no trainable parameter")
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        warm = max(1, int(cfg.warmup_ratio * self.total)) if cfg.warmup_ratio > 0 else 0
+
+        def schedule(step: int) -> float:
+            if warm and step < warm:
+                return (step + 1) / warm
+            frac = (step - warm) / max(1, self.total - warm)
+            return max(0.1, 1.0 - 0.9 * frac)
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
+        self.raw_model = model
+        self.log: list[dict] = []
+        self.step = 0
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> Path | None:
+        """Write OUT/checkpoints/step-N atomically; older ones beyond `keep_checkpoints` go."""
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return None
+        root = self.out / "checkpoints"
+        target = root / f"step-{self.step:07d}"
+        try:
+            with atomic_dir(target) as tmp:
+                save_tensors(tmp / "trainable.safetensors", self.state_fn())
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                save_tensors(tmp / "rng.safetensors", _rng_tensors())
+                (tmp / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.log))
+                (tmp / "state.json").write_text(json.dumps({
+                    "step": self.step, "total_steps": self.total, "sampler_position": self.step,
+                    "seed": self.cfg.seed, "world_size": self.world, "bf16": self.bf16,
+                }) + "\n")
+        except OSError as e:
+            prev = newest_checkpoint(self.out)
+            raise MoAError(f"could not write checkpoint {target} ({e.strerror or e}); "
+                           f"the previous checkpoint {prev or '(none)'} is intact") from e
+        found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT.match(p.name)))
+        for _, p in found[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(p, ignore_errors=True)
+        return target
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / "state.json").read_text())
+        self.load_state_fn(load_tensors(path / "trainable.safetensors"))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        _set_rng(load_tensors(path / "rng.safetensors"))
+        self.log = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines() if line.strip()]
+        self.step = int(state["sampler_position"])
+
+    # ---------------------------------------------------------------- batches
+
+    def _micro_batches(self, step: int) -> tuple[list[dict], int]:
+        global_idx = self.sampler.batch(step)
+        global_tokens = sum(sum(l != IGNORE_INDEX for l in self.examples[i].labels[1:]) for i in global_idx)
+        mine = self.sampler.batch(step, self.acc.process_index, self.world)
+        ga = self.cfg.grad_accum
+        per = len(mine) // ga
+        micro = []
+        for k in range(ga):
+            exs = [self.examples[i] for i in mine[k * per : (k + 1) * per]]
+            b = collate(exs, self.pad_id, self.domains, padding_side="right")
+            b = {key: v.to(self.acc.device) for key, v in b.items()}
+            b["global_tokens"] = max(1, global_tokens)
+            b["global_rows"] = len(global_idx)
+            micro.append(b)
+        n_tok = sum(int(b["attention_mask"].sum()) for b in micro)
+        return micro, n_tok
+
+    # ---------------------------------------------------------------- run
+
+    def train(self, resume: bool = False) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        if resume:
+            ckpt = newest_checkpoint(self.out)
+            if ckpt is not None:
+                self.load_checkpoint(ckpt)
+                self.print(f"resumed from {ckpt} at step {self.step}/{self.total}")
+            else:
+                self.print(f"--resume: no checkpoint in {self.out / 'checkpoints'}; starting from step 0")
+        self.print(f"{self.log_prefix}world_size={self.world} global_batch={self.cfg.batch_size} "
+                   f"micro_batch={self.cfg.batch_size // (self.world * self.cfg.grad_accum)} "
+                   f"grad_accum={self.cfg.grad_accum} steps={self.total} bf16={self.bf16} device={self.acc.device}")
+        self.model.train()
+        t_start = time.time()
+        bar = tqdm(total=self.total, initial=self.step, desc=self.desc, disable=not self.acc.is_main_process,
+                   dynamic_ncols=True, mininterval=1.0)
+        interrupted = False
+        old_handler = signal.getsignal(signal.SIGTERM)
+        try:
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+        except ValueError:  # not in the main thread
+            old_handler = None
+        try:
+            while self.step < self.total:
+                t0 = time.perf_counter()
+                micro, n_tok = self._micro_batches(self.step)
+                sums: dict[str, float] = {}
+                for k, b in enumerate(micro):
+                    sync = k == len(micro) - 1
+                    ctx = self.acc.no_sync(self.model) if (not sync and self.world > 1) else _null()
+                    with ctx:
+                        with self.acc.autocast():
+                            loss, metrics = self.loss_fn(self.model, b)
+                        self.acc.backward(loss * self.world)
+                    for key, v in metrics.items():
+                        sums[key] = sums.get(key, 0.0) + float(v)
+                gnorm = self.acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm) if self.cfg.max_grad_norm else None
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.world > 1:
+                    keys = sorted(sums)
+                    t = torch.tensor([sums[k] for k in keys] + [n_tok], dtype=torch.float64, device=self.acc.device)
+                    t = self.acc.reduce(t, reduction="sum")
+                    sums = {k: float(v) for k, v in zip(keys, t[:-1].tolist())}
+                    n_tok = int(t[-1])
+                self.step += 1
+                dt = time.perf_counter() - t0
+                row = {"step": self.step, **{k: round(v, 6) for k, v in sums.items()},
+                       "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(n_tok / dt, 1),
+                       "grad_norm": round(float(gnorm), 4) if gnorm is not None else None}
+                self.log.append(row)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if k in ("loss", "lm_loss", "router_loss", "router_acc")} | {"tok/s": f"{n_tok / dt:.0f}"}, refresh=False)
+                bar.update(1)
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            interrupted = True
+            bar.close()
+            path = self.save_checkpoint()
+            if self.acc.is_main_process:
+                self.print(f"interrupted at step {self.step}/{self.total}; checkpoint saved to {path}; "
+                           "rerun the same command with --resume to continue")
+        finally:
+            bar.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+        self.model.eval()
+        return TrainResult(self.step, self.log, interrupted, time.time() - t_start)
+
+    def print(self, msg: str) -> None:
+        if self.acc.is_main_process:
+            print(f"moa: {msg}", flush=True)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def write_run_files(out: Path, run_config: dict, log: list[dict], title: str) -> None:
+    """train_config.json, train_log.jsonl and loss.png (atomically)."""
+    atomic_write_json(out / "train_config.json", run_config)
+    atomic_write_text(out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in log))
+    plot_losses(log, out / "loss.png", title)
+
+
+def plot_losses(log: list[dict], path: Path, title: str) -> None:
+    if not log:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("loss", "lm_loss", "router_loss") if any(k in r for r in log)]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for k in keys:
+        xs = [r["step"] for r in log if k in r]
+        ys = [r[k] for r in log if k in r]
+        ax.plot(xs, ys, label=k, lw=1)
+        if len(ys) >= 10:
+            w = max(2, len(ys) // 20)
+            sm = [sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))]
+            ax.plot(xs, sm, lw=2, alpha=0.6, color=ax.lines[-1].get_color())
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
