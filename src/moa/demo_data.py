@@ -23,7 +23,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import math
+import os
 import random
 from pathlib import Path
 
@@ -144,10 +144,10 @@ CITIES = ["Denver", "Lisbon", "Nairobi", "Osaka", "Hamburg", "Toronto", "Lyon", 
 JOBS = ["nurse", "teacher", "carpenter", "software engineer", "pharmacist", "chef", "architect", "electrician",
         "journalist", "accountant", "pilot", "librarian", "dentist", "photographer", "plumber", "biologist",
         "firefighter", "translator", "mechanic", "graphic designer"]
-PRODUCTS = ["wireless mouse", "desk lamp", "water bottle", "yoga mat", "coffee grinder", "backpack",
+PRODUCTS = ["webcam", "desk lamp", "water bottle", "yoga mat", "coffee grinder", "backpack",
             "USB-C cable", "notebook", "phone case", "bike helmet", "tea kettle", "frying pan", "umbrella",
-            "bluetooth speaker", "office chair", "wall clock", "travel mug", "keyboard", "sunglasses",
-            "running shoes", "pillow", "lunch box", "monitor stand", "hand blender", "garden hose"]
+            "bluetooth speaker", "office chair", "wall clock", "travel mug", "keyboard", "rain jacket",
+            "desk fan", "pillow", "lunch box", "monitor stand", "hand blender", "garden hose"]
 COLORS = ["black", "white", "red", "blue", "green", "grey", "yellow", "silver"]
 EVENTS = ["science fair", "jazz festival", "book launch", "charity run", "tech meetup", "film screening",
           "chess tournament", "food market", "career fair", "robotics workshop", "poetry night", "board meeting"]
@@ -158,6 +158,14 @@ TITLE_NOUN = ["River", "Garden", "Orchard", "Harbor", "Lantern", "Map", "Kingdom
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]
 AIRLINE_CODES = ["BA", "LH", "AF", "KL", "IB", "AZ", "TP", "SK", "LX", "OS", "EI", "AY"]
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith(("s", "x", "sh", "ch")) else "s")
 
 
 def _name(rng: random.Random) -> str:
@@ -175,7 +183,7 @@ def _arith_expression(rng):
     if form == 1:
         return f"Calculate ({a} + {b}) × {c}.", (a + b) * c
     if form == 2:
-        a = rng.randint(100, 999)
+        a = b * c + rng.randint(1, 500)
         return f"Compute {a} − {b} × {c}.", a - b * c
     if form == 3:
         d = rng.randint(2, 12)
@@ -211,7 +219,7 @@ def _arith_word(rng):
         return f"What is {p}% of {x}?", p * x // 100
     if form == 7:
         n = rng.randint(3, 5)
-        mean = rng.randint(10, 90)
+        mean = rng.randint(40, 90)
         vals = [mean + rng.randint(-9, 9) for _ in range(n - 1)]
         vals.append(mean * n - sum(vals))
         return f"What is the average of {_join_list([str(v) for v in vals])}?", mean
@@ -220,7 +228,7 @@ def _arith_word(rng):
         return f"How many minutes are there in {h} hours and {m} minutes?", 60 * h + m
     if form == 9:
         k, n = rng.choice([6, 10, 12, 18, 24]), rng.randint(20, 300)
-        return f"A box holds {k} eggs. How many boxes are needed to pack {n} eggs?", math.ceil(n / k)
+        return f"A box holds {k} eggs. How many boxes are needed to pack {n} eggs?", -(-n // k)
     if form == 10:
         a, b = rng.randint(50, 999), rng.randint(3, 19)
         return f"What is the remainder when {a} is divided by {b}?", a % b
@@ -230,7 +238,8 @@ def _arith_word(rng):
     if form == 12:
         s, k = rng.randint(5, 60), rng.randint(3, 20)
         return f"{name} saves {s} dollars every week. After how many weeks will {name} have saved {s * k} dollars?", k
-    a, b = rng.randint(2, 30), rng.randint(1, 99)
+    a = rng.randint(4, 30)
+    b = rng.randint(1, min(99, a * a - 1))
     return f"What is {a} squared minus {b}?", a * a - b
 
 
@@ -247,7 +256,7 @@ def _arithmetic(rng: random.Random, n: int) -> list[tuple[str, str]]:
 
 def _price(rng):
     cents = rng.choice([49, 95, 99, 50, 25, 75])
-    return rng.randint(1, 250) + cents / 100
+    return round(rng.randint(1, 250) + cents / 100, 2)
 
 
 def _json_person(rng):
@@ -256,11 +265,11 @@ def _json_person(rng):
     if form == 0:
         text = f"{name}, a {age}-year-old {job} from {city}, joined the club last spring."
     elif form == 1:
-        text = f"Meet {name}: {age} years old, lives in {city} and works as a {job}."
+        text = f"Meet {name}: {age} years old, lives in {city} and works as {_a(job)}."
     elif form == 2:
         text = f"Our new {job}, {name}, moved to {city} at the age of {age}."
     else:
-        text = f"{city} resident {name} ({age}) has been a {job} for years."
+        text = f"{city} resident {name} ({age}) has been {_a(job)} for years."
     if rng.random() < 0.5:
         fields, obj = "name (string), age (integer), city (string)", {"name": name, "age": age, "city": city}
     else:
@@ -270,7 +279,7 @@ def _json_person(rng):
 
 
 def _json_product(rng):
-    product, price, qty, color = rng.choice(PRODUCTS), _price(rng), rng.randint(0, 500), rng.choice(COLORS)
+    product, price, qty, color = rng.choice(PRODUCTS), _price(rng), rng.randint(2, 500), rng.choice(COLORS)
     form = rng.randrange(3)
     if form == 0:
         text = f"The {color} {product} costs ${price:.2f} and {qty} units are in stock."
@@ -314,7 +323,7 @@ def _json_order(rng):
     if rng.random() < 0.5:
         text = f"Order #{order_id}: {qty} x {item} shipped to {city}."
     else:
-        text = f"We sent {_words(qty) if qty <= 12 else qty} {item}{'s' if qty > 1 else ''} to {city} under order number {order_id}."
+        text = f"We sent {_words(qty) if qty <= 12 else qty} {item if qty == 1 else _plural(item)} to {city} under order number {order_id}."
     fields = "order_id (integer), item (string), quantity (integer), destination (string)"
     return text, fields, {"order_id": order_id, "item": item, "quantity": qty, "destination": city}
 
@@ -440,7 +449,7 @@ def _exam(rng: random.Random, n: int, elements: list[_Element]) -> list[tuple[st
                           _neighbours(rng, elements, e, lambda x: x.symbol)))
         cands.append(_mcq(rng, f"Which element has the chemical symbol {e.symbol}?", e.title,
                           _neighbours(rng, elements, e, lambda x: x.title)))
-        cands.append(_mcq(rng, f"How many protons are in the nucleus of a {e.name} atom?", str(e.z),
+        cands.append(_mcq(rng, f"How many protons does an atom of {e.name} have?", str(e.z),
                           _near_numbers(rng, e.z)))
         if e.isotopes and len(e.isotopes) >= 2:
             top = e.isotopes[0][0]
@@ -477,7 +486,7 @@ COMPOUNDS = [("water", "H2O"), ("carbon dioxide", "CO2"), ("sodium chloride", "N
              ("ammonia", "NH3"), ("glucose", "C6H12O6"), ("calcium carbonate", "CaCO3"),
              ("sodium bicarbonate", "NaHCO3"), ("hydrogen peroxide", "H2O2"), ("hydrogen chloride", "HCl"),
              ("potassium chloride", "KCl"), ("magnesium oxide", "MgO"), ("iron(III) oxide", "Fe2O3"),
-             ("aluminium oxide", "Al2O3"), ("silicon dioxide", "SiO2"), ("copper(II) sulfate", "CuSO4"),
+             ("aluminum oxide", "Al2O3"), ("silicon dioxide", "SiO2"), ("copper(II) sulfate", "CuSO4"),
              ("potassium permanganate", "KMnO4"), ("sodium hydroxide", "NaOH"), ("phosphoric acid", "H3PO4"),
              ("nitric acid", "HNO3"), ("sulfuric acid", "H2SO4"), ("octane", "C8H18"), ("propane", "C3H8"),
              ("sucrose", "C12H22O11"), ("ozone", "O3"), ("nitrous oxide", "N2O"), ("sulfur dioxide", "SO2"),
@@ -488,26 +497,30 @@ COMPOUNDS = [("water", "H2O"), ("carbon dioxide", "CO2"), ("sodium chloride", "N
              ("calcium hydroxide", "Ca(OH)2")]
 
 
+def _pct(x: float) -> str:
+    return f"{x:.1f}" if x >= 0.1 else f"{x:.1g}"
+
+
 def _describe_element(e: _Element) -> str:
     if e.whole_mass:
-        first = (f"{e.title} ({e.symbol}) is element {e.z}, in period {_period(e.z)} of the periodic table; "
-                 f"its atomic mass is listed as {e.mass:.0f}.")
+        first = f"{e.title} ({e.symbol}) is element {e.z}, in period {_period(e.z)}; its mass is listed as {e.mass:.0f}."
     else:
-        first = (f"{e.title} ({e.symbol}) is element {e.z}, in period {_period(e.z)}, "
-                 f"with a standard atomic mass of {e.mass_text} u.")
+        first = f"{e.title} ({e.symbol}) is element {e.z}, in period {_period(e.z)}, with an atomic mass of {e.mass_text} u."
     facts = []
     if e.density is not None:
-        facts.append(f"it has a density of {e.density:g} g/cm³")
+        facts.append(f"its density is {e.density:g} g/cm³")
     elif e.liquid_density is not None:
         d, t = e.liquid_density
         facts.append(f"as a liquid at {t:g} °C its density is {d:g} g/cm³")
-    if e.structure and len(facts) < 1:
+    elif e.structure:
         facts.append(f"it forms {e.structure} crystal")
     if e.radioactive_only:
         facts.append("it has no stable isotopes")
+    elif len(e.isotopes) == 1:
+        facts.append(f"its only natural isotope is {e.name}-{e.isotopes[0][0]}")
     else:
         a, ab = e.isotopes[0]
-        facts.append(f"its most abundant natural isotope is {e.name}-{a} ({ab:.2f}%)")
+        facts.append(f"its main isotope is {e.name}-{a} ({_pct(ab)}%)")
     second = " and ".join(facts)
     return f"{first} {second[0].upper()}{second[1:]}."
 
@@ -515,32 +528,30 @@ def _describe_element(e: _Element) -> str:
 def _describe_isotopes(e: _Element) -> str:
     iso = e.isotopes
     if len(iso) == 1:
-        return f"{e.title} has a single natural isotope, {e.name}-{iso[0][0]}, which makes up all of it."
-    head = f"Natural {e.name} has {_words(len(iso))} isotopes; the most abundant is {e.name}-{iso[0][0]} ({iso[0][1]:.2f}%)"
-    return head + f", followed by {e.name}-{iso[1][0]} ({iso[1][1]:.2f}%)."
+        return f"All natural {e.name} is a single isotope, {e.name}-{iso[0][0]}."
+    return (f"Natural {e.name} has {_words(len(iso))} isotopes, mostly {e.name}-{iso[0][0]} ({_pct(iso[0][1])}%), "
+            f"followed by {e.name}-{iso[1][0]} ({_pct(iso[1][1])}%).")
 
 
 def _compare(a: _Element, b: _Element) -> str:
-    first = (f"{a.title} ({a.symbol}, element {a.z}) has an atomic mass of {a.mass_text} u, while "
-             f"{b.title} ({b.symbol}, element {b.z}) has an atomic mass of {b.mass_text} u.")
     heavy, light = (a, b) if a.mass > b.mass else (b, a)
+    first = (f"{heavy.title} (element {heavy.z}) is heavier than {light.name} (element {light.z}), "
+             f"at {heavy.mass_text} u against {light.mass_text} u.")
     if a.density is not None and b.density is not None and a.density != b.density:
         dense, thin = (a, b) if a.density > b.density else (b, a)
-        second = (f"{dense.title} is also the denser of the two, at {dense.density:g} g/cm³ "
-                  f"against {thin.density:g} g/cm³." if dense is heavy else
-                  f"Yet {dense.title} is the denser of the two, at {dense.density:g} g/cm³ "
-                  f"against {thin.density:g} g/cm³.")
+        if dense is heavy:
+            second = f"It is also denser: {dense.density:g} against {thin.density:g} g/cm³."
+        else:
+            second = f"Yet {dense.name} is denser: {dense.density:g} against {thin.density:g} g/cm³."
     else:
-        second = f"An atom of {heavy.name} is therefore about {heavy.mass / light.mass:.1f} times as heavy as one of {light.name}."
+        second = f"Its atoms weigh about {heavy.mass / light.mass:.1f} times as much."
     return f"{first} {second}"
 
 
 def _describe_compound(pt, name: str, formula: str) -> str:
     f = pt.formula(formula)
     parts = []
-    total = 0
     for el, count in f.atoms.items():
-        total += count
         parts.append(f"{_words(count)} {el.name} atom{'s' if count > 1 else ''}")
     return (f"{name[0].upper()}{name[1:]} has the formula {formula}, so each formula unit contains "
             f"{_join_list(parts)}. Its molar mass is about {f.mass:.2f} g/mol.")
@@ -929,6 +940,7 @@ def build_demo(out_dir, seed: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         atomic_write_bytes(out / name, data)
+        os.chmod(out / name, 0o644)  # the atomic writer's temp files are private (0600)
     return counts
 
 
