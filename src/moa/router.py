@@ -26,20 +26,28 @@ ROUTER_INIT_STD = 0.02
 class LayerRouter(nn.Module):
     """Masked mean of a layer's input over the prompt, then a linear map to E expert logits.
 
+    Parameters (float32): `weight` (E, H), `bias` (E,).
+
     Args:
         hidden_size: H, the width of the decoder's hidden states.
-        num_experts: E.
+        num_experts: E (rows initialised as by `add_output`).
+        generator: seeds that initialisation.
     """
 
     def __init__(self, hidden_size: int, num_experts: int = 0, generator: torch.Generator | None = None) -> None:
         super().__init__()
-        self.linear = nn.Linear(hidden_size, 0, dtype=torch.float32)
+        self.hidden_size = hidden_size
+        self.weight = nn.Parameter(torch.zeros(0, hidden_size, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(0, dtype=torch.float32))
         for _ in range(num_experts):
             self.add_output(generator)
 
     @property
     def num_experts(self) -> int:
-        return self.linear.out_features
+        return self.weight.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, num_experts={self.num_experts}"
 
     @staticmethod
     def pool(hidden: Tensor, mask: Tensor) -> Tensor:
@@ -52,35 +60,37 @@ class LayerRouter(nn.Module):
     def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
         """hidden: (B, T, H), mask: (B, T) -> logits (B, E) float32."""
         pooled = self.pool(hidden, mask)  # (B, H)
-        return self.linear(pooled.to(self.linear.weight.dtype))  # (B, E)
+        return F.linear(pooled.to(self.weight.dtype), self.weight, self.bias)  # (B, E)
 
     def add_output(self, generator: torch.Generator | None = None) -> None:
         """Grow one expert row (small normal init, zero bias); the old rows are kept exactly."""
-        W, b = self.linear.weight.data, self.linear.bias.data  # (E, H), (E,)
-        row = torch.randn(1, W.shape[1], generator=generator, dtype=torch.float32) * ROUTER_INIT_STD
+        W, b = self.weight.data, self.bias.data  # (E, H), (E,)
+        row = torch.randn(1, self.hidden_size, generator=generator, dtype=torch.float32) * ROUTER_INIT_STD  # (1, H)
         self._set(torch.cat([W, row.to(W)]), torch.cat([b, b.new_zeros(1)]))
 
     def remove_output(self, e: int) -> None:
         keep = [k for k in range(self.num_experts) if k != e]
-        idx = torch.tensor(keep, dtype=torch.long, device=self.linear.weight.device)
-        self._set(self.linear.weight.data.index_select(0, idx), self.linear.bias.data.index_select(0, idx))
+        idx = torch.tensor(keep, dtype=torch.long, device=self.weight.device)
+        self._set(self.weight.data.index_select(0, idx), self.bias.data.index_select(0, idx))
 
     def _set(self, W: Tensor, b: Tensor) -> None:
-        requires_grad = self.linear.weight.requires_grad
-        self.linear.weight = nn.Parameter(W.contiguous(), requires_grad=requires_grad)
-        self.linear.bias = nn.Parameter(b.contiguous(), requires_grad=requires_grad)
-        self.linear.out_features = W.shape[0]
+        requires_grad = self.weight.requires_grad
+        self.weight = nn.Parameter(W.contiguous(), requires_grad=requires_grad)
+        self.bias = nn.Parameter(b.contiguous(), requires_grad=requires_grad)
 
 
 # --------------------------------------------------------------------------- losses and decisions
 
 
 def router_loss(router_logits: Sequence[Tensor], domain_ids: Tensor) -> Tensor:
-    """Mean over layers of the cross-entropy of each layer's logits (B, E) against domain_ids (B,)."""
+    """Mean over layers of the cross-entropy of each layer's logits (B, E) against domain_ids (B,).
+
+    Rows with domain id -1 (base only) are ignored.
+    """
     if not router_logits:
         raise ValueError("router_loss needs the logits of at least one layer")
     target = domain_ids.to(router_logits[0].device).long()  # (B,)
-    losses = [F.cross_entropy(logits.float(), target) for logits in router_logits]
+    losses = [F.cross_entropy(logits.float(), target, ignore_index=-1) for logits in router_logits]
     return torch.stack(losses).mean()
 
 
