@@ -14,6 +14,13 @@ COMMAND_MODULES = [
     "moa.base_cli",
     "moa.train",
     "moa.scoring",
+    "moa.model_cli",
+    "moa.evaluate",
+    "moa.demo_data",
+    "moa.demo",
+    "moa.incremental",
+    "moa.serve",
+    "moa.export",
 ]
 
 

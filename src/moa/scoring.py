@@ -145,11 +145,12 @@ def load_peft_adapter(model, adapter_dir):
     return m
 
 
-def moa_forward(moa_dir, routing: str, base=None):
-    """Forward fn for an MoA checkpoint; extras: domain_routed and router_probs per row."""
+def moa_forward(moa, routing: str, base=None):
+    """Forward fn for an MoA checkpoint (a directory or a loaded MoAModel); extras per row:
+    domain_routed and router_probs."""
     from moa.model import MoAModel
 
-    model = MoAModel.from_pretrained(moa_dir, base=base)
+    model = moa if isinstance(moa, MoAModel) else MoAModel.from_pretrained(moa, base=base)
     model.eval()
     index = {d: k for k, d in enumerate(model.domains)}
 
@@ -159,8 +160,9 @@ def moa_forward(moa_dir, routing: str, base=None):
             if "domain_names" not in batch:
                 raise MoAError("--routing explicit needs each record's domain")
             kw["domains"] = batch["domain_names"]
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    prompt_mask=batch["prompt_mask"], routing=routing, **kw)
+        with torch.no_grad():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        prompt_mask=batch["prompt_mask"], routing=routing, **kw)
         extras = []
         for i, d in enumerate(out.domains):
             probs = None

@@ -61,7 +61,7 @@ def is_main_process() -> bool:
 def train_expert(
     *,
     data: str | Path,
-    domain: str,
+    domain: str | None,
     out: str | Path,
     base: str = DEFAULT_BASE,
     rank: int = 8,
@@ -99,9 +99,10 @@ def train_expert(
         "base": base_reference(base), "rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets,
         "train": _cfg_dict(cfg),
     }
+    # domain None: one LoRA on every record in natural proportions (the mixed-data baseline).
     if records is None:
-        records = load_training_records(data, [domain], skip_invalid)
-    else:
+        records = load_training_records(data, [domain] if domain else None, skip_invalid)
+    elif domain is not None:
         records = [r for r in records if r.domain == domain]
         if not records:
             raise MoAError(f"no record of domain '{domain}'")
@@ -140,8 +141,8 @@ def train_expert(
     trainer = Trainer(
         model=peft_model, params=[params[n] for n in names], examples=examples,
         sampler=ShuffledSampler(len(examples), cfg.batch_size, cfg.seed), loss_fn=loss_fn, cfg=cfg, out=out,
-        pad_id=tok.pad_token_id, state_fn=state_fn, load_state_fn=load_state_fn, desc=f"expert {domain}",
-        log_prefix=f"train-expert {domain}: {len(examples)} records, ",
+        pad_id=tok.pad_token_id, state_fn=state_fn, load_state_fn=load_state_fn, desc=f"expert {domain or 'mixed'}",
+        log_prefix=f"train-expert {domain or 'mixed'}: {len(examples)} records, ",
     )
     result = trainer.train(resume=resume)
     summary = {"domain": domain, "steps": result.steps, "interrupted": result.interrupted,
@@ -154,7 +155,7 @@ def train_expert(
             "domain": domain, "base": base_reference(base), "base_signature": base_signature(model.config),
             "train": run_config,
         })
-        write_run_files(out, run_config, result.log, f"expert '{domain}'")
+        write_run_files(out, run_config, result.log, f"expert '{domain or 'mixed'}'")
     trainer.acc.wait_for_everyone()
     return summary
 
@@ -177,6 +178,170 @@ def _cfg_dict(cfg) -> dict:
     from dataclasses import asdict
 
     return asdict(cfg)
+
+
+# --------------------------------------------------------------------------- stage 2
+
+
+def router_loss_terms(router_logits, domain_ids, global_rows: int):
+    """Mean over layers of the routers' cross-entropy against the domain label, summed over
+    rows and divided by the global batch's row count; plus per-layer correct counts."""
+    import torch.nn.functional as F
+
+    L = len(router_logits)
+    ce = sum(F.cross_entropy(lg.float(), domain_ids, reduction="sum") for lg in router_logits) / L
+    correct = [(lg.argmax(-1) == domain_ids).sum() for lg in router_logits]
+    return ce / global_rows, correct
+
+
+def train_mixture(
+    *,
+    moa_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    eta: float = 1.0,
+    init: str = "experts",
+    router_only: bool = False,
+    router_lr: float = 1e-3,
+    cfg=None,
+    resume: bool = False,
+    overwrite: bool = False,
+    skip_invalid: bool = False,
+    base: str | None = None,
+    records=None,
+    model=None,
+    experts_trainable: bool | list[str] | None = None,
+    train_routers: bool = True,
+    desc: str = "stage 2",
+) -> dict:
+    """Stage 2: train routers and experts jointly on domain-balanced mixed batches.
+
+    Every row goes through its own label's expert in every layer (explicit routing) in one
+    forward; loss = LM loss + eta * mean over layers of router cross-entropy. Writes a complete
+    MoA checkpoint to `out`. `model` may be given instead of loading `moa_dir` (add-expert uses
+    it); `experts_trainable` overrides which experts train (default: all, none if router_only).
+    """
+    from moa.data import DomainBalancedSampler
+    from moa.model import MoAModel
+    from moa.trainer import Trainer, TrainConfig, lm_loss_sum, start_run, write_run_files
+
+    cfg = cfg or TrainConfig(lr=1e-4)
+    if init not in ("experts", "random"):
+        raise MoAError(f"--init must be 'experts' or 'random', got {init!r}")
+    if eta < 0:
+        raise MoAError(f"--eta must be >= 0, got {eta}")
+    out = Path(out)
+    if model is None:
+        model = MoAModel.from_pretrained(moa_dir, base=base)
+    domains = list(model.domains)
+    if records is None:
+        records = load_training_records(data, None, skip_invalid)
+    unknown = sorted({r.domain for r in records} - set(domains))
+    if unknown:
+        raise MoAError(f"{data}: unknown domain(s) {', '.join(unknown)} (the model's domains: {', '.join(domains)})")
+    missing = [d for d in domains if not any(r.domain == d for r in records)]
+    if missing and train_routers:
+        raise MoAError(f"{data}: no record of domain(s) {', '.join(missing)}; stage 2 samples every domain")
+    run_config = {
+        "stage": "mixture", "moa": str(Path(moa_dir).resolve()) if moa_dir else None,
+        "data": str(Path(data).resolve()) if data else None, "domains": domains, "eta": eta, "init": init,
+        "router_only": router_only, "router_lr": router_lr, "train": _cfg_dict(cfg),
+    }
+    start_run(out, run_config, resume=resume, overwrite=overwrite)
+    torch.manual_seed(cfg.seed)
+    if init == "random":
+        model.reset_experts(seed=cfg.seed)
+    if experts_trainable is None:
+        experts_trainable = not router_only
+    model.set_trainable(experts=experts_trainable, routers=train_routers)
+    model.eta = eta
+    if cfg.gradient_checkpointing:
+        model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.base_model.enable_input_require_grads()
+    tok = model.tokenizer
+    examples = encode_for_training(tok, records, cfg.max_length)
+    index = {d: k for k, d in enumerate(domains)}
+    sampler = DomainBalancedSampler([index[e.domain] for e in examples], cfg.batch_size, cfg.seed)
+    eta = eta if train_routers else 0.0
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    router_params = [p for n, p in named if "router" in n]
+    expert_params = [p for n, p in named if "router" not in n]
+    groups = [{"params": router_params, "lr": router_lr}] if router_params else []
+    if expert_params:
+        groups.append({"params": expert_params, "lr": cfg.lr})
+    params = dict(named)
+
+    def state_fn():
+        return {n: p.detach().clone() for n, p in params.items()}
+
+    def load_state_fn(t):
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(t[n])
+
+    def loss_fn(m, batch):
+        dom = batch["domain_ids"]
+        o = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], domain_ids=dom,
+              prompt_mask=batch["prompt_mask"], routing="explicit", return_router_logits=train_routers)
+        lm = lm_loss_sum(o.logits, batch["labels"]) / batch["global_tokens"]
+        if not train_routers:
+            return lm, {"loss": lm.detach(), "lm_loss": lm.detach()}
+        rl, correct = router_loss_terms(o.router_logits, dom, batch["global_rows"])
+        loss = lm + eta * rl if eta > 0 else lm + 0.0 * rl
+        metrics = {"loss": loss.detach(), "lm_loss": lm.detach(), "router_loss": rl.detach(),
+                   "router_acc": sum(correct).float() / (len(correct) * batch["global_rows"])}
+        for i, c in enumerate(correct):
+            metrics[f"router_acc_l{i}"] = c.float() / batch["global_rows"]
+        return loss, metrics
+
+    trainer = Trainer(
+        model=model, params=groups, examples=examples, sampler=sampler, loss_fn=loss_fn, cfg=cfg, out=out,
+        pad_id=tok.pad_token_id, domains=domains, state_fn=state_fn, load_state_fn=load_state_fn, desc=desc,
+        log_prefix=f"{desc}: {len(domains)} domains, {len(examples)} records, ",
+    )
+    result = trainer.train(resume=resume)
+    summary = {"steps": result.steps, "interrupted": result.interrupted, "seconds": round(result.seconds, 1),
+               "domains": domains}
+    if result.log:
+        last = result.log[-min(10, len(result.log)):]
+        summary["final_lm_loss"] = round(sum(r["lm_loss"] for r in last) / len(last), 4)
+        if train_routers:
+            summary["final_router_acc"] = round(sum(r["router_acc"] for r in last) / len(last), 4)
+    if result.interrupted:
+        return summary
+    model.set_trainable(experts=False, routers=False)
+    if trainer.acc.is_main_process:
+        publish_checkpoint(model, out, {"stage2": run_config, "summary": summary})
+        write_run_files(out, run_config, result.log, desc)
+    trainer.acc.wait_for_everyone()
+    return summary
+
+
+def publish_checkpoint(model, out: Path, provenance: dict) -> None:
+    """Write the MoA checkpoint files into `out` (which also holds logs and checkpoints):
+    saved complete into a staging dir first, so a failed write leaves any old checkpoint intact."""
+    from moa.io import atomic_dir
+
+    out = Path(out)
+    staging = out / ".moa-staging"
+    with atomic_dir(staging) as tmp:
+        model.save_pretrained(tmp, provenance=provenance)
+    # Experts and routers first, config last: a checkpoint is loadable once its config is new.
+    for name in sorted(p.name for p in staging.iterdir()):
+        if name == "moa_config.json":
+            continue
+        src, dst = staging / name, out / name
+        if dst.is_dir():
+            old = out / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dst, old)
+            os.replace(src, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(src, dst)
+    os.replace(staging / "moa_config.json", out / "moa_config.json")
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -203,6 +368,25 @@ def register(sub) -> None:
     add_train_args(p)
     p.set_defaults(func=_cmd_train_expert)
 
+    p = sub.add_parser(
+        "train",
+        help="stage 2: train routers and experts jointly on domain-balanced mixed batches",
+        description="Stage 2 of MoA: every row goes through its own domain's expert in all layers "
+                    "(explicit routing) in one forward; loss = LM loss + eta * mean over layers of the "
+                    "routers' cross-entropy against the domain label. Writes a complete MoA checkpoint.",
+    )
+    p.add_argument("--moa", required=True, help="input MoA checkpoint (from `moa assemble`)")
+    p.add_argument("--data", required=True, help="training JSONL with records of every domain")
+    p.add_argument("--out", required=True, help="output MoA checkpoint directory")
+    p.add_argument("--eta", type=float, default=1.0, help="weight of the router loss")
+    p.add_argument("--init", choices=["experts", "random"], default="experts",
+                   help="start from the stage-1 experts (default) or from random LoRA init (ablation)")
+    p.add_argument("--router-only", action="store_true", help="train only the routers; experts stay bitwise equal")
+    p.add_argument("--router-lr", type=float, default=1e-3, help="learning rate of the routers")
+    p.add_argument("--base", default=None, help="override the base model recorded in the checkpoint")
+    add_train_args(p, lr=1e-4)
+    p.set_defaults(func=_cmd_train)
+
 
 def _cmd_train_expert(args) -> int:
     from moa.trainer import config_from_args
@@ -211,6 +395,21 @@ def _cmd_train_expert(args) -> int:
         data=args.data, domain=args.domain, out=args.out, base=args.base, rank=args.rank, alpha=args.alpha,
         dropout=args.dropout, targets=parse_targets(args.targets), cfg=config_from_args(args),
         resume=args.resume, overwrite=args.overwrite, skip_invalid=args.skip_invalid,
+    )
+    if summary["interrupted"]:
+        return 130
+    if is_main_process():
+        print(json.dumps(summary))
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from moa.trainer import config_from_args
+
+    summary = train_mixture(
+        moa_dir=args.moa, data=args.data, out=args.out, eta=args.eta, init=args.init,
+        router_only=args.router_only, router_lr=args.router_lr, cfg=config_from_args(args), resume=args.resume,
+        overwrite=args.overwrite, skip_invalid=args.skip_invalid, base=args.base,
     )
     if summary["interrupted"]:
         return 130

@@ -236,7 +236,7 @@ class Trainer:
         self,
         *,
         model: torch.nn.Module,
-        params: Sequence[torch.nn.Parameter],
+        params: Sequence[torch.nn.Parameter] | Sequence[dict],
         examples: Sequence[Example],
         sampler,
         loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
@@ -275,14 +275,19 @@ class Trainer:
             raise MoAError(f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum "
                            f"({self.world} x {cfg.grad_accum})")
         self.total = cfg.total_steps(sampler.steps_per_epoch())
-        self.params = [p for p in params if p.requires_grad]
+        # `params`: parameters, or optimizer groups ({"params": [...], "lr": ...}) for per-part lrs.
+        raw_groups = params if params and isinstance(params[0], dict) else [{"params": list(params)}]
+        groups = []
+        for g in raw_groups:
+            ps = [p for p in g["params"] if p.requires_grad]
+            extra = {k: v for k, v in g.items() if k != "params"}
+            for sel, wd in ((lambda p: p.ndim >= 2, cfg.weight_decay), (lambda p: p.ndim < 2, 0.0)):
+                chosen = [p for p in ps if sel(p)]
+                if chosen:
+                    groups.append({"params": chosen, "weight_decay": wd, **extra})
+        self.params = [p for g in groups for p in g["params"]]
         if not self.params:
             raise MoAError("nothing to train: no trainable parameter")
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
         warm = max(1, int(cfg.warmup_ratio * self.total)) if cfg.warmup_ratio > 0 else 0
 
