@@ -1,0 +1,239 @@
+"""`moa demo`: the whole MoA pipeline on the bundled data, end to end.
+
+stage 1 (one expert per domain) -> assemble -> stage 2 (routers + experts, explicit routing)
+-> the mixed-data single-LoRA baseline (as many steps as stage 1 + stage 2, same batch size)
+-> routing report -> evaluation of base / single_lora / mixed_lora / moa -> report.md,
+metrics.json and PNG plots under --out.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from moa.errors import MoAError
+
+
+@dataclass
+class Profile:
+    expert_steps: int
+    stage2_steps: int
+    batch_size: int
+    lr: float
+    stage2_lr: float
+    router_lr: float
+    eta: float
+    max_length: int
+    eval_per_domain: int
+    max_new_tokens: int
+    rank: int = 8
+    alpha: float = 16.0
+    ablations: bool = False
+    """Full profile: also moa_last, moa_layer, moa_no_router_loss (eta=0) and moa_random_init."""
+
+
+PROFILES = {
+    # Sized for `make demo` on a 2-core CPU in well under 20 minutes.
+    "quick": Profile(expert_steps=12, stage2_steps=20, batch_size=4, lr=1e-3, stage2_lr=2e-4, router_lr=3e-3,
+                     eta=1.0, max_length=192, eval_per_domain=10, max_new_tokens=40),
+    "full": Profile(expert_steps=60, stage2_steps=80, batch_size=8, lr=5e-4, stage2_lr=1e-4, router_lr=2e-3,
+                    eta=1.0, max_length=256, eval_per_domain=50, max_new_tokens=64, ablations=True),
+}
+
+
+def bundled_data_dir() -> Path:
+    """data/demo of the source checkout (the package is installed editable from it)."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        cand = parent / "data" / "demo"
+        if (cand / "train.jsonl").is_file():
+            return cand
+    raise MoAError("the bundled demo data (data/demo) was not found; pass --data DIR "
+                   "or build it with `moa data build-demo --out data/demo`")
+
+
+def run_demo(profile: str = "quick", out: str | Path = "runs/demo", data_dir: str | Path | None = None,
+             base: str | None = None, overwrite: bool = True, seed: int = 0) -> dict:
+    from moa.base import DEFAULT_BASE
+    from moa.data import domains_of, read_records
+    from moa.evaluate import format_table, run_eval
+    from moa.model import MoAModel
+    from moa.model_cli import plot_confusion, route_records, routing_report
+    from moa.data import encode_records
+    from moa.io import atomic_write_json, atomic_write_text
+    from moa.train import train_expert, train_mixture
+    from moa.trainer import TrainConfig
+
+    if profile not in PROFILES:
+        raise MoAError(f"unknown profile '{profile}' (choose from {', '.join(PROFILES)})")
+    p = PROFILES[profile]
+    base = base or DEFAULT_BASE
+    data_dir = Path(data_dir) if data_dir else bundled_data_dir()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    train, _ = read_records(data_dir / "train.jsonl")
+    domains = domains_of(train)
+    say(f"demo ({profile}): {len(domains)} domains {domains}, {len(train)} training records, out={out}")
+
+    def cfg(steps, lr):
+        return TrainConfig(max_steps=steps, batch_size=p.batch_size, lr=lr, max_length=p.max_length, seed=seed)
+
+    # Stage 1: one expert per domain.
+    t = time.time()
+    expert_dirs = {}
+    for d in domains:
+        expert_dirs[d] = out / "experts" / d
+        train_expert(data=data_dir / "train.jsonl", domain=d, out=expert_dirs[d], base=base, rank=p.rank,
+                     alpha=p.alpha, cfg=cfg(p.expert_steps, p.lr), overwrite=overwrite, records=train)
+    timings["stage1"] = time.time() - t
+
+    # Assemble and stage 2.
+    t = time.time()
+    assembled = MoAModel.from_adapters([expert_dirs[d] for d in domains], domains=domains, base=base)
+    assembled.save_pretrained(out / "moa_assembled", provenance={
+        "assembled_from": {d: str(expert_dirs[d].resolve()) for d in domains}})
+    summary2 = train_mixture(moa_dir=out / "moa_assembled", data=data_dir / "train.jsonl", out=out / "moa",
+                             eta=p.eta, router_lr=p.router_lr, cfg=cfg(p.stage2_steps, p.stage2_lr),
+                             overwrite=overwrite, records=train)
+    timings["stage2"] = time.time() - t
+
+    # Baseline: one LoRA on the mixed data, as many optimizer steps as stage 1 + stage 2.
+    t = time.time()
+    mixed_steps = p.expert_steps * len(domains) + p.stage2_steps
+    train_expert(data=data_dir / "train.jsonl", domain=None, out=out / "mixed_lora", base=base, rank=p.rank,
+                 alpha=p.alpha, cfg=cfg(mixed_steps, p.lr), overwrite=overwrite, records=train)
+    timings["mixed_lora"] = time.time() - t
+
+    extra, systems = {}, ["base", "single_lora", "mixed_lora", "moa"]
+    if p.ablations:
+        t = time.time()
+        for name, kw in (("moa_no_router_loss", {"eta": 0.0}), ("moa_random_init", {"init": "random"})):
+            kw2 = {"eta": p.eta, **kw}
+            train_mixture(moa_dir=out / "moa_assembled", data=data_dir / "train.jsonl", out=out / name,
+                          router_lr=p.router_lr, cfg=cfg(p.stage2_steps, p.stage2_lr if "init" not in kw else p.lr),
+                          overwrite=overwrite, records=train, desc=name, **kw2)
+            extra[name] = str(out / name)
+        systems += ["moa_last", "moa_layer", *extra]
+        timings["ablations"] = time.time() - t
+
+    # Routing report on the test split.
+    t = time.time()
+    test_path = data_dir / "test.jsonl"
+    test, _ = read_records(test_path)
+    moa = MoAModel.from_pretrained(out / "moa")
+    examples, _ = encode_records(moa.tokenizer, test, 1024)
+    preds, _ = route_records(moa, examples, "vote")
+    route = routing_report([e.domain for e in examples], preds, list(moa.domains))
+    atomic_write_json(out / "routing.json", route)
+    plot_confusion(route, out / "routing_confusion.png", "MoA routing (vote), test split")
+    del moa
+    timings["routing"] = time.time() - t
+
+    # Evaluation of every system.
+    t = time.time()
+    metrics = run_eval(out / "moa", test_path, out / "eval", systems, mixed_lora=out / "mixed_lora",
+                       single_lora={d: expert_dirs[d] for d in domains}, extra=extra,
+                       limit_per_domain=p.eval_per_domain, max_new_tokens=p.max_new_tokens, batch_size=8)
+    timings["eval"] = time.time() - t
+    timings["total"] = time.time() - t0
+    metrics["routing_full_test"] = {"accuracy": route["accuracy"], "n": route["n"]}
+    metrics["profile"] = {"name": profile, **asdict(p), "mixed_lora_steps": mixed_steps}
+    metrics["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    atomic_write_json(out / "metrics.json", metrics)
+    plot_all_losses(out, domains, out / "loss_curves.png")
+    for f in (out / "eval").glob("metric_*.png"):
+        (out / f.name).write_bytes(f.read_bytes())
+    table = format_table(metrics)
+    atomic_write_text(out / "report.md", render_report(metrics, route, table, profile, timings))
+    print()
+    print(table)
+    print(f"\nrouting accuracy (vote, all {route['n']} test records): {route['accuracy']:.4f}")
+    print(f"total time: {timings['total'] / 60:.1f} min; report: {out / 'report.md'}")
+    return metrics
+
+
+def say(msg: str) -> None:
+    print(f"moa: {msg}", file=sys.stderr, flush=True)
+
+
+def plot_all_losses(out: Path, domains, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=110)
+    for d in domains:
+        log = _log(out / "experts" / d)
+        axes[0].plot([r["step"] for r in log], [r["loss"] for r in log], label=d, lw=1)
+    axes[0].set_title("stage 1: expert LM loss")
+    log = _log(out / "moa")
+    axes[1].plot([r["step"] for r in log], [r["lm_loss"] for r in log], label="LM loss", lw=1)
+    axes[1].plot([r["step"] for r in log], [r["router_loss"] for r in log], label="router loss", lw=1)
+    axes[1].plot([r["step"] for r in log], [r["router_acc"] for r in log], label="router acc", lw=1)
+    axes[1].set_title("stage 2: mixture")
+    log = _log(out / "mixed_lora")
+    axes[2].plot([r["step"] for r in log], [r["loss"] for r in log], lw=1, color="gray")
+    axes[2].set_title("baseline: mixed-data LoRA")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _log(d: Path) -> list[dict]:
+    f = d / "train_log.jsonl"
+    return [json.loads(l) for l in f.read_text().splitlines() if l.strip()] if f.is_file() else []
+
+
+def render_report(metrics: dict, route: dict, table: str, profile: str, timings: dict) -> str:
+    domains = metrics["domains"]
+    s = metrics["systems"]
+    lines = [f"# moa demo report ({profile} profile)", "",
+             f"Domains: {', '.join(domains)}. Evaluated on up to {metrics['profile']['eval_per_domain']} test "
+             f"records per domain; routing on all {route['n']} test records.", "",
+             "## Results", "", table, "",
+             f"Routing accuracy (vote, full test split): **{route['accuracy']:.4f}**", ""]
+    if "moa" in s and "mixed_lora" in s:
+        better = [d for d in domains if s["moa"][d]["ppl"] < s["mixed_lora"][d]["ppl"]]
+        lines.append(f"MoA PPL below the mixed-data LoRA on {len(better)}/{len(domains)} domains"
+                     f"{': ' + ', '.join(better) if better else ''}.")
+    if "moa" in s and "single_lora" in s:
+        gaps = {d: s["moa"][d]["ppl"] / s["single_lora"][d]["ppl"] - 1 for d in domains}
+        lines.append("MoA PPL vs single-LoRA per domain: " +
+                     ", ".join(f"{d} {100 * g:+.1f}%" for d, g in gaps.items()) + ".")
+    lines += ["", "## Plots", "", "![loss curves](loss_curves.png)", "",
+              "![routing confusion](routing_confusion.png)", "", "![PPL per domain](metric_ppl.png)", "",
+              "![exact match](metric_exact_match.png)", "", "## Time", "",
+              ", ".join(f"{k}: {v / 60:.1f} min" for k, v in timings.items()), ""]
+    return "\n".join(lines)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the whole MoA pipeline on the bundled demo data",
+        description="Stage 1 for every domain, assemble, stage 2, the mixed-data LoRA baseline, routing "
+                    "report and evaluation; writes report.md, metrics.json and PNG plots to --out.",
+    )
+    p.add_argument("--profile", choices=list(PROFILES), default="quick",
+                   help="quick: minutes on a laptop CPU; full: the comparison of docs/RESULTS.md with ablations")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--data", default=None, help="directory with train/valid/test.jsonl (default: data/demo)")
+    p.add_argument("--base", default=None, help="base model (default: smollm2-135m)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    run_demo(args.profile, args.out, args.data, args.base, seed=args.seed)
+    return 0

@@ -1,0 +1,392 @@
+"""`moa eval`: per-domain PPL, BLEU, ROUGE-L, exact match and routing accuracy for MoA and its
+baselines, in one `metrics.json`.
+
+Schema: {"domains": [...], "systems": {"<system>": {"<domain>": {"ppl", "bleu", "rouge_l",
+"exact_match"}, "routing_accuracy": float | null}}}.
+
+Systems:
+  base         the frozen base model
+  single_lora  each domain's stage-1 expert, told the domain
+  mixed_lora   one LoRA trained on all data in natural proportions (a PEFT adapter dir)
+  moa          MoA with vote routing; moa_last / moa_layer: the other routing decisions
+  moa_explicit MoA told the domain (upper bound of routing)
+Any other name given as NAME=DIR is evaluated as an MoA checkpoint (vote routing) or, if DIR
+is a PEFT adapter, as a single LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import string
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from moa.errors import MoAError
+
+
+# --------------------------------------------------------------------------- text metrics
+
+
+def normalize(text: str) -> str:
+    """Lower-case, trim, collapse whitespace, drop surrounding punctuation/quotes."""
+    t = " ".join(text.strip().lower().split())
+    return t.strip(string.punctuation.replace("{", "").replace("}", "").replace("[", "").replace("]", "") + " ")
+
+
+def text_metrics(preds: Sequence[str], refs: Sequence[str]) -> dict:
+    """Corpus BLEU (sacrebleu, 0-100), mean ROUGE-L F1 (rouge-score, 0-1), normalized exact match (0-1)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if not preds:
+        return {"bleu": None, "rouge_l": None, "exact_match": None}
+    bleu = sacrebleu.corpus_bleu(list(preds), [list(refs)]).score
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=_CharSafeTokenizer())
+    rl = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)) / len(preds)
+    em = sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / len(preds)
+    return {"bleu": round(bleu, 3), "rouge_l": round(rl, 4), "exact_match": round(em, 4)}
+
+
+class _CharSafeTokenizer:
+    """rouge-score's default tokenizer drops every non-alphanumeric token, so code and JSON lose
+    their symbols; keep words, numbers and single symbols instead."""
+
+    _re = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._re.findall(text.lower())
+
+
+# --------------------------------------------------------------------------- systems
+
+
+@dataclass
+class System:
+    name: str
+    forward: Callable[[dict], tuple[torch.Tensor, list[dict]]]
+    """batch (with domain_names) -> (logits (B,T,V), per-row extras incl. "domain_routed")."""
+    generate: Callable[[list, list[str]], list[tuple[str, str | None]]]
+    """(prompt message lists, domain labels) -> [(text, routed domain or None)]."""
+    routed: bool = False
+    close: Callable[[], None] = lambda: None
+
+
+def _hf_generate(model, tok, prompts: list, max_new_tokens: int, batch_size: int) -> list[str]:
+    texts = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s : s + batch_size]
+        rendered = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in chunk]
+        tok.padding_side = "left"
+        enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        for row in out[:, enc["input_ids"].shape[1]:]:
+            texts.append(tok.decode(row, skip_special_tokens=True).strip())
+    return texts
+
+
+def peft_system(name: str, base: str, adapter: str | Path | None, max_new_tokens: int, batch_size: int,
+                adapters_by_domain: dict[str, Path] | None = None) -> System:
+    """The base model, one PEFT adapter, or (adapters_by_domain) each domain's own adapter."""
+    from moa.base import load_base
+    from moa.scoring import causal_lm_forward, load_peft_adapter
+
+    model, tok = load_base(base)
+    if adapters_by_domain:
+        from peft import PeftModel
+
+        names = list(adapters_by_domain)
+        model = PeftModel.from_pretrained(model, str(adapters_by_domain[names[0]]), adapter_name=names[0])
+        for d in names[1:]:
+            model.load_adapter(str(adapters_by_domain[d]), adapter_name=d)
+        model.eval()
+
+        def fwd(batch):
+            logits = None
+            rows = batch["domain_names"]
+            for d in sorted(set(rows)):
+                idx = [i for i, r in enumerate(rows) if r == d]
+                model.set_adapter(d)
+                with torch.no_grad():
+                    lg = model(input_ids=batch["input_ids"][idx], attention_mask=batch["attention_mask"][idx]).logits
+                if logits is None:
+                    logits = lg.new_zeros(len(rows), *lg.shape[1:])
+                logits[idx] = lg
+            return logits, [{} for _ in rows]
+
+        def gen(prompts, doms):
+            texts = [""] * len(prompts)
+            for d in sorted(set(doms)):
+                idx = [i for i, x in enumerate(doms) if x == d]
+                model.set_adapter(d)
+                for i, t in zip(idx, _hf_generate(model, tok, [prompts[i] for i in idx], max_new_tokens, batch_size)):
+                    texts[i] = t
+            return [(t, None) for t in texts]
+
+        return System(name, fwd, gen)
+    if adapter is not None:
+        model = load_peft_adapter(model, adapter)
+    return System(name, causal_lm_forward(model),
+                  lambda prompts, doms: [(t, None) for t in _hf_generate(model, tok, prompts, max_new_tokens, batch_size)])
+
+
+def moa_system(name: str, moa_dir, routing: str, max_new_tokens: int, batch_size: int, model=None) -> System:
+    from moa.model import MoAModel
+    from moa.scoring import moa_forward
+
+    if model is None:
+        model = MoAModel.from_pretrained(moa_dir)
+    fwd, _ = moa_forward(model, routing)
+
+    def gen(prompts, doms):
+        out = []
+        for s in range(0, len(prompts), batch_size):
+            res = model.generate(prompts[s : s + batch_size], routing=routing,
+                                 domains=doms[s : s + batch_size] if routing == "explicit" else None,
+                                 max_new_tokens=max_new_tokens, do_sample=False)
+            out.extend((r.text.strip(), r.domain) for r in res)
+        return out
+
+    return System(name, fwd, gen, routed=routing != "explicit")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_system(system: System, records, tok, *, batch_size: int = 8, max_length: int = 1024,
+                    generate: bool = True, progress: bool = True) -> dict:
+    """Metrics of one system over `records`: {domain: {...}, "routing_accuracy": ...}."""
+    from moa.data import encode_records
+    from moa.scoring import score_examples, summarize
+
+    examples, _ = encode_records(tok, records, max_length)
+    rows = score_examples(system.forward, examples, tok.pad_token_id, batch_size, progress, desc=f"{system.name} ppl")
+    ppl = summarize(rows)
+    result: dict = {}
+    routed_right = []
+    gens: list[tuple[str, str | None]] = [("", None)] * len(records)
+    if generate:
+        prompts = [r.prompt_messages for r in records]
+        doms = [r.domain for r in records]
+        if progress:
+            print(f"moa: {system.name}: generating {len(prompts)} replies", file=sys.stderr, flush=True)
+        gens = system.generate(prompts, doms)
+    for d in sorted({r.domain for r in records}, key=[r.domain for r in records].index):
+        idx = [i for i, r in enumerate(records) if r.domain == d]
+        m = {"ppl": round(ppl[d]["ppl"], 4)}
+        if generate:
+            m.update(text_metrics([gens[i][0] for i in idx], [records[i].response for i in idx]))
+        else:
+            m.update({"bleu": None, "rouge_l": None, "exact_match": None})
+        result[d] = m
+    if system.routed:
+        # routing accuracy from the decisions made on the prompts during scoring
+        routed_right = [r.get("domain_routed") == r["domain"] for r in rows]
+        result["routing_accuracy"] = round(sum(routed_right) / max(1, len(routed_right)), 4)
+    else:
+        result["routing_accuracy"] = None
+    result["_generations"] = [{"domain": r.domain, "reference": r.response, "output": g[0], "routed": g[1]}
+                              for r, g in zip(records, gens)] if generate else []
+    return result
+
+
+def stage1_adapters(moa_dir: Path) -> dict[str, Path] | None:
+    """The stage-1 adapters an MoA checkpoint was assembled from (recorded in its provenance)."""
+    cfg = json.loads((Path(moa_dir) / "moa_config.json").read_text())
+    prov = cfg.get("provenance") or {}
+    found = prov.get("assembled_from") or (prov.get("stage1") or {})
+    if not found:
+        return None
+    paths = {d: Path(p) for d, p in found.items()}
+    return paths if all((p / "adapter_config.json").is_file() for p in paths.values()) else None
+
+
+DEFAULT_SYSTEMS = ["base", "single_lora", "mixed_lora", "moa"]
+
+
+def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=None, single_lora=None,
+             extra: dict[str, str] | None = None, limit_per_domain: int | None = None, batch_size: int = 8,
+             max_new_tokens: int = 64, max_length: int = 1024, generate: bool = True, progress: bool = True) -> dict:
+    from moa.base import DEFAULT_BASE
+    from moa.data import read_records
+    from moa.io import atomic_write_json, atomic_write_text
+    from moa.model import MoAModel
+
+    moa_dir = Path(moa_dir)
+    if not (moa_dir / "moa_config.json").is_file():
+        raise MoAError(f"{moa_dir} is not an MoA checkpoint (no moa_config.json)")
+    cfg = json.loads((moa_dir / "moa_config.json").read_text())
+    base = cfg.get("base") or DEFAULT_BASE
+    records, _ = read_records(data)
+    unknown = sorted({r.domain for r in records} - set(cfg["domains"]))
+    if unknown:
+        raise MoAError(f"{data}: unknown domain(s) {', '.join(unknown)} (the model's domains: {', '.join(cfg['domains'])})")
+    if limit_per_domain:
+        seen: dict[str, int] = {}
+        keep = []
+        for r in records:
+            if seen.get(r.domain, 0) < limit_per_domain:
+                keep.append(r)
+                seen[r.domain] = seen.get(r.domain, 0) + 1
+        records = keep
+    systems = list(systems or DEFAULT_SYSTEMS)
+    extra = dict(extra or {})
+    single = {d: Path(p) for d, p in single_lora.items()} if isinstance(single_lora, dict) else (
+        _adapters_in(Path(single_lora), cfg["domains"]) if single_lora else stage1_adapters(moa_dir))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"domains": [d for d in cfg["domains"] if any(r.domain == d for r in records)], "systems": {},
+               "data": str(data), "moa": str(moa_dir), "n_records": len(records)}
+    generations = {}
+    moa_model = None
+    for name in systems:
+        if name == "base":
+            sys_ = peft_system(name, base, None, max_new_tokens, batch_size)
+        elif name == "single_lora":
+            if not single:
+                print("moa: skipping single_lora: no stage-1 adapters recorded; pass --single-lora", file=sys.stderr)
+                continue
+            sys_ = peft_system(name, base, None, max_new_tokens, batch_size, adapters_by_domain=single)
+        elif name == "mixed_lora":
+            if not mixed_lora:
+                print("moa: skipping mixed_lora: pass --mixed-lora ADAPTER_DIR", file=sys.stderr)
+                continue
+            sys_ = peft_system(name, base, mixed_lora, max_new_tokens, batch_size)
+        elif name in ("moa", "moa_last", "moa_layer", "moa_explicit"):
+            r = {"moa": routing, "moa_last": "last", "moa_layer": "layer", "moa_explicit": "explicit"}[name]
+            if moa_model is None:
+                moa_model = MoAModel.from_pretrained(moa_dir)
+            sys_ = moa_system(name, moa_dir, r, max_new_tokens, batch_size, model=moa_model)
+        elif name in extra:
+            path = Path(extra[name])
+            if (path / "moa_config.json").is_file():
+                sys_ = moa_system(name, path, "vote", max_new_tokens, batch_size)
+            elif (path / "adapter_config.json").is_file():
+                sys_ = peft_system(name, base, path, max_new_tokens, batch_size)
+            else:
+                raise MoAError(f"system {name}: {path} is neither an MoA checkpoint nor a PEFT adapter")
+        else:
+            raise MoAError(f"unknown system '{name}' (known: base, single_lora, mixed_lora, moa, moa_last, "
+                           f"moa_layer, moa_explicit, or NAME=DIR)")
+        tok = moa_model.tokenizer if moa_model is not None else None
+        if tok is None:
+            from moa.base import load_tokenizer
+
+            tok = load_tokenizer(base)
+        res = evaluate_system(sys_, records, tok, batch_size=batch_size, max_length=max_length,
+                              generate=generate, progress=progress)
+        generations[name] = res.pop("_generations")
+        metrics["systems"][name] = res
+        atomic_write_json(out / "metrics.json", metrics)  # after every system: partial results survive
+    atomic_write_text(out / "generations.jsonl",
+                      "".join(json.dumps({"system": s, **g}) + "\n" for s, gs in generations.items() for g in gs))
+    plot_metric_bars(metrics, out)
+    return metrics
+
+
+def _adapters_in(root: Path, domains) -> dict[str, Path]:
+    found = {d: root / d for d in domains if (root / d / "adapter_config.json").is_file()}
+    if len(found) != len(domains):
+        missing = [d for d in domains if d not in found]
+        raise MoAError(f"--single-lora {root}: no adapter for domain(s) {', '.join(missing)} (expected {root}/<domain>/)")
+    return found
+
+
+def plot_metric_bars(metrics: dict, out: Path) -> None:
+    """One PNG per metric: per-domain bars, one bar per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains, systems = metrics["domains"], list(metrics["systems"])
+    for key, label in (("ppl", "perplexity (lower is better)"), ("rouge_l", "ROUGE-L F1"),
+                       ("exact_match", "exact match"), ("bleu", "BLEU")):
+        fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(domains), 3.6), dpi=110)
+        w = 0.8 / max(1, len(systems))
+        drawn = False
+        for k, s in enumerate(systems):
+            vals = [metrics["systems"][s].get(d, {}).get(key) for d in domains]
+            if all(v is None for v in vals):
+                continue
+            drawn = True
+            ax.bar([i + k * w for i in range(len(domains))], [v if v is not None else 0 for v in vals], w, label=s)
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(domains))], domains)
+        if key == "ppl":
+            ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / f"metric_{key}.png")
+        plt.close(fig)
+
+
+def format_table(metrics: dict) -> str:
+    """A markdown table: one row per system, PPL / EM per domain, routing accuracy."""
+    domains = metrics["domains"]
+    head = "| system | " + " | ".join(f"{d} PPL" for d in domains) + " | " + " | ".join(f"{d} EM" for d in domains) + " | routing acc |"
+    sep = "|" + "---|" * (2 * len(domains) + 2)
+    lines = [head, sep]
+    for s, m in metrics["systems"].items():
+        ppl = " | ".join(_fmt(m.get(d, {}).get("ppl"), 3) for d in domains)
+        em = " | ".join(_fmt(m.get(d, {}).get("exact_match"), 2) for d in domains)
+        lines.append(f"| {s} | {ppl} | {em} | {_fmt(m.get('routing_accuracy'), 4)} |")
+    return "\n".join(lines)
+
+
+def _fmt(v, nd):
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="per-domain PPL, BLEU, ROUGE-L, exact match and routing accuracy of MoA and baselines",
+        description="Evaluate systems on a labelled test set and write metrics.json, generations.jsonl "
+                    "and per-metric bar plots. Text metrics use greedy generation.",
+    )
+    p.add_argument("--moa", required=True, help="MoA checkpoint directory")
+    p.add_argument("--data", required=True, help="labelled test JSONL")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS,
+                   help="systems to evaluate: base single_lora mixed_lora moa moa_last moa_layer moa_explicit "
+                        "or NAME=DIR (an MoA checkpoint or PEFT adapter)")
+    p.add_argument("--routing", choices=["vote", "last", "layer"], default="vote", help="routing of the 'moa' system")
+    p.add_argument("--mixed-lora", default=None, help="PEFT adapter trained on the mixed data (system mixed_lora)")
+    p.add_argument("--single-lora", default=None,
+                   help="directory with one stage-1 adapter per domain (DIR/<domain>/); default: the MoA's provenance")
+    p.add_argument("--limit", type=int, default=None, help="at most N records per domain")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-generate", action="store_true", help="skip generation (PPL and routing only)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    systems, extra = [], {}
+    for s in args.systems:
+        if "=" in s:
+            name, path = s.split("=", 1)
+            extra[name] = path
+            systems.append(name)
+        else:
+            systems.append(s)
+    metrics = run_eval(args.moa, args.data, args.out, systems, routing=args.routing, mixed_lora=args.mixed_lora,
+                       single_lora=args.single_lora, extra=extra, limit_per_domain=args.limit,
+                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, generate=not args.no_generate)
+    print(format_table(metrics))
+    return 0
