@@ -74,6 +74,7 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message="Could not find a config file in")  # peft, alias base names
     try:
         from transformers.utils import logging as hf_logging
 

@@ -83,13 +83,18 @@ def run_demo(profile: str = "quick", out: str | Path = "runs/demo", data_dir: st
     def cfg(steps, lr):
         return TrainConfig(max_steps=steps, batch_size=p.batch_size, lr=lr, max_length=p.max_length, seed=seed)
 
+    def check(summary: dict) -> dict:
+        if summary.get("interrupted"):  # Ctrl-C: the run saved a checkpoint; stop the pipeline too
+            raise KeyboardInterrupt
+        return summary
+
     # Stage 1: one expert per domain.
     t = time.time()
     expert_dirs = {}
     for d in domains:
         expert_dirs[d] = out / "experts" / d
-        train_expert(data=data_dir / "train.jsonl", domain=d, out=expert_dirs[d], base=base, rank=p.rank,
-                     alpha=p.alpha, cfg=cfg(p.expert_steps, p.lr), overwrite=overwrite, records=train)
+        check(train_expert(data=data_dir / "train.jsonl", domain=d, out=expert_dirs[d], base=base, rank=p.rank,
+                           alpha=p.alpha, cfg=cfg(p.expert_steps, p.lr), overwrite=overwrite, records=train))
     timings["stage1"] = time.time() - t
 
     # Assemble and stage 2.
@@ -97,16 +102,16 @@ def run_demo(profile: str = "quick", out: str | Path = "runs/demo", data_dir: st
     assembled = MoAModel.from_adapters([expert_dirs[d] for d in domains], domains=domains, base=base)
     assembled.save_pretrained(out / "moa_assembled", provenance={
         "assembled_from": {d: str(expert_dirs[d].resolve()) for d in domains}})
-    summary2 = train_mixture(moa_dir=out / "moa_assembled", data=data_dir / "train.jsonl", out=out / "moa",
-                             eta=p.eta, router_lr=p.router_lr, cfg=cfg(p.stage2_steps, p.stage2_lr),
-                             overwrite=overwrite, records=train)
+    check(train_mixture(moa_dir=out / "moa_assembled", data=data_dir / "train.jsonl", out=out / "moa",
+                        eta=p.eta, router_lr=p.router_lr, cfg=cfg(p.stage2_steps, p.stage2_lr),
+                        overwrite=overwrite, records=train))
     timings["stage2"] = time.time() - t
 
     # Baseline: one LoRA on the mixed data, as many optimizer steps as stage 1 + stage 2.
     t = time.time()
     mixed_steps = p.expert_steps * len(domains) + p.stage2_steps
-    train_expert(data=data_dir / "train.jsonl", domain=None, out=out / "mixed_lora", base=base, rank=p.rank,
-                 alpha=p.alpha, cfg=cfg(mixed_steps, p.lr), overwrite=overwrite, records=train)
+    check(train_expert(data=data_dir / "train.jsonl", domain=None, out=out / "mixed_lora", base=base, rank=p.rank,
+                       alpha=p.alpha, cfg=cfg(mixed_steps, p.lr), overwrite=overwrite, records=train))
     timings["mixed_lora"] = time.time() - t
 
     extra, systems = {}, ["base", "single_lora", "mixed_lora", "moa"]
@@ -114,9 +119,9 @@ def run_demo(profile: str = "quick", out: str | Path = "runs/demo", data_dir: st
         t = time.time()
         for name, kw in (("moa_no_router_loss", {"eta": 0.0}), ("moa_random_init", {"init": "random"})):
             kw2 = {"eta": p.eta, **kw}
-            train_mixture(moa_dir=out / "moa_assembled", data=data_dir / "train.jsonl", out=out / name,
-                          router_lr=p.router_lr, cfg=cfg(p.stage2_steps, p.stage2_lr if "init" not in kw else p.lr),
-                          overwrite=overwrite, records=train, desc=name, **kw2)
+            check(train_mixture(moa_dir=out / "moa_assembled", data=data_dir / "train.jsonl", out=out / name,
+                                router_lr=p.router_lr, overwrite=overwrite, records=train, desc=name,
+                                cfg=cfg(p.stage2_steps, p.stage2_lr if "init" not in kw else p.lr), **kw2))
             extra[name] = str(out / name)
         systems += ["moa_last", "moa_layer", *extra]
         timings["ablations"] = time.time() - t

@@ -107,6 +107,9 @@ def retrain_expert(*, moa_dir, domain: str, data, out, max_steps: int = 60, rout
     if not own:
         raise MoAError(f"{data}: no record of domain '{domain}'")
     out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MoAError(f"--out {out} is not empty; pass --overwrite to replace it")
+    overwrite = True  # both phases below write into the directory checked just now
     others = {d: _copy(model.expert_state_dict(d)) for d in model.domains if d != domain}
     cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16)
     s1 = train_mixture(moa_dir=moa_dir, data=data, out=out / "retrain", model=model, records=own, eta=0.0,

@@ -335,8 +335,12 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
         self.load_state_fn(load_tensors(path / "trainable.safetensors"))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        try:  # torch files only with weights_only=True: never unpickle arbitrary objects
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+            self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        except Exception as e:
+            raise MoAError(f"checkpoint {path} has an unsafe or corrupt optimizer/scheduler file "
+                           f"({type(e).__name__}); refusing to load it") from e
         _set_rng(load_tensors(path / "rng.safetensors"))
         self.log = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines() if line.strip()]
         self.step = int(state["sampler_position"])
