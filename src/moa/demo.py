@@ -32,15 +32,18 @@ class Profile:
     rank: int = 8
     alpha: float = 16.0
     ablations: bool = False
-    """Full profile: also moa_last, moa_layer, moa_no_router_loss (eta=0) and moa_random_init."""
+    """Full profile: also mixed_lora_wide, moe_lora, classifier_loras, moa_last, moa_layer,
+    moa_no_router_loss (eta=0), moa_random_init, and a sweep of eta on the valid split."""
+    eta_sweep: tuple = (0.1, 1.0, 10.0)
 
 
 PROFILES = {
     # Sized for `make demo` on a 2-core CPU in well under 20 minutes.
-    "quick": Profile(expert_steps=12, stage2_steps=20, batch_size=4, lr=1e-3, stage2_lr=2e-4, router_lr=3e-3,
+    "quick": Profile(expert_steps=16, stage2_steps=24, batch_size=4, lr=1e-3, stage2_lr=2e-4, router_lr=3e-3,
                      eta=1.0, max_length=192, eval_per_domain=10, max_new_tokens=40),
-    "full": Profile(expert_steps=60, stage2_steps=80, batch_size=8, lr=5e-4, stage2_lr=1e-4, router_lr=2e-3,
-                    eta=1.0, max_length=256, eval_per_domain=50, max_new_tokens=64, ablations=True),
+    # The comparison of docs/RESULTS.md: all baselines and ablations, and the eta sweep.
+    "full": Profile(expert_steps=30, stage2_steps=40, batch_size=4, lr=1e-3, stage2_lr=2e-4, router_lr=3e-3,
+                    eta=1.0, max_length=256, eval_per_domain=20, max_new_tokens=48, ablations=True),
 }
 
 
@@ -55,7 +58,7 @@ def bundled_data_dir() -> Path:
                    "or build it with `moa data build-demo --out data/demo`")
 
 
-def run_demo(profile: str = "quick", out: str | Path = "runs/demo", data_dir: str | Path | None = None,
+def run_demo(profile: str | Profile = "quick", out: str | Path = "runs/demo", data_dir: str | Path | None = None,
              base: str | None = None, overwrite: bool = True, seed: int = 0) -> dict:
     from moa.base import DEFAULT_BASE
     from moa.data import domains_of, read_records
@@ -67,9 +70,12 @@ def run_demo(profile: str = "quick", out: str | Path = "runs/demo", data_dir: st
     from moa.train import train_expert, train_mixture
     from moa.trainer import TrainConfig
 
-    if profile not in PROFILES:
+    if isinstance(profile, Profile):
+        p, profile = profile, "custom"
+    elif profile in PROFILES:
+        p = PROFILES[profile]
+    else:
         raise MoAError(f"unknown profile '{profile}' (choose from {', '.join(PROFILES)})")
-    p = PROFILES[profile]
     base = base or DEFAULT_BASE
     data_dir = Path(data_dir) if data_dir else bundled_data_dir()
     out = Path(out)
@@ -116,6 +122,8 @@ def run_demo(profile: str = "quick", out: str | Path = "runs/demo", data_dir: st
 
     extra, systems = {}, ["base", "single_lora", "mixed_lora", "moa"]
     if p.ablations:
+        from moa.baselines import train_classifier, train_moe_lora
+
         t = time.time()
         for name, kw in (("moa_no_router_loss", {"eta": 0.0}), ("moa_random_init", {"init": "random"})):
             kw2 = {"eta": p.eta, **kw}
@@ -123,8 +131,29 @@ def run_demo(profile: str = "quick", out: str | Path = "runs/demo", data_dir: st
                                 router_lr=p.router_lr, overwrite=overwrite, records=train, desc=name,
                                 cfg=cfg(p.stage2_steps, p.stage2_lr if "init" not in kw else p.lr), **kw2))
             extra[name] = str(out / name)
+        # Parameter parity: one LoRA with rank x number of domains (same alpha / r scaling).
+        wide = p.rank * len(domains)
+        check(train_expert(data=data_dir / "train.jsonl", domain=None, out=out / "mixed_lora_wide", base=base,
+                           rank=wide, alpha=p.alpha / p.rank * wide, cfg=cfg(mixed_steps, p.lr), overwrite=overwrite,
+                           records=train))
+        extra["mixed_lora_wide"] = str(out / "mixed_lora_wide")
+        train_moe_lora(moa_dir=out / "moa_assembled", records=train, out=out / "moe_lora",
+                       cfg=cfg(p.stage2_steps, p.stage2_lr), overwrite=overwrite)
+        extra["moe_lora"] = str(out / "moe_lora")
+        train_classifier(moa_dir=out / "moa_assembled", records=train, out=out / "classifier_loras", seed=seed)
+        extra["classifier_loras"] = str(out / "classifier_loras")
         systems += ["moa_last", "moa_layer", *extra]
         timings["ablations"] = time.time() - t
+        t = time.time()
+        eta_runs = {p.eta: out / "moa", 0.0: out / "moa_no_router_loss"}
+        for eta in p.eta_sweep:
+            if eta not in eta_runs:
+                eta_runs[eta] = out / f"moa_eta{eta:g}"
+                check(train_mixture(moa_dir=out / "moa_assembled", data=data_dir / "train.jsonl", out=eta_runs[eta],
+                                    eta=eta, router_lr=p.router_lr, cfg=cfg(p.stage2_steps, p.stage2_lr),
+                                    overwrite=overwrite, records=train, desc=f"eta={eta:g}"))
+        eta_sweep = sweep_report(eta_runs, data_dir / "valid.jsonl")
+        timings["eta_sweep"] = time.time() - t
 
     # Routing report on the test split.
     t = time.time()
@@ -149,6 +178,8 @@ def run_demo(profile: str = "quick", out: str | Path = "runs/demo", data_dir: st
     metrics["routing_full_test"] = {"accuracy": route["accuracy"], "n": route["n"]}
     metrics["profile"] = {"name": profile, **asdict(p), "mixed_lora_steps": mixed_steps}
     metrics["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    if p.ablations:
+        metrics["eta_sweep"] = eta_sweep
     atomic_write_json(out / "metrics.json", metrics)
     plot_all_losses(out, domains, out / "loss_curves.png")
     for f in (out / "eval").glob("metric_*.png"):
@@ -160,6 +191,29 @@ def run_demo(profile: str = "quick", out: str | Path = "runs/demo", data_dir: st
     print(f"\nrouting accuracy (vote, all {route['n']} test records): {route['accuracy']:.4f}")
     print(f"total time: {timings['total'] / 60:.1f} min; report: {out / 'report.md'}")
     return metrics
+
+
+def sweep_report(runs: dict, valid_path: Path) -> dict:
+    """Valid-split routing accuracy (vote) and mean per-domain PPL of each eta's checkpoint."""
+    from moa.data import encode_records, read_records
+    from moa.model import MoAModel
+    from moa.scoring import moa_forward, score_examples, summarize
+
+    valid, _ = read_records(valid_path)
+    report = {}
+    for eta, path in sorted(runs.items()):
+        model = MoAModel.from_pretrained(path)
+        examples, _ = encode_records(model.tokenizer, valid, 1024)
+        fwd, tok = moa_forward(model, "vote")
+        rows = score_examples(fwd, examples, tok.pad_token_id, 8, desc=f"valid eta={eta:g}")
+        ppl = summarize(rows)
+        report[f"{eta:g}"] = {
+            "routing_accuracy": round(sum(r["domain_routed"] == r["domain"] for r in rows) / len(rows), 4),
+            "mean_ppl": round(sum(v["ppl"] for v in ppl.values()) / len(ppl), 4),
+            "ppl": {d: round(v["ppl"], 4) for d, v in ppl.items()},
+        }
+    best = min(report, key=lambda e: (-report[e]["routing_accuracy"], report[e]["mean_ppl"]))
+    return {"runs": report, "best_eta": float(best), "criterion": "highest valid routing accuracy, then lowest mean PPL"}
 
 
 def say(msg: str) -> None:
@@ -216,6 +270,11 @@ def render_report(metrics: dict, route: dict, table: str, profile: str, timings:
         gaps = {d: s["moa"][d]["ppl"] / s["single_lora"][d]["ppl"] - 1 for d in domains}
         lines.append("MoA PPL vs single-LoRA per domain: " +
                      ", ".join(f"{d} {100 * g:+.1f}%" for d, g in gaps.items()) + ".")
+    if "eta_sweep" in metrics:
+        sw = metrics["eta_sweep"]
+        lines += ["", "## eta sweep (valid split)", "", "| eta | routing acc | mean PPL |", "|---|---|---|"]
+        lines += [f"| {e} | {v['routing_accuracy']:.4f} | {v['mean_ppl']:.3f} |" for e, v in sw["runs"].items()]
+        lines += ["", f"Best: eta = {sw['best_eta']:g} ({sw['criterion']})."]
     lines += ["", "## Plots", "", "![loss curves](loss_curves.png)", "",
               "![routing confusion](routing_confusion.png)", "", "![PPL per domain](metric_ppl.png)", "",
               "![exact match](metric_exact_match.png)", "", "## Time", "",

@@ -157,6 +157,49 @@ def moa_system(name: str, moa_dir, routing: str, max_new_tokens: int, batch_size
     return System(name, fwd, gen, routed=routing != "explicit")
 
 
+def moe_system(name: str, path, max_new_tokens: int, batch_size: int) -> System:
+    from moa.baselines import MoELoRA
+
+    m = MoELoRA.load(path)
+
+    def fwd(batch):
+        with torch.no_grad():
+            logits, _ = m(batch["input_ids"], batch["attention_mask"])
+        return logits, [{} for _ in range(logits.shape[0])]
+
+    def gen(prompts, doms):
+        texts = []
+        for s in range(0, len(prompts), batch_size):
+            texts += m.generate_texts(prompts[s : s + batch_size], max_new_tokens)
+        return [(t, None) for t in texts]
+
+    return System(name, fwd, gen)
+
+
+def classifier_system(name: str, path, max_new_tokens: int, batch_size: int) -> System:
+    """A classifier on the base's prompt embedding picks one stage-1 expert per request."""
+    from moa.baselines import ClassifierRouter
+
+    cr = ClassifierRouter(path)
+
+    def fwd(batch):
+        pred = cr.predict_batch(batch["input_ids"], batch["attention_mask"], batch["prompt_mask"])
+        with torch.no_grad():
+            out = cr.moa(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], domains=pred)
+        return out.logits, [{"domain_routed": d} for d in pred]
+
+    def gen(prompts, doms):
+        out = []
+        for s in range(0, len(prompts), batch_size):
+            chunk = prompts[s : s + batch_size]
+            pred = cr.predict(chunk)
+            res = cr.moa.generate(chunk, routing="explicit", domains=pred, max_new_tokens=max_new_tokens)
+            out += [(r.text.strip(), d) for r, d in zip(res, pred)]
+        return out
+
+    return System(name, fwd, gen, routed=True)
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -266,7 +309,11 @@ def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=Non
             sys_ = moa_system(name, moa_dir, r, max_new_tokens, batch_size, model=moa_model)
         elif name in extra:
             path = Path(extra[name])
-            if (path / "moa_config.json").is_file():
+            if (path / "moe_gates.safetensors").is_file():
+                sys_ = moe_system(name, path, max_new_tokens, batch_size)
+            elif (path / "classifier.json").is_file():
+                sys_ = classifier_system(name, path, max_new_tokens, batch_size)
+            elif (path / "moa_config.json").is_file():
                 sys_ = moa_system(name, path, "vote", max_new_tokens, batch_size)
             elif (path / "adapter_config.json").is_file():
                 sys_ = peft_system(name, base, path, max_new_tokens, batch_size)
