@@ -1,0 +1,745 @@
+"""`moa serve`: an OpenAI-compatible HTTP server for an MoA checkpoint, with dynamic batching.
+
+    moa serve --moa runs/demo/moa --port 8000
+    curl localhost:8000/v1/chat/completions -H 'content-type: application/json' \
+        -d '{"model": "moa", "messages": [{"role": "user", "content": "What is an ETF?"}]}'
+
+`model: "moa"` lets the routers pick the expert (vote of all layer routers); `"moa:<domain>"`
+forces one. Every response carries the OpenAI fields plus `moa: {domain, router_probs, routing}`.
+
+One worker thread owns the model. Requests are validated and tokenised on the event loop,
+then wait in a bounded queue; the worker takes the oldest request and every queued request
+with the same decoding parameters (up to --max-batch-size, after waiting a few ms for more)
+and decodes them in one `MoAModel.generate` call, whose rows may use different experts.
+Streaming sends the finished text of a request in chunks once its batch is done.
+"""
+
+import asyncio
+import collections
+import contextlib
+import copy
+import json
+import re
+import secrets
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from moa.errors import MoAError
+
+BATCH_WAIT_MS = 5.0
+"""How long the worker waits for more requests once one has arrived (unless the batch is full)."""
+DISCONNECT_POLL_S = 0.05
+"""How often a waiting request checks whether its client has gone."""
+RETRY_AFTER_S = 1
+MAX_STOP = 4
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """The `generate` parameters that one batch shares (requests batch together iff equal)."""
+
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(eq=False)
+class Job:
+    """One prompt waiting for the worker. `done(result, error)` is called from the worker thread."""
+
+    messages: list[dict]
+    domain: str | None
+    """The forced expert; None: routed by the routers (vote)."""
+    decoding: Decoding
+    done: Callable[[Any, BaseException | None], None]
+    cancelled: bool = False
+
+    @property
+    def key(self) -> tuple:
+        # Explicit and routed rows need different generate calls; the experts themselves may differ
+        # within a batch. A seeded sampled request runs alone: one generator serves a whole batch, so
+        # its sample would otherwise depend on its neighbours.
+        alone = self if self.decoding.do_sample and self.decoding.seed is not None else None
+        return (self.domain is None, self.decoding, alone)
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Batcher:
+    """A bounded FIFO of `Job`s and the one worker thread that runs them through `model.generate`.
+
+    Args:
+        model: anything with MoAModel's `generate`.
+        max_batch_size: most rows per generate call.
+        max_queue: most jobs waiting (the running batch not counted); `submit` raises QueueFull beyond.
+        batch_wait_ms: how long the worker waits for a batch to fill once the first job is there.
+    """
+
+    def __init__(self, model, max_batch_size: int = 8, max_queue: int = 64, batch_wait_ms: float = BATCH_WAIT_MS):
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.stats = {"batches": 0, "requests": 0, "max_batch": 0, "busy_s": 0.0}
+        """Completed batches, the requests in them, the largest, and seconds spent in generate."""
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._loop, name="moa-serve-worker", daemon=True)
+                self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker after its current batch; jobs still queued fail with QueueFull."""
+        with self._cond:
+            self._closed = True
+            pending, self._queue = list(self._queue), collections.deque()
+            self._cond.notify_all()
+        for job in pending:
+            job.done(None, QueueFull("the server is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue all of `jobs` or none (QueueFull)."""
+        with self._cond:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            if len(self._queue) + len(jobs) > self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
+            self._queue.extend(jobs)
+            self._cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """Drop a job: out of the queue if it is still there, its result ignored if it is running."""
+        with self._cond:
+            job.cancelled = True
+            with contextlib.suppress(ValueError):
+                self._queue.remove(job)
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            if batch:
+                self._run(batch)
+
+    def _take_batch(self) -> list[Job] | None:
+        """Wait for work; return the oldest job and its compatible followers ([] if all were cancelled)."""
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self.max_batch_size > 1:
+                deadline = time.monotonic() + self.batch_wait_s
+                while 0 < len(self._queue) < self.max_batch_size and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            if self._closed:
+                return None
+            if not self._queue:
+                return []
+            key = self._queue[0].key
+            batch, rest = [], collections.deque()
+            for job in self._queue:
+                (batch if len(batch) < self.max_batch_size and job.key == key else rest).append(job)
+            self._queue = rest
+            return batch
+
+    def _run(self, batch: list[Job]) -> None:
+        start = time.perf_counter()
+        try:
+            results = self._generate(batch)
+            if len(results) != len(batch):
+                raise RuntimeError(f"generate returned {len(results)} results for {len(batch)} prompts")
+        except Exception as e:
+            if len(batch) > 1:  # one bad row must not fail its neighbours: retry them one by one
+                for job in batch:
+                    if not job.cancelled:
+                        self._run([job])
+                return
+            self._finish(batch[0], None, e)
+            return
+        with self._cond:
+            self.stats["batches"] += 1
+            self.stats["requests"] += len(batch)
+            self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
+            self.stats["busy_s"] += time.perf_counter() - start
+        for job, result in zip(batch, results):
+            self._finish(job, result, None)
+
+    def _generate(self, batch: list[Job]):
+        d = batch[0].decoding
+        explicit = batch[0].domain is not None
+        return self.model.generate(
+            [job.messages for job in batch],
+            routing="explicit" if explicit else "vote",
+            domains=[job.domain for job in batch] if explicit else None,
+            max_new_tokens=d.max_new_tokens, do_sample=d.do_sample, temperature=d.temperature, top_p=d.top_p,
+            seed=d.seed, stop=list(d.stop) or None,
+        )
+
+    @staticmethod
+    def _finish(job: Job, result, error: BaseException | None) -> None:
+        if not job.cancelled:
+            job.done(result, error)
+
+
+# --------------------------------------------------------------------------- request schema
+
+
+def _schema():
+    """The pydantic request models (built lazily so that `moa --help` does not import pydantic)."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class _Strict(BaseModel):
+        # strict: "0.5" is not a float and 1 is not a bool; unknown fields are ignored, as clients
+        # send more than we read (user, metadata, ...).
+        model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+    class TextPart(_Strict):
+        type: Literal["text"]
+        text: str
+
+    class ChatMessage(_Strict):
+        role: Literal["system", "developer", "user", "assistant"]
+        content: str | list[TextPart]
+        name: str | None = None
+
+    class StreamOptions(_Strict):
+        include_usage: bool = False
+
+    class _Common(_Strict):
+        model: str
+        max_tokens: int | None = Field(None, ge=1)
+        temperature: float | None = Field(None, ge=0, le=2)
+        top_p: float | None = Field(None, gt=0, le=1)
+        seed: int | None = Field(None, ge=0, lt=2**63)
+        stop: str | list[str] | None = None
+        stream: bool = False
+        stream_options: StreamOptions | None = None
+        user: str | None = None
+        # Read only to refuse what this server does not do (see _refuse_unsupported).
+        n: int | None = None
+        frequency_penalty: float | None = None
+        presence_penalty: float | None = None
+
+    class ChatCompletionRequest(_Common):
+        messages: list[ChatMessage] = Field(min_length=1)
+        max_completion_tokens: int | None = Field(None, ge=1)
+        logprobs: bool | None = None
+        tools: list[Any] | None = None
+
+    class CompletionRequest(_Common):
+        prompt: str | list[str]
+        echo: bool | None = None
+        best_of: int | None = None
+        logprobs: int | None = None
+        suffix: str | None = None
+
+    return ChatCompletionRequest, CompletionRequest
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def response(self):
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return _json_response(body, self.status, self.headers)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _json_response(content, status: int = 200, headers=None):
+    from starlette.responses import Response
+
+    # ASCII-escaped: request text (and so error messages) may hold lone surrogates, which UTF-8 cannot encode.
+    return Response(_dumps(content), status, headers, media_type="application/json")
+
+
+def _dumps(content) -> str:
+    return json.dumps(content, ensure_ascii=True, separators=(",", ":"))
+
+
+def _validation_error(exc) -> APIError:
+    errors = exc.errors()
+    locs = [[str(x) for x in e.get("loc", ()) if x != "body"] for e in errors]
+    first = errors[0] if errors else {"msg": "invalid request", "type": "invalid_request"}
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})",
+                        code="json_invalid")
+    # A union field reports one error per member (messages.0.content.str, ...list[TextPart]): name the field.
+    common = locs[0] if locs else []
+    for loc in locs[1:]:
+        n = 0
+        while n < min(len(common), len(loc)) and common[n] == loc[n]:
+            n += 1
+        common = common[:n]
+    param = ".".join(common) or None
+    where = param or (".".join(locs[0]) if locs else "")
+    message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+    if first.get("type") == "missing" and not where:
+        message = "the body must be a JSON object with the request's fields"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return APIError(400, message, param=param, code=str(first.get("type")))
+
+
+# --------------------------------------------------------------------------- the app
+
+
+class _Server:
+    """What the endpoints share: the model's names and limits, a tokenizer, the batcher."""
+
+    def __init__(self, model, *, max_batch_size, max_queue, max_new_tokens_limit, max_prompt_tokens,
+                 batch_wait_ms):
+        for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
+                            ("max_new_tokens_limit", max_new_tokens_limit)):
+            if not isinstance(value, int) or value < 1:
+                raise MoAError(f"{name} must be a positive integer, got {value!r}")
+        if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
+            raise MoAError(f"max_prompt_tokens must be a positive integer, got {max_prompt_tokens!r}")
+        self.model = model
+        self.domains = list(model.domains)
+        # Our own copy: the worker thread uses the model's tokenizer while we count prompt tokens here.
+        self.tokenizer = copy.deepcopy(model.tokenizer)
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.max_prompt_tokens = max_prompt_tokens
+        self.context_length = _context_length(model)
+        self.batcher = Batcher(model, max_batch_size, max_queue, batch_wait_ms)
+        self.created = int(time.time())
+
+    def model_ids(self) -> list[str]:
+        return ["moa"] + [f"moa:{d}" for d in self.domains]
+
+    def resolve_model(self, name: str) -> str | None:
+        """'moa' -> None (routed); 'moa:<domain>' -> domain."""
+        if name == "moa":
+            return None
+        if name.startswith("moa:") and name[4:] in self.domains:
+            return name[4:]
+        raise APIError(404, f"the model '{name}' does not exist; available: {', '.join(self.model_ids())}",
+                       param="model", code="model_not_found")
+
+    def prompt_tokens(self, messages: list[dict], param: str) -> int:
+        """Render like MoAModel.generate (chat template + generation prompt) and count the tokens."""
+        if not any(m["content"].strip() for m in messages):
+            raise APIError(400, "the prompt is empty", param=param, code="empty_prompt")
+        tok = self.tokenizer
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            n = len(tok(text, add_special_tokens=False)["input_ids"])
+        except Exception as e:  # the template rejects the conversation, or the text cannot be encoded
+            raise APIError(400, f"cannot render the prompt with the model's chat template: {e}", param=param,
+                           code="invalid_prompt") from None
+        if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {n} tokens, more than this server's limit of "
+                                f"{self.max_prompt_tokens}", param=param, code="context_length_exceeded")
+        return n
+
+    def decoding(self, body, prompt_tokens: int, max_tokens: int | None, default_max_tokens: int,
+                 prompt_param: str, tokens_param: str = "max_tokens") -> Decoding:
+        """The request's decoding parameters, max_tokens checked against our limit and the context."""
+        room = None if self.context_length is None else self.context_length - prompt_tokens
+        if room is not None and room < 1:
+            raise APIError(400, f"the prompt has {prompt_tokens} tokens, which fills the model's context of "
+                                f"{self.context_length}", param=prompt_param, code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = min(default_max_tokens, self.max_new_tokens_limit)
+            if room is not None:
+                max_tokens = min(max_tokens, room)
+        elif max_tokens > self.max_new_tokens_limit:
+            raise APIError(400, f"{tokens_param} is {max_tokens}, more than this server's limit of "
+                                f"{self.max_new_tokens_limit}", param=tokens_param, code="invalid_value")
+        elif room is not None and max_tokens > room:
+            raise APIError(400, f"the prompt ({prompt_tokens} tokens) plus {tokens_param} ({max_tokens}) exceeds "
+                                f"the model's context of {self.context_length}", param=tokens_param,
+                           code="context_length_exceeded")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > MAX_STOP:
+            raise APIError(400, f"stop takes at most {MAX_STOP} strings, got {len(stops)}", param="stop",
+                           code="invalid_value")
+        stop = tuple(dict.fromkeys(s for s in stops if s))
+        temperature = 1.0 if body.temperature is None else body.temperature
+        if temperature == 0:  # greedy: the other sampling parameters do not matter, so do not split batches
+            return Decoding(max_tokens, False, stop=stop)
+        return Decoding(max_tokens, True, temperature, 1.0 if body.top_p is None else body.top_p, body.seed, stop)
+
+    async def run(self, request, jobs: list[Job], futures: list[asyncio.Future]) -> list:
+        """Queue the jobs and wait for their results; drop them if the client disconnects."""
+        self.batcher.start()
+        try:
+            self.batcher.submit(jobs)
+        except QueueFull as e:
+            raise APIError(503, str(e), type="server_error", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        try:
+            while True:
+                _, pending = await asyncio.wait(futures, timeout=DISCONNECT_POLL_S)
+                if not pending:
+                    break
+                if await request.is_disconnected():
+                    raise _ClientGone()
+        except BaseException:  # the client left, or the server is cancelling us
+            for job in jobs:
+                self.batcher.cancel(job)
+            raise
+        results = []
+        for f in futures:
+            error = f.exception()
+            if isinstance(error, MoAError):
+                raise APIError(400, str(error), code="invalid_request")
+            if isinstance(error, QueueFull):
+                raise APIError(503, str(error), type="server_error", code="unavailable",
+                               headers={"Retry-After": str(RETRY_AFTER_S)})
+            if error is not None:
+                raise APIError(500, f"internal error while generating: {type(error).__name__}: {error}",
+                               type="server_error", code="internal_error")
+            results.append(f.result())
+        return results
+
+    def job(self, messages: list[dict], domain: str | None, decoding: Decoding) -> tuple[Job, asyncio.Future]:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def resolve(result, error):
+            if not future.done():
+                future.set_exception(error) if error is not None else future.set_result(result)
+
+        def done(result, error):  # called on the worker thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone (server stopped)
+                loop.call_soon_threadsafe(resolve, result, error)
+
+        return Job(messages, domain, decoding, done), future
+
+
+_UNSUPPORTED = {
+    # field: (the values that are fine, what to say)
+    "n": ((None, 1), "n must be 1 (one choice per request)"),
+    "frequency_penalty": ((None, 0), "frequency_penalty is not supported (only 0)"),
+    "presence_penalty": ((None, 0), "presence_penalty is not supported (only 0)"),
+    "logprobs": ((None, False, 0), "logprobs are not supported"),
+    "tools": ((None, []), "tools are not supported"),
+    "echo": ((None, False), "echo is not supported"),
+    "best_of": ((None, 1), "best_of must be 1"),
+    "suffix": ((None, ""), "suffix is not supported"),
+}
+
+
+def _refuse_unsupported(body) -> None:
+    for name, (fine, message) in _UNSUPPORTED.items():
+        if getattr(body, name, None) not in fine:
+            raise APIError(400, message, param=name, code="unsupported_parameter")
+
+
+def _context_length(model) -> int | None:
+    try:
+        return int(model.base_model.config.get_text_config().max_position_embeddings)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _chat_messages(messages) -> list[dict]:
+    out = []
+    for m in messages:
+        content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content)
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return out
+
+
+def _moa_info(result, domain: str | None) -> dict:
+    return {"domain": result.domain, "router_probs": result.router_probs,
+            "routing": "explicit" if domain is not None else "vote"}
+
+
+def _usage(result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def _pieces(text: str) -> list[str]:
+    """Split into word-sized pieces for streaming; "".join(pieces) == text."""
+    return [p for p in re.split(r"(?<=\s)(?=\S)", text) if p]
+
+
+def _sse(chunks) -> Any:
+    from starlette.responses import StreamingResponse
+
+    async def events():
+        for chunk in chunks:
+            yield f"data: {_dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _APIKey:
+    """ASGI middleware: /v1/* needs `Authorization: Bearer KEY` (checked before the body is read)."""
+
+    def __init__(self, app, key: str):
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not secrets.compare_digest(auth, self.expected):
+                error = APIError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')",
+                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(model, *, api_key: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
+               max_new_tokens_limit: int = 1024, max_prompt_tokens: int | None = None,
+               batch_wait_ms: float = BATCH_WAIT_MS):
+    """The FastAPI app serving `model` (a MoAModel, or anything with its domains/tokenizer/generate).
+
+    Args:
+        api_key: if set, /v1/* requires `Authorization: Bearer <api_key>` (/health stays open).
+        max_batch_size: most requests decoded together.
+        max_queue: most requests waiting; more are answered 503 with Retry-After.
+        max_new_tokens_limit: largest max_tokens accepted (and the chat default).
+        max_prompt_tokens: longest prompt accepted, in tokens after the chat template (None: the
+            model's context length is the only limit).
+        batch_wait_ms: how long the worker waits for more requests before starting a batch.
+
+    The worker thread starts with the app (lifespan) or at the first request; `app.state.batcher`
+    exposes its queue depth and stats.
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    ChatCompletionRequest, CompletionRequest = _schema()
+    server = _Server(model, max_batch_size=max_batch_size, max_queue=max_queue,
+                     max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens,
+                     batch_wait_ms=batch_wait_ms)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.batcher.start()
+        try:
+            yield
+        finally:
+            server.batcher.close()
+
+    app = FastAPI(title="moa", description="OpenAI-compatible Mixture-of-LoRAs server", lifespan=lifespan)
+    app.state.batcher = server.batcher
+    app.state.server = server
+    if api_key:
+        app.add_middleware(_APIKey, key=api_key)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc):
+        return _validation_error(exc).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, exc):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return APIError(exc.status_code, str(exc.detail), type=kind, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(_ClientGone)
+    async def _gone(request, exc):
+        from starlette.responses import Response
+
+        return Response(status_code=499)  # nobody reads it
+
+    @app.get("/health")
+    async def health():
+        b = server.batcher
+        return _json_response({"status": "ok", "domains": server.domains, "queue": b.depth,
+                               "max_queue": b.max_queue, "max_batch_size": b.max_batch_size, **b.stats})
+
+    @app.get("/v1/models")
+    async def models():
+        return _json_response({"object": "list", "data": [_model_card(m, server.created) for m in server.model_ids()]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str):
+        server.resolve_model(model_id)
+        return _json_response(_model_card(model_id, server.created))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _refuse_unsupported(body)
+        domain = server.resolve_model(body.model)
+        messages = _chat_messages(body.messages)
+        n_prompt = server.prompt_tokens(messages, "messages")
+        tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        decoding = server.decoding(body, n_prompt, getattr(body, tokens_param), server.max_new_tokens_limit,
+                                   "messages", tokens_param)
+        job, future = server.job(messages, domain, decoding)
+        (result,) = await server.run(request, [job], [future])
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
+                "system_fingerprint": None}
+        moa = _moa_info(result, domain)
+        if not body.stream:
+            return _json_response({
+                **head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                             "logprobs": None, "finish_reason": result.finish_reason}],
+                "usage": _usage(result), "moa": moa,
+            })
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(delta, finish=None):
+            return {**head, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                    **extra, "moa": moa}
+
+        chunks = [chunk({"role": "assistant", "content": ""})]
+        chunks += [chunk({"content": p}) for p in _pieces(result.text)]
+        chunks.append(chunk({}, result.finish_reason))
+        if include_usage:
+            chunks.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(result),
+                           "moa": moa})
+        return _sse(chunks)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        _refuse_unsupported(body)
+        domain = server.resolve_model(body.model)
+        if isinstance(body.prompt, list) and len(body.prompt) != 1:
+            raise APIError(400, "send one prompt per request (the server batches concurrent requests)",
+                           param="prompt", code="invalid_value")
+        prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        # MoAModel.generate renders every prompt with the chat template: the prompt is one user turn.
+        messages = [{"role": "user", "content": prompt}]
+        n_prompt = server.prompt_tokens(messages, "prompt")
+        decoding = server.decoding(body, n_prompt, body.max_tokens, 16, "prompt")
+        job, future = server.job(messages, domain, decoding)
+        (result,) = await server.run(request, [job], [future])
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": body.model, "system_fingerprint": None}
+        moa = _moa_info(result, domain)
+        if not body.stream:
+            return _json_response({
+                **head, "choices": [{"index": 0, "text": result.text, "logprobs": None,
+                                     "finish_reason": result.finish_reason}],
+                "usage": _usage(result), "moa": moa,
+            })
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(text, finish=None):
+            return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                    **extra, "moa": moa}
+
+        chunks = [chunk(p) for p in _pieces(result.text)]
+        chunks.append(chunk("", result.finish_reason))
+        if include_usage:
+            chunks.append({**head, "choices": [], "usage": _usage(result), "moa": moa})
+        return _sse(chunks)
+
+    return app
+
+
+def _model_card(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "moa"}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def register(sub) -> None:
+    import os
+
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server with dynamic batching",
+        description="Serve an MoA checkpoint over HTTP with the OpenAI API: POST /v1/chat/completions "
+                    "(stream: true for server-sent events), POST /v1/completions, GET /v1/models, GET /health. "
+                    "Model 'moa' routes each request automatically; 'moa:<domain>' forces that expert. "
+                    "Concurrent requests with the same decoding parameters are decoded together.",
+    )
+    p.add_argument("--moa", required=True, help="MoA checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--api-key", default=os.environ.get("MOA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOA_API_KEY, else no key)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="most requests decoded together (default: 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="most requests waiting; beyond it clients get 503 with Retry-After (default: 64)")
+    p.add_argument("--max-new-tokens-limit", type=int, default=1024,
+                   help="largest max_tokens a request may ask for, and the chat default (default: 1024)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt accepted, in tokens (default: the model's context length)")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda, ...")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights dtype (default auto: bfloat16 on cuda, float32 on cpu)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    import torch
+    import uvicorn
+
+    from moa.model import MoAModel
+
+    for name in ("max_batch_size", "max_queue", "max_new_tokens_limit", "max_prompt_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise MoAError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise MoAError(f"--port must be in 0..65535, got {args.port}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise MoAError(f"--device: {e}") from None
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    model = MoAModel.from_pretrained(args.moa, dtype=dtype).to(device)
+    app = create_app(model, api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                     max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens)
+    if args.host not in _LOOPBACK and not args.api_key:
+        print(f"moa serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    print(f"moa serve: {args.moa} on {device} ({', '.join(model.domains)}); "
+          f"http://{args.host}:{args.port}/v1 (models: moa, moa:<domain>)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,513 @@
+"""moa serve: the OpenAI API over real HTTP (uvicorn on a loopback port) on a tiny MoA.
+
+The session server runs a 3-expert tiny MoA whose routers were fitted to separate three prompt
+kinds, so routing can be checked end to end. Queue, auth and disconnect behaviour run against a
+stand-in model whose `generate` waits on a gate, which makes the worker's state controllable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import synthetic_records
+from moa.errors import MoAError
+from moa.model import GenerationResult, MoAModel
+from moa.serve import Batcher, Decoding, Job, _pieces, create_app
+from moa.testing import make_tokenizer
+
+DOMAINS = ["math", "echo", "json"]
+# Held out from the router's training prompts (other numbers and words).
+PROMPTS = {
+    "math": ["Add 3 and 4.", "Add 17 and 29.", "Add 8 and 31."],
+    "echo": ["REPEAT: apple apple", "REPEAT: tiger tiger", "REPEAT: cloud cloud"],
+    "json": ["json key=k7", "json key=k2", "json key=k5"],
+}
+MAX_TOKENS_LIMIT = 32
+MAX_PROMPT_TOKENS = 64
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Run `app` with uvicorn in a background thread on a free loopback port; yield its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def fit_routers(model: MoAModel, steps: int = 10, lr: float = 0.2) -> None:
+    """Train only the routers (router loss of explicit routing) on the synthetic prompt kinds."""
+    records = synthetic_records(16)
+    prompts = [r.get("prompt") or r["messages"][0]["content"] for r in records]
+    tok = model.tokenizer
+    rows = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False)["input_ids"] for p in prompts]
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), tok.pad_token_id)  # (B, T) left padded, as generate pads
+    mask = torch.zeros(len(rows), T, dtype=torch.long)  # (B, T)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = torch.tensor(r), 1
+    model.set_trainable(experts=False, routers=True)
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=lr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-wide model: more threads only spin against the other tests on the CPU
+    try:
+        for _ in range(steps):
+            out = model(input_ids=ids, attention_mask=mask, domains=[r["domain"] for r in records],
+                        return_router_logits=True)
+            opt.zero_grad()
+            out.router_loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.set_trainable(experts=False, routers=False)
+
+
+@pytest.fixture(scope="session")
+def moa_dir(tmp_path_factory, tiny_base) -> Path:
+    """A saved 3-expert MoA (random q/v LoRAs, fitted routers) on the tiny base."""
+    from peft import LoraConfig, get_peft_model
+
+    from moa.base import load_base
+
+    root = tmp_path_factory.mktemp("serve")
+    dirs = []
+    for seed, domain in enumerate(DOMAINS, start=1):
+        base, _ = load_base(tiny_base)
+        torch.manual_seed(seed)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(base, config).save_pretrained(root / domain)
+        dirs.append(root / domain)
+    model = MoAModel.from_adapters(dirs, domains=DOMAINS, base=tiny_base)
+    fit_routers(model)
+    return model.save_pretrained(root / "moa")
+
+
+@pytest.fixture(scope="session")
+def served(moa_dir):
+    """(base URL, app) of the real server on the tiny MoA."""
+    model = MoAModel.from_pretrained(moa_dir)
+    app = create_app(model, max_batch_size=8, max_queue=64, max_new_tokens_limit=MAX_TOKENS_LIMIT,
+                     max_prompt_tokens=MAX_PROMPT_TOKENS)
+    with serving(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="session")
+def url(served) -> str:
+    return served[0]
+
+
+@pytest.fixture(scope="session")
+def http(url) -> httpx.Client:
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def client(url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def chat(client, content, model="moa", **kw):
+    kw.setdefault("temperature", 0)
+    kw.setdefault("max_tokens", 6)
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **kw)
+
+
+def assert_error_body(response: httpx.Response) -> dict:
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
+# --------------------------------------------------------------------------- the OpenAI API
+
+
+def test_models_and_health(client, url):
+    assert [m.id for m in client.models.list().data] == ["moa", "moa:math", "moa:echo", "moa:json"]
+    assert client.models.retrieve("moa:echo").id == "moa:echo"
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["domains"] == DOMAINS
+
+
+def test_chat_completion_routes_automatically(client):
+    r = chat(client, PROMPTS["math"][0])
+    assert r.object == "chat.completion" and r.model == "moa" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant" and isinstance(r.choices[0].message.content, str)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 6 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    moa = r.model_extra["moa"]
+    assert moa["routing"] == "vote" and moa["domain"] == "math"
+    assert set(moa["router_probs"]) == set(DOMAINS) and abs(sum(moa["router_probs"].values()) - 1) < 1e-4
+    assert max(moa["router_probs"], key=moa["router_probs"].get) == "math"
+
+
+def test_explicit_model_forces_the_expert(client):
+    prompt = PROMPTS["math"][1]
+    forced = chat(client, prompt, model="moa:echo")
+    assert forced.model == "moa:echo"
+    assert forced.model_extra["moa"] == {"domain": "echo", "router_probs": None, "routing": "explicit"}
+    # the routed request runs the math expert: same text as forcing it
+    routed, forced_math = chat(client, prompt), chat(client, prompt, model="moa:math")
+    assert routed.choices[0].message.content == forced_math.choices[0].message.content
+
+
+def test_streamed_chat_equals_the_non_streamed_reply(client, url):
+    prompt = PROMPTS["json"][0]
+    whole = chat(client, prompt, max_tokens=12)
+    chunks = list(chat(client, prompt, max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.model_extra["moa"]["domain"] == "json" for c in chunks)
+    # the wire format: server-sent events ending with [DONE]
+    body = {"model": "moa", "messages": [{"role": "user", "content": prompt}], "max_tokens": 12, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    assert "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1]) == text
+
+
+def test_completions_render_the_prompt_as_one_user_turn(client):
+    prompt = PROMPTS["echo"][0]
+    r = client.completions.create(model="moa", prompt=prompt, max_tokens=6, temperature=0)
+    assert r.object == "text_completion" and r.model_extra["moa"]["domain"] == "echo"
+    assert r.choices[0].text == chat(client, prompt).choices[0].message.content
+    ask = dict(model="moa:json", prompt=prompt, max_tokens=6, temperature=0)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**ask, stream=True))
+    assert streamed == client.completions.create(**ask).choices[0].text
+
+
+def test_stop_strings_seed_and_max_tokens_are_honoured(client):
+    prompt = PROMPTS["echo"][1]
+    full = chat(client, prompt, max_tokens=10).choices[0].message.content
+    stop = next(c for c in full[1:] if c.isascii() and c.isalnum())  # the random model's bytes hold some
+    cut = chat(client, prompt, max_tokens=10, stop=[stop, "never-there"])
+    assert cut.choices[0].message.content == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    assert chat(client, prompt, max_tokens=3).usage.completion_tokens <= 3
+    sampled = [chat(client, prompt, temperature=1.0, top_p=0.9, seed=7, max_tokens=4).choices[0].message.content
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_forty_concurrent_requests_are_batched_and_routed_right(client, served):
+    app = served[1]
+    cases = [(d, p) for d in DOMAINS for p in PROMPTS[d]]
+    alone = {p: chat(client, p, max_tokens=3).choices[0].message.content for _, p in cases}  # one at a time
+    before = dict(app.state.batcher.stats)
+    jobs = [cases[i % len(cases)] for i in range(40)]
+    with ThreadPoolExecutor(40) as pool:
+        replies = list(pool.map(lambda job: chat(client, job[1], max_tokens=3), jobs))
+    for (domain, prompt), r in zip(jobs, replies):
+        assert r.model_extra["moa"]["domain"] == domain, prompt
+        # rows of a mixed-expert batch decode exactly as they do alone
+        assert r.choices[0].message.content == alone[prompt]
+    stats = app.state.batcher.stats
+    assert stats["requests"] - before["requests"] == 40
+    assert stats["batches"] - before["batches"] < 40 and stats["max_batch"] > 1
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _chat_body(**kw):
+    body = {"model": "moa", "messages": [{"role": "user", "content": "Add 1 and 2."}], "max_tokens": 2}
+    body.update(kw)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+MALFORMED = [
+    ("invalid-json", "/v1/chat/completions", b'{"model": "moa", "messages": [', 400, None),
+    ("not-an-object", "/v1/chat/completions", b"[1, 2]", 400, None),
+    ("empty-body", "/v1/chat/completions", b"", 400, None),
+    ("missing-messages", "/v1/chat/completions", _chat_body(messages=...), 400, "messages"),
+    ("missing-model", "/v1/chat/completions", _chat_body(model=...), 400, "model"),
+    ("messages-not-a-list", "/v1/chat/completions", _chat_body(messages="hi"), 400, "messages"),
+    ("empty-messages", "/v1/chat/completions", _chat_body(messages=[]), 400, "messages"),
+    ("unknown-role", "/v1/chat/completions", _chat_body(messages=[{"role": "wizard", "content": "hi"}]), 400,
+     "messages.0.role"),
+    ("content-int", "/v1/chat/completions", _chat_body(messages=[{"role": "user", "content": 5}]), 400,
+     "messages.0.content"),
+    ("blank-content", "/v1/chat/completions", _chat_body(messages=[{"role": "user", "content": "  "}]), 400,
+     "messages"),
+    ("temperature-string", "/v1/chat/completions", _chat_body(temperature="0.5"), 400, "temperature"),
+    ("temperature-negative", "/v1/chat/completions", _chat_body(temperature=-1), 400, "temperature"),
+    ("top-p-zero", "/v1/chat/completions", _chat_body(top_p=0), 400, "top_p"),
+    ("stream-not-bool", "/v1/chat/completions", _chat_body(stream="yes"), 400, "stream"),
+    ("max-tokens-zero", "/v1/chat/completions", _chat_body(max_tokens=0), 400, "max_tokens"),
+    ("max-tokens-over-limit", "/v1/chat/completions", _chat_body(max_tokens=MAX_TOKENS_LIMIT + 1), 400, "max_tokens"),
+    ("max-tokens-huge", "/v1/chat/completions", _chat_body(max_tokens=10**40), 400, "max_tokens"),
+    ("prompt-too-long", "/v1/chat/completions",
+     _chat_body(messages=[{"role": "user", "content": "word " * MAX_PROMPT_TOKENS}]), 400, "messages"),
+    ("five-stops", "/v1/chat/completions", _chat_body(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    ("n-two", "/v1/chat/completions", _chat_body(n=2), 400, "n"),
+    ("unknown-model", "/v1/chat/completions", _chat_body(model="gpt-4"), 404, "model"),
+    ("unknown-domain", "/v1/chat/completions", _chat_body(model="moa:law"), 404, "model"),
+    ("nan-temperature", "/v1/chat/completions",
+     b'{"model": "moa", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, "temperature"),
+    ("completion-token-ids", "/v1/completions", {"model": "moa", "prompt": [1, 2, 3], "max_tokens": 2}, 400, "prompt"),
+    ("completion-two-prompts", "/v1/completions", {"model": "moa", "prompt": ["a", "b"], "max_tokens": 2}, 400,
+     "prompt"),
+    ("completion-missing-prompt", "/v1/completions", {"model": "moa", "max_tokens": 2}, 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
+def test_malformed_requests_get_an_openai_error(http, path, body, status, param):
+    if isinstance(body, bytes):
+        r = http.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = http.post(path, json=body)
+    assert r.status_code == status, r.text
+    error = assert_error_body(r)
+    if param is not None:
+        assert error["param"] == param, error
+
+
+def test_unknown_routes_answer_in_the_openai_shape(http):
+    assert_error_body(http.get("/v1/nothing-here"))
+    r = http.get("/v1/chat/completions")
+    assert r.status_code == 405 and assert_error_body(r)
+
+
+# Fuzzing: a valid request, then up to two fields replaced by junk or deleted (nested fields too).
+_junk = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+_edge = st.sampled_from([None, True, 0, -1, 0.5, 2.5, MAX_TOKENS_LIMIT + 1, 2**63, 2**64, "", "moa", [], {},
+                         [""] * 5, "\ud800"])
+_bad = _junk | _edge
+_DELETE = object()
+
+
+def _mostly(valid):
+    return st.one_of(valid, valid, valid, _bad)
+
+
+_text = st.text(max_size=12) | st.sampled_from(["Add 2 and 9.", "REPEAT: stone stone", "lone \ud800 surrogate"])
+_message = st.fixed_dictionaries(
+    {"role": _mostly(st.sampled_from(["user", "system", "assistant", "developer"])),
+     "content": _mostly(_text | st.lists(st.fixed_dictionaries({"type": _mostly(st.just("text")),
+                                                                 "text": _mostly(_text)}), max_size=2))},
+    optional={"name": _mostly(_text)},
+)
+_OPTIONAL = {
+    "temperature": st.sampled_from([0, 0.0, 0.7, 2]) | st.floats(0, 2),
+    "top_p": st.floats(0.01, 1),
+    "seed": st.integers(0, 2**63 - 1),
+    "stop": _text | st.lists(_text, max_size=4),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "n": st.just(1),
+    "user": _text,
+    "extra_field": _junk,
+}
+_FIELDS = ["model", "max_tokens", "messages", "prompt", *_OPTIONAL]
+
+
+@st.composite
+def _requests(draw):
+    path = draw(st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+    payload = {"model": draw(st.sampled_from(["moa", "moa:math", "moa:echo", "moa:json"])),
+               "max_tokens": draw(st.integers(1, 3))}  # small: a missing max_tokens means a long reply
+    if path == "/v1/chat/completions":
+        payload["messages"] = draw(st.lists(_message, min_size=1, max_size=3))
+    else:
+        payload["prompt"] = draw(_text | st.lists(_text, min_size=1, max_size=1))
+    payload.update(draw(st.fixed_dictionaries({}, optional=_OPTIONAL)))
+    for name, value in draw(st.lists(st.tuples(st.sampled_from(_FIELDS), st.just(_DELETE) | _bad), max_size=2)):
+        if value is _DELETE:
+            payload.pop(name, None)
+        else:
+            payload[name] = value
+    return path, payload
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(request=_requests())
+def test_fuzzed_requests_never_get_a_5xx(http, request):
+    path, payload = request
+    body = json.dumps(payload)  # floats may be NaN/Infinity, which Python's JSON reads back
+    r = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code < 500, (payload, r.text)
+    if r.status_code >= 400:
+        assert_error_body(r)
+    elif r.headers["content-type"].startswith("text/event-stream"):
+        assert r.text.endswith("data: [DONE]\n\n")
+    else:
+        assert r.json()["choices"] and "moa" in r.json()
+
+
+# --------------------------------------------------------------------------- queue, auth, disconnects
+
+
+class GatedModel:
+    """Stands in for MoAModel: its generate waits until `gate` is set and records what it ran."""
+
+    domains = ["a", "b"]
+
+    def __init__(self, open_gate: bool = False):
+        self.tokenizer = make_tokenizer()
+        self.gate, self.running = threading.Event(), threading.Event()
+        self.calls: list[tuple[list[str], list[str] | None, int]] = []
+        if open_gate:
+            self.gate.set()
+
+    def generate(self, prompts, routing=None, domains=None, max_new_tokens=16, **kw):
+        self.running.set()
+        assert self.gate.wait(30)
+        texts = [p[-1]["content"] for p in prompts]
+        if "bad" in texts:
+            raise MoAError("bad prompt")
+        self.calls.append((texts, None if domains is None else list(domains), max_new_tokens))
+        return [GenerationResult(text=f"re: {t}", domain=domains[i] if domains else "a",
+                                 router_probs=None if domains else {"a": 1.0, "b": 0.0}, prompt_tokens=3,
+                                 completion_tokens=2, finish_reason="stop") for i, t in enumerate(texts)]
+
+    @property
+    def seen(self) -> list[str]:
+        return [t for texts, _, _ in self.calls for t in texts]
+
+
+def _post(url, text, timeout=30.0):
+    return httpx.post(f"{url}/v1/chat/completions", timeout=timeout,
+                      json={"model": "moa", "messages": [{"role": "user", "content": text}], "max_tokens": 4})
+
+
+def _wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_full_queue_answers_503_and_a_departed_client_is_dropped():
+    fake = GatedModel()
+    app = create_app(fake, max_batch_size=1, max_queue=2)
+    depth = lambda: app.state.batcher.depth  # noqa: E731
+    with serving(app) as url, ThreadPoolExecutor(4) as pool:
+        first = pool.submit(_post, url, "A")
+        assert fake.running.wait(10)  # the worker is busy with A
+        second = pool.submit(_post, url, "B")
+        _wait_until(lambda: depth() == 1)
+        with pytest.raises(httpx.ReadTimeout):  # this client gives up while queued
+            _post(url, "gone", timeout=0.5)
+        _wait_until(lambda: depth() == 1)
+        third = pool.submit(_post, url, "C")
+        _wait_until(lambda: depth() == 2)
+        full = _post(url, "D")
+        assert full.status_code == 503 and full.headers["retry-after"] == "1"
+        assert assert_error_body(full)["code"] == "queue_full"
+        fake.gate.set()
+        assert [f.result().status_code for f in (first, second, third)] == [200, 200, 200]
+    assert fake.seen == ["A", "B", "C"]  # "gone" was never computed
+
+
+def test_api_key_is_required_on_the_api():
+    app = create_app(GatedModel(open_gate=True), api_key="sekret")
+    with serving(app) as url:
+        assert httpx.get(f"{url}/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            r = httpx.post(f"{url}/v1/chat/completions", content=b"not json", headers=headers)
+            assert r.status_code == 401 and assert_error_body(r)["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="sekret", max_retries=0)
+        r = good.chat.completions.create(model="moa:b", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert r.choices[0].message.content == "re: hi" and r.model_extra["moa"]["domain"] == "b"
+        stream = good.chat.completions.create(model="moa", messages=[{"role": "user", "content": "one two  three"}],
+                                              max_tokens=4, stream=True)
+        pieces = [c.choices[0].delta.content for c in stream][1:-1]  # between the role and the finish chunks
+        assert pieces == ["re: ", "one ", "two  ", "three"]
+
+
+@settings(max_examples=50, database=None)
+@given(st.text())
+def test_streamed_pieces_join_to_the_text(text):
+    assert "".join(_pieces(text)) == text
+
+
+def _job(text, domain=None, decoding=Decoding(16, False), out=None):
+    def done(result, error):
+        out[text] = error if error is not None else result
+
+    return Job([{"role": "user", "content": text}], domain, decoding, done)
+
+
+def test_worker_batches_compatible_requests_with_mixed_experts():
+    fake = GatedModel(open_gate=True)
+    batcher = Batcher(fake, max_batch_size=3, max_queue=16, batch_wait_ms=0)
+    out: dict = {}
+    seeded = Decoding(16, True, 0.8, 0.9, seed=3)
+    jobs = [_job("1", "a", out=out), _job("2", "b", out=out), _job("3", "a", Decoding(8, False), out=out),
+            _job("4", None, out=out), _job("5", "b", out=out), _job("6", "a", out=out),
+            _job("7", "a", seeded, out=out), _job("8", "a", seeded, out=out), _job("dropped", "a", out=out)]
+    batcher.submit(jobs)  # queued before the worker starts, so the batches are deterministic
+    batcher.cancel(jobs[-1])
+    batcher.start()
+    _wait_until(lambda: len(out) == 8)
+    batcher.close()
+    assert fake.calls == [
+        (["1", "2", "5"], ["a", "b", "b"], 16),  # different experts, one batch; capped at 3
+        (["3"], ["a"], 8),  # another max_tokens
+        (["4"], None, 16),  # routed, not explicit
+        (["6"], ["a"], 16),
+        (["7"], ["a"], 16),  # seeded sampling runs alone
+        (["8"], ["a"], 16),
+    ]
+    assert out["5"].text == "re: 5" and "dropped" not in out
+
+
+def test_a_failing_row_does_not_fail_its_batch():
+    fake = GatedModel(open_gate=True)
+    batcher = Batcher(fake, max_batch_size=4, max_queue=8, batch_wait_ms=0)
+    out: dict = {}
+    batcher.submit([_job(t, "a", out=out) for t in ("x", "bad", "y")])
+    batcher.start()
+    _wait_until(lambda: len(out) == 3)
+    batcher.close()
+    assert isinstance(out["bad"], MoAError) and out["x"].text == "re: x" and out["y"].text == "re: y"
+
+
+def test_cli_reports_user_mistakes_in_one_line(tmp_path, capsys):
+    from moa.cli import main
+
+    assert main(["serve", "--moa", str(tmp_path), "--max-batch-size", "0"]) == 2
+    assert main(["serve", "--moa", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "--max-batch-size must be >= 1" in err and "not a MoA checkpoint" in err
