@@ -154,8 +154,12 @@ def prepare_out_dir(out: Path, run_config: dict, *, resume: bool, overwrite: boo
 def start_run(out: Path, run_config: dict, *, resume: bool, overwrite: bool) -> bool:
     """Check `out` (see prepare_out_dir) and record the run's config in it at once, so that a
     run killed at any moment can be resumed. Returns whether this is the main process."""
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # the Trainer's Accelerator reuses it
+    is_main = state.is_main_process
     prepare_out_dir(out, run_config, resume=resume, overwrite=overwrite, is_main=is_main)
+    state.wait_for_everyone()  # every rank has checked OUT before rank 0 writes into it
     if is_main:
         atomic_write_json(out / "train_config.json", run_config)
     return is_main
@@ -224,7 +228,7 @@ def causal_lm_loss_sum(model, batch: dict) -> torch.Tensor:
     labels = batch["labels"]
     keep = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
     h = hidden[:, :-1][keep]  # (N, H)
-    head = model.get_output_embeddings()
+    head = getattr(model, "module", model).get_output_embeddings()  # frozen head, outside DDP's forward
     logits = head(h).float()  # (N, V)
     return torch.nn.functional.cross_entropy(logits, labels[:, 1:][keep], reduction="sum")
 
