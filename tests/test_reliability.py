@@ -231,3 +231,18 @@ def _tiny_moa(tiny_base, tmp_path):
         get_peft_model(m, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(tmp_path / d)
         dirs.append(tmp_path / d)
     return MoAModel.from_adapters(dirs)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_base, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_records(12))
+    out = tmp_path / "run"
+    cmd = _train_cmd(tiny_base, data, out, steps=400)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(out, 8, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "checkpoint saved to" in stdout and "--resume" in stdout
+    steps = [int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")]
+    assert max(steps) >= 8
