@@ -42,8 +42,8 @@ PROFILES = {
     "quick": Profile(expert_steps=16, stage2_steps=24, batch_size=4, lr=1e-3, stage2_lr=2e-4, router_lr=3e-3,
                      eta=1.0, max_length=192, eval_per_domain=10, max_new_tokens=40),
     # The comparison of docs/RESULTS.md: all baselines and ablations, and the eta sweep.
-    "full": Profile(expert_steps=30, stage2_steps=40, batch_size=4, lr=1e-3, stage2_lr=2e-4, router_lr=3e-3,
-                    eta=1.0, max_length=256, eval_per_domain=20, max_new_tokens=48, ablations=True),
+    "full": Profile(expert_steps=24, stage2_steps=32, batch_size=4, lr=1e-3, stage2_lr=2e-4, router_lr=3e-3,
+                    eta=1.0, max_length=256, eval_per_domain=16, max_new_tokens=40, ablations=True),
 }
 
 

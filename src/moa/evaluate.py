@@ -213,7 +213,6 @@ def evaluate_system(system: System, records, tok, *, batch_size: int = 8, max_le
     rows = score_examples(system.forward, examples, tok.pad_token_id, batch_size, progress, desc=f"{system.name} ppl")
     ppl = summarize(rows)
     result: dict = {}
-    routed_right = []
     gens: list[tuple[str, str | None]] = [("", None)] * len(records)
     if generate:
         prompts = [r.prompt_messages for r in records]

@@ -194,6 +194,29 @@ def router_loss_terms(router_logits, domain_ids, global_rows: int):
     return ce / global_rows, correct
 
 
+def stage2_loss(m, batch: dict, *, eta: float, train_routers: bool = True) -> tuple[torch.Tensor, dict]:
+    """The stage-2 loss of one micro-batch: LM loss + eta * router loss, and the metrics logged.
+
+    `m` is the MoAModel (possibly wrapped for data parallelism); every row uses its label's
+    expert (explicit routing). Sums are divided by the global batch's token / row counts.
+    """
+    from moa.trainer import lm_loss_sum
+
+    dom = batch["domain_ids"]
+    o = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], domain_ids=dom,
+          prompt_mask=batch["prompt_mask"], routing="explicit", return_router_logits=train_routers)
+    lm = lm_loss_sum(o.logits, batch["labels"]) / batch["global_tokens"]
+    if not train_routers:
+        return lm, {"loss": lm.detach(), "lm_loss": lm.detach()}
+    rl, correct = router_loss_terms(o.router_logits, dom, batch["global_rows"])
+    loss = lm + eta * rl if eta > 0 else lm + 0.0 * rl
+    metrics = {"loss": loss.detach(), "lm_loss": lm.detach(), "router_loss": rl.detach(),
+               "router_acc": sum(correct).float() / (len(correct) * batch["global_rows"])}
+    for i, c in enumerate(correct):
+        metrics[f"router_acc_l{i}"] = c.float() / batch["global_rows"]
+    return loss, metrics
+
+
 def train_mixture(
     *,
     moa_dir: str | Path,
@@ -223,7 +246,7 @@ def train_mixture(
     """
     from moa.data import DomainBalancedSampler
     from moa.model import MoAModel
-    from moa.trainer import Trainer, TrainConfig, lm_loss_sum, start_run, write_run_files
+    from moa.trainer import Trainer, TrainConfig, start_run, write_run_files
 
     cfg = cfg or TrainConfig(lr=1e-4)
     if init not in ("experts", "random"):
@@ -281,19 +304,7 @@ def train_mixture(
                 p.copy_(t[n])
 
     def loss_fn(m, batch):
-        dom = batch["domain_ids"]
-        o = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], domain_ids=dom,
-              prompt_mask=batch["prompt_mask"], routing="explicit", return_router_logits=train_routers)
-        lm = lm_loss_sum(o.logits, batch["labels"]) / batch["global_tokens"]
-        if not train_routers:
-            return lm, {"loss": lm.detach(), "lm_loss": lm.detach()}
-        rl, correct = router_loss_terms(o.router_logits, dom, batch["global_rows"])
-        loss = lm + eta * rl if eta > 0 else lm + 0.0 * rl
-        metrics = {"loss": loss.detach(), "lm_loss": lm.detach(), "router_loss": rl.detach(),
-                   "router_acc": sum(correct).float() / (len(correct) * batch["global_rows"])}
-        for i, c in enumerate(correct):
-            metrics[f"router_acc_l{i}"] = c.float() / batch["global_rows"]
-        return loss, metrics
+        return stage2_loss(m, batch, eta=eta, train_routers=train_routers)
 
     trainer = Trainer(
         model=model, params=groups, examples=examples, sampler=sampler, loss_fn=loss_fn, cfg=cfg, out=out,
