@@ -16,11 +16,14 @@ and zero stays zero under SGD/Adam/AdamW (weight decay included).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+_DENSE_DECODE = True  # dev switch, to be removed
 
 
 @dataclass
@@ -33,6 +36,8 @@ class ExpertChoice:
     """The expert (or -1) when every row uses the same one: enables the plain-matmul path."""
     rows: Tensor | None
     """(B',) long: the rows that use an expert, when some rows are base only; else None."""
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+    """Per (module, kind), the expert weights this choice needs (filled only without autograd)."""
 
     @classmethod
     def of(cls, index: Tensor) -> "ExpertChoice":
@@ -111,19 +116,21 @@ class MoLoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, in) -> (B, T, out)."""
-        result = self.base_layer(x)  # (B, T, out)
-        slot = self.slot
-        if self.num_experts == 0 or (slot.choice is None and slot.weights is None):
-            return result
-        A, B = self._expert_weights()  # (E, r, in), (E, out, r)
-        xd = self.dropout(x).to(A.dtype)  # (B, T, in)
-        if slot.weights is not None:
-            delta = self._soft(xd, slot.weights, A, B)
+        base = self.base_layer
+        if type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks):
+            result = F.linear(x, base.weight, base.bias)  # (B, T, out); skips a module call per token
         else:
-            delta = self._hard(xd, slot.choice, A, B)
-            if delta is None:
-                return result
-        return result + delta.to(result.dtype)
+            result = base(x)
+        slot = self.slot
+        if not self.ranks or (slot.choice is None and slot.weights is None):
+            return result
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            x = self.dropout(x)
+        x = x.to(self.lora_A.dtype)  # (B, T, in)
+        if slot.weights is not None:
+            A, B = self._expert_weights()  # (E, r, in), (E, out, r)
+            return result + self._soft(x, slot.weights, A, B).to(result.dtype)
+        return self._hard(x, slot.choice, result)
 
     def _expert_weights(self) -> tuple[Tensor, Tensor]:
         if self.trainable_mask is None:
@@ -132,30 +139,79 @@ class MoLoRALinear(nn.Module):
         m = self.trainable_mask[:, None, None]  # (E, 1, 1)
         return torch.where(m, self.lora_A, self.lora_A.detach()), torch.where(m, self.lora_B, self.lora_B.detach())
 
-    def _hard(self, x: Tensor, choice: ExpertChoice, A: Tensor, B: Tensor) -> Tensor | None:
-        """Top-1 per row; computes only the expert each row uses. Returns None for base only."""
-        if choice.single is not None:
-            e = choice.single
-            if e < 0 or self.ranks[e] == 0:
-                return None
-            r = self.ranks[e]
-            h = F.linear(x, A[e, :r])  # (B, T, r)
-            return F.linear(h, B[e, :, :r]) * self.scaling[e]  # (B, T, out)
-        index = choice.index
+    def _hard(self, x: Tensor, choice: ExpertChoice, result: Tensor) -> Tensor:
+        """result + each row's own expert applied to x: x (B, T, in), result (B, T, out).
+
+        Computes only the expert each row uses. The delta is accumulated into `result` in place
+        (one pass over the output instead of three for delta, scaled delta and sum), which is safe
+        under autograd: the base linear does not save its output for backward.
+        """
+        e = choice.single
+        if e is not None and (e < 0 or self.ranks[e] == 0):
+            return result
+        if e is not None:  # every row uses expert e: plain matmuls
+            A, Bt = self._routed_weights(choice, "single")  # (r, in), (r, out)
+            return _add_matmul(result, F.linear(x, A), Bt)
         if choice.rows is not None:  # some rows are base only: compute the others
             rows = choice.rows  # (B',)
-            delta = self._gathered(x.index_select(0, rows), index.index_select(0, rows), A, B)  # (B', T, out)
-            out = delta.new_zeros(x.shape[0], *delta.shape[1:])  # (B, T, out)
-            return out.index_copy(0, rows, delta)
-        return self._gathered(x, index, A, B)
+            A, Bt = self._routed_weights(choice, "rows")  # (B', r, in), (B', r, out)
+            h = torch.bmm(x.index_select(0, rows), A.transpose(1, 2))  # (B', T, r)
+            return result.index_add_(0, rows, torch.bmm(h, Bt.to(h.dtype)).to(result.dtype))
+        if x.shape[1] == 1 and x.shape[0] > self.num_experts and _DENSE_DECODE:
+            # One token per row (a decoding step) costs what it reads, not its FLOPs: read every
+            # expert once (E*r rows of A and B) rather than one copy per row (B*r), and zero the
+            # rank blocks of the experts a row does not use before B (exact zeros in the sum).
+            A, Bt, mask = self._routed_weights(choice, "dense")  # (E*r, in), (E*r, out), (B, 1, E*r)
+            return _add_matmul(result, F.linear(x, A) * mask, Bt)
+        A, Bt = self._routed_weights(choice, "rows")  # (B, r, in), (B, r, out)
+        h = torch.bmm(x, A.transpose(1, 2))  # (B, T, r)
+        return _add_bmm(result, h, Bt)
 
-    def _gathered(self, x: Tensor, index: Tensor, A: Tensor, B: Tensor) -> Tensor:
-        """x: (B, T, in), index: (B,) all >= 0 -> (B, T, out); batched matmul, no loop over rows."""
-        A_rows = A.index_select(0, index)  # (B, r, in)
-        B_rows = B.index_select(0, index)  # (B, out, r)
-        h = torch.bmm(x, A_rows.transpose(1, 2))  # (B, T, r)
-        delta = torch.bmm(h, B_rows.transpose(1, 2))  # (B, T, out)
-        return delta * self.scaling.index_select(0, index)[:, None, None]
+    def _routed_weights(self, choice: ExpertChoice, kind: str) -> tuple[Tensor, ...]:
+        """The expert weights a choice needs, with the scaling folded into B (the small side).
+
+        kind "single" (every row uses expert e): (A_e (r, in), scaling_e * B_e^T (r, out)),
+        unpadded. "rows": each routed row's (A (B', r, in), scaling * B^T (B', r, out)).
+        "dense": every expert, (A (E*r, in), scaling * B^T (E*r, out), the 0/1 mask of each row's
+        rank block (B, 1, E*r)). Without autograd (generation) they are kept on the choice:
+        decoding reuses one choice for every token, so each module builds them once per generate
+        call instead of once per token.
+        """
+        cacheable = not torch.is_grad_enabled()
+        if cacheable:
+            hit = choice.cache.get((self, kind))
+            if hit is not None and self._unchanged_since(hit[0]):
+                return hit[1]
+        A, B = self._expert_weights()  # (E, r, in), (E, out, r)
+        if kind == "single":
+            e = choice.single
+            r = self.ranks[e]
+            out = A[e, :r], (B[e, :, :r] * self.scaling[e]).t().contiguous()  # (r, in), (r, out)
+        elif kind == "rows":
+            index = choice.index if choice.rows is None else choice.index.index_select(0, choice.rows)  # (B',)
+            scale = self.scaling.index_select(0, index)[:, None, None]  # (B', 1, 1)
+            Bt = (B.index_select(0, index) * scale).transpose(1, 2).contiguous()  # (B', r, out)
+            out = A.index_select(0, index), Bt  # (B', r, in), (B', r, out)
+        else:
+            E, r, _ = A.shape
+            Bt = (B * self.scaling[:, None, None]).transpose(1, 2).reshape(E * r, self.out_features)  # (E*r, out)
+            mask = F.one_hot(choice.index, E).to(A.dtype).repeat_interleave(r, dim=1)[:, None, :]  # (B, 1, E*r)
+            out = A.reshape(E * r, self.in_features), Bt, mask
+        if cacheable:
+            choice.cache[(self, kind)] = (self._weights_state(), out)
+        return out
+
+    def _weights_state(self) -> tuple:
+        """The expert tensors themselves (held, so identity is meaningful) and their versions."""
+        A, B, s = self._parameters["lora_A"], self._parameters["lora_B"], self._buffers["scaling"]
+        return A, B, s, A._version, B._version, s._version
+
+    def _unchanged_since(self, state: tuple) -> bool:
+        """Whether the expert weights are the same tensors, not updated in place since `state`."""
+        A, B, s, vA, vB, vs = state
+        p = self._parameters
+        return (A is p["lora_A"] and B is p["lora_B"] and s is self._buffers["scaling"]
+                and vA == A._version and vB == B._version and vs == s._version)
 
     def _soft(self, x: Tensor, weights: Tensor, A: Tensor, B: Tensor) -> Tensor:
         """Soft mixture: sum_e weights[..., e] * scaling[e] * B[e] A[e] x, in two matmuls."""
@@ -243,3 +299,18 @@ class MoLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(B, requires_grad=requires_grad)
         self.scaling = scaling
         self.ranks = ranks
+
+
+def _add_matmul(result: Tensor, h: Tensor, Bt: Tensor) -> Tensor:
+    """result + h @ Bt. result: (..., out), h: (..., r), Bt: (r, out); in place when possible."""
+    if result.dtype == h.dtype == Bt.dtype and result.is_contiguous():
+        result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), Bt)
+        return result
+    return result + torch.matmul(h, Bt).to(result.dtype)  # e.g. bf16 base or autocast
+
+
+def _add_bmm(result: Tensor, h: Tensor, Bt: Tensor) -> Tensor:
+    """result + h @ Bt per row. result: (B, T, out), h: (B, T, r), Bt: (B, r, out); in place when possible."""
+    if result.dtype == h.dtype == Bt.dtype:
+        return result.baddbmm_(h, Bt)
+    return result + torch.bmm(h, Bt.to(h.dtype)).to(result.dtype)

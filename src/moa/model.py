@@ -59,6 +59,8 @@ class MoAOutput:
     """Mean over layers of CE(router logits, expert ids) (rows -1 ignored): explicit routing +
     return_router_logits. The stage-2 loss is `loss + model.eta * router_loss`."""
     past_key_values: Any = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    """(B, T, H) per layer input and the final normed output, when output_hidden_states=True."""
 
 
 @dataclass
@@ -136,7 +138,9 @@ class MoAModel(nn.Module):
         """{module path in base_model: MoLoRALinear}, in model order (a plain dict, not registered twice)."""
         hidden = base_model.config.get_text_config().hidden_size
         self.routers = nn.ModuleList(LayerRouter(hidden) for _ in layers)
-        self._cache_kw = "cache" if "cache" in inspect.signature(base_model.forward).parameters else "past_key_values"
+        forward_params = inspect.signature(base_model.forward).parameters
+        self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
+        self._keep_last = "logits_to_keep" in forward_params  # generation needs the last position only
         self.eval()
 
     # ------------------------------------------------------------------ properties
@@ -501,7 +505,7 @@ class MoAModel(nn.Module):
         return MoAOutput(
             logits=logits, expert_ids=expert_ids, domains=self._names(expert_ids), router_probs=probs,
             router_logits=logits_per_layer, loss=loss, router_loss=r_loss,
-            past_key_values=_cache_of(out),
+            past_key_values=_cache_of(out), hidden_states=getattr(out, "hidden_states", None),
         )
 
     def _run(self, state: RoutingState, base_kwargs: dict):
@@ -623,17 +627,27 @@ class MoAModel(nn.Module):
         input_ids, attention_mask = self._encode_prompts(prompts)  # (B, T) left padded
         B = input_ids.shape[0]
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        probs = None
+        probs, first = None, None
         if routing == "explicit":
             per_row = self._expert_ids(domains, None, B)  # (B,)
             fixed = per_row
         else:
-            per_row, probs, logits = self._route(input_ids, attention_mask, attention_mask.bool(), position_ids,
-                                                 routing)
-            # layer: each layer keeps its own router's choice on the prompt (L, B)
-            fixed = torch.stack([l.argmax(-1) for l in logits]) if routing == "layer" else per_row
+            # One prefill routes (every layer's router reads the prompt, each layer uses its own
+            # top-1) and fills the KV cache. Where every layer chose the row's final expert, as
+            # trained routers nearly always do, it is exactly the prefill of that decision and
+            # decoding continues from it; otherwise the prompt is run again with the decision.
+            self._check_pool_mask(attention_mask.bool())
+            state = RoutingState("layer", pool_mask=attention_mask.bool())
+            with self.routing(state):
+                out = self.base_model(**self._step_kwargs(input_ids, attention_mask, position_ids, None))
+            per_row, probs = decide(state.logits, routing)
+            layer_choice = torch.stack(state.decisions)  # (L, B): each layer's own choice
+            # layer: each layer keeps its own router's choice on the prompt
+            fixed = layer_choice if routing == "layer" else per_row
+            if routing == "layer" or bool((layer_choice == per_row).all()):
+                first = (out.logits[:, -1], _cache_of(out))
         tokens, lengths, stopped = self._decode(input_ids, attention_mask, position_ids, fixed, max_new_tokens,
-                                                do_sample, temperature, top_p, seed, stops)
+                                                do_sample, temperature, top_p, seed, stops, first)
         names = self._names(per_row)
         prompt_lens = attention_mask.sum(1).tolist()
         results = []
@@ -681,10 +695,21 @@ class MoAModel(nn.Module):
         ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
         return torch.tensor(sorted(i for i in ids if i is not None), dtype=torch.long, device=self.device)
 
+    def _step_kwargs(self, input_ids: Tensor, mask: Tensor, position_ids: Tensor, cache) -> dict:
+        """Base-model arguments of one generation step: logits of the last position only."""
+        kwargs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "use_cache": True}
+        if self._keep_last:
+            kwargs["logits_to_keep"] = 1
+        if cache is not None:
+            kwargs[self._cache_kw] = cache
+        return kwargs
+
     def _decode(self, input_ids, attention_mask, position_ids, fixed, max_new_tokens, do_sample, temperature,
-                top_p, seed, stops) -> tuple[Tensor, list[int], list[bool]]:
+                top_p, seed, stops, first=None) -> tuple[Tensor, list[int], list[bool]]:
         """Token-by-token decoding with the experts fixed per row (and per layer for `layer`).
 
+        `first`: (last-position logits (B, V), KV cache) of a prefill already run with exactly
+        these experts, or None to run it here.
         Returns (tokens (B, N), completion length per row, whether each row stopped early).
         """
         B = input_ids.shape[0]
@@ -698,12 +723,12 @@ class MoAModel(nn.Module):
         step_ids, step_pos, mask, cache = input_ids, position_ids, attention_mask, None
         with self.routing(RoutingState("fixed", fixed)):
             for step in range(max_new_tokens):
-                kwargs = {"input_ids": step_ids, "attention_mask": mask, "position_ids": step_pos, "use_cache": True}
-                if cache is not None:
-                    kwargs[self._cache_kw] = cache
-                out = self.base_model(**kwargs)
-                cache = _cache_of(out)
-                nxt = _next_token(out.logits[:, -1], do_sample, temperature, top_p, generator)  # (B,)
+                if step == 0 and first is not None:
+                    last_logits, cache = first
+                else:
+                    out = self.base_model(**self._step_kwargs(step_ids, mask, step_pos, cache))
+                    last_logits, cache = out.logits[:, -1], _cache_of(out)  # (B, V)
+                nxt = _next_token(last_logits, do_sample, temperature, top_p, generator)  # (B,)
                 nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)  # (B,)
                 out_tokens.append(nxt)
                 done = ~finished & torch.isin(nxt, eos)  # (B,)

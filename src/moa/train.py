@@ -200,12 +200,16 @@ def stage2_loss(m, batch: dict, *, eta: float, train_routers: bool = True) -> tu
     `m` is the MoAModel (possibly wrapped for data parallelism); every row uses its label's
     expert (explicit routing). Sums are divided by the global batch's token / row counts.
     """
-    from moa.trainer import lm_loss_sum
+    from moa.trainer import label_loss_sum
 
     dom = batch["domain_ids"]
+    # The vocabulary projection runs on the label positions only, as in stage 1 (logits_to_keep=1
+    # skips it in the model; the frozen head is applied here outside any DDP wrapper).
     o = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], domain_ids=dom,
-          prompt_mask=batch["prompt_mask"], routing="explicit", return_router_logits=train_routers)
-    lm = lm_loss_sum(o.logits, batch["labels"]) / batch["global_tokens"]
+          prompt_mask=batch["prompt_mask"], routing="explicit", return_router_logits=train_routers,
+          output_hidden_states=True, logits_to_keep=1)
+    head = getattr(m, "module", m).base_model.get_output_embeddings()
+    lm = label_loss_sum(head, o.hidden_states[-1], batch["labels"]) / batch["global_tokens"]
     if not train_routers:
         return lm, {"loss": lm.detach(), "lm_loss": lm.detach()}
     rl, correct = router_loss_terms(o.router_logits, dom, batch["global_rows"])

@@ -224,12 +224,16 @@ def causal_lm_loss_sum(model, batch: dict) -> torch.Tensor:
     projection only at positions that have a label (most tokens are prompt or padding)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
                 output_hidden_states=True, use_cache=False)
-    hidden = out.hidden_states[-1]  # (B, T, H), final norm applied
-    labels = batch["labels"]
-    keep = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
-    h = hidden[:, :-1][keep]  # (N, H)
     head = getattr(model, "module", model).get_output_embeddings()  # frozen head, outside DDP's forward
-    logits = head(h).float()  # (N, V)
+    return label_loss_sum(head, out.hidden_states[-1], batch["labels"])
+
+
+def label_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the label tokens, with the vocabulary projection
+    `head` run only at the positions that have a label. hidden (B,T,H) after the final norm,
+    labels (B,T) with -100 on ignored tokens."""
+    keep = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+    logits = head(hidden[:, :-1][keep]).float()  # (N, V)
     return torch.nn.functional.cross_entropy(logits, labels[:, 1:][keep], reduction="sum")
 
 

@@ -1,0 +1,411 @@
+"""Speed targets of moa, each a ratio against its baseline measured in this one process.
+
+    python benchmarks/run.py --quick                  # a few minutes: 3 repeats, 16 new tokens
+    python benchmarks/run.py --repeats 9 --out benchmarks/results.json
+
+Shapes (the issue contract): the embedded SmolLM2-135M, 4 experts, r=8 on all 7 projections,
+batch 8 x 128 tokens, float32. The experts are random PEFT LoRAs (`init_lora_weights=False`,
+so they differ) written to a temp dir and assembled with `MoAModel.from_adapters`.
+
+Every target runs its variants interleaved (the order rotates every repeat) after one warm-up
+call each, and reports the ratio of the minima, of the medians and of the maxima: this 2-core
+machine is shared, so the minimum is the best estimate of the cost and the median shows how
+noisy the run was. Peak RSS is measured in fresh subprocesses (one per variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DOMAINS = ["finance", "medicine", "code", "math"]
+PROMPTS = [  # two per domain; generation routes each to its domain's expert (see fit_routers)
+    ("finance", "What is an exchange-traded fund?"),
+    ("medicine", "What are the symptoms of anaemia?"),
+    ("code", "Write a Python function that reverses a string."),
+    ("math", "What is 17 times 23?"),
+    ("finance", "Explain compound interest in two sentences."),
+    ("medicine", "How does a vaccine train the immune system?"),
+    ("code", "What does the SQL keyword JOIN do?"),
+    ("math", "Solve 3x + 5 = 20 for x."),
+]
+BATCH, SEQ, RANK, ALPHA = 8, 128, 8, 16
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def cpu_info() -> dict:
+    name, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": name, "cores": os.cpu_count(), "avx512f": "avx512f" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_adapters(root: Path, n: int = 4) -> list[Path]:
+    """n random PEFT LoRA adapters (r=8, alpha=16, all 7 projections) on the embedded base."""
+    from peft import LoraConfig, get_peft_model
+
+    from moa.base import load_base
+
+    base, _ = load_base("smollm2-135m")
+    dirs = []
+    for e in range(n):
+        torch.manual_seed(1000 + e)
+        cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights=False,
+                         task_type="CAUSAL_LM")
+        pm = get_peft_model(base, cfg)
+        pm.peft_config["default"].base_model_name_or_path = "smollm2-135m"
+        pm.save_pretrained(root / DOMAINS[e])
+        dirs.append(root / DOMAINS[e])
+        base = pm.unload()
+    return dirs
+
+
+def peft_mixed_model(dirs: list[Path]):
+    """A PeftModel with every adapter loaded, for PEFT's own mixed batches (`adapter_names`)."""
+    from peft import PeftModel
+
+    from moa.base import load_base
+
+    base, _ = load_base("smollm2-135m")
+    pm = PeftModel.from_pretrained(base, str(dirs[0]), adapter_name=dirs[0].name)
+    for d in dirs[1:]:
+        pm.load_adapter(str(d), adapter_name=d.name)
+    return pm.eval()
+
+
+def peft_train_model(adapter: Path):
+    """A trainable single-LoRA PeftModel: what stage 1 (`moa train-expert`) trains."""
+    from peft import PeftModel
+
+    from moa.base import load_base
+
+    base, _ = load_base("smollm2-135m")
+    return PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+
+
+def train_batch(vocab: int, seed: int = 0) -> dict:
+    """A mixed-domain batch of 8 x 128 tokens: a 64-token prompt, then 64 label tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, vocab, (BATCH, SEQ), generator=g)  # (B, T)
+    labels = ids.clone()
+    labels[:, : SEQ // 2] = -100
+    prompt = torch.zeros(BATCH, SEQ, dtype=torch.bool)
+    prompt[:, : SEQ // 2] = True
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+            "prompt_mask": prompt, "domain_ids": torch.arange(BATCH) % len(DOMAINS),
+            "global_tokens": int((labels[:, 1:] != -100).sum()), "global_rows": BATCH}
+
+
+def fit_routers(moa, input_ids, attention_mask, domain_ids) -> None:
+    """Set every layer's router so that vote routing picks `domain_ids` on these prompts.
+
+    Least squares (exact here: 8 prompts, 577 unknowns) on the pooled inputs that every layer
+    sees under explicit routing; with all routers right, layer-mode routing passes through the
+    same hidden states, so each router sees what it was fitted on.
+    """
+    from moa.router import LayerRouter, RoutingState
+
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), moa.routing(RoutingState("fixed", domain_ids)):
+        out = moa.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             output_hidden_states=True, use_cache=False)
+    target = torch.nn.functional.one_hot(domain_ids, moa.num_experts).double() * 8.0 - 4.0  # (B, E)
+    for i, router in enumerate(moa.routers):
+        pooled = LayerRouter.pool(out.hidden_states[i], attention_mask.bool()).double()  # (B, H)
+        X = torch.cat([pooled, torch.ones(len(pooled), 1, dtype=torch.float64)], 1)  # (B, H + 1)
+        sol = torch.linalg.lstsq(X, target, driver="gelsd").solution  # (H + 1, E)
+        with torch.no_grad():
+            router.weight.copy_(sol[:-1].T.float())
+            router.bias.copy_(sol[-1].float())
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def peft_loss(model, batch):
+    """Stage 1's loss (moa.train.train_expert): label positions only through the LM head."""
+    from moa.trainer import causal_lm_loss_sum
+
+    return causal_lm_loss_sum(model, batch) / batch["global_tokens"]
+
+
+def stage2_loss(model, batch):
+    """Stage 2's loss, exactly as `moa train` computes it (moa.train.stage2_loss)."""
+    from moa.train import stage2_loss as loss_fn
+
+    return loss_fn(model, batch, eta=1.0)[0]
+
+
+class TrainStep:
+    """One optimizer step as `moa.trainer.Trainer` runs it: loss, backward, clip, AdamW, zero."""
+
+    def __init__(self, model, loss_fn, params, bf16: bool = False):
+        self.model, self.loss_fn, self.params, self.bf16 = model, loss_fn, list(params), bf16
+        self.opt = torch.optim.AdamW(self.params, lr=1e-5, weight_decay=0.0)
+
+    def __call__(self, batch) -> float:
+        self.model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.loss_fn(self.model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def interleave(fns: dict[str, Callable[[], object]], repeats: int, label: str) -> dict[str, list[float]]:
+    """Seconds per call of each fn: one warm-up call each, then `repeats` rounds in rotating order."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for n in names:
+        fns[n]()
+    for rep in range(repeats):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for n in order:
+            gc.collect()
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+        print(f"  {label} {rep + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names),
+              flush=True)
+    return times
+
+
+def ratio_row(name: str, num: list[float], den: list[float], limit: float, note: str = "",
+              higher_is_better: bool = False) -> dict:
+    """Ratios of minima, medians, maxima of num/den (or den/num for a throughput ratio)."""
+    stats = [min, statistics.median, max]
+    if higher_is_better:  # throughput = work / time: ratio of throughputs = den_time / num_time
+        vals = [f(den) / f(num) for f in stats]
+        ok = vals[0] >= limit
+    else:
+        vals = [f(num) / f(den) for f in stats]
+        ok = vals[0] <= limit
+    return {"target": name, "min": vals[0], "median": vals[1], "max": vals[2],
+            "limit": ("≥ " if higher_is_better else "≤ ") + f"{limit:g}", "pass": ok, "note": note,
+            "num_s": {"min": min(num), "median": statistics.median(num)},
+            "den_s": {"min": min(den), "median": statistics.median(den)}}
+
+
+# --------------------------------------------------------------------------- peak RSS (subprocess)
+
+
+def rss_child(kind: str, adapters: list[Path], steps: int) -> None:
+    """Run `steps` training steps of one kind in this fresh process; print peak RSS (MiB) as JSON."""
+    from moa.base import load_base
+
+    torch.manual_seed(0)
+    batch = train_batch(49152)
+    if kind == "stage2":
+        from moa.model import MoAModel
+
+        model = MoAModel.from_adapters(adapters)
+        model.set_trainable(experts=True, routers=True)
+        step = TrainStep(model, stage2_loss, model.trainable_parameters())
+    else:
+        model = peft_train_model(adapters[0])
+        step = TrainStep(model, peft_loss, [p for p in model.parameters() if p.requires_grad])
+    del load_base
+    for _ in range(steps):
+        step(batch)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"kind": kind, "peak_rss_mib": peak_kib / 1024}))
+
+
+def measure_rss(kind: str, adapters: list[Path], steps: int) -> float:
+    cmd = [sys.executable, __file__, "--rss-child", kind, "--rss-steps", str(steps),
+           "--adapters", *map(str, adapters)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="3 repeats, 16 new tokens, 2 RSS steps")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per target (default 9; quick 3)")
+    p.add_argument("--new-tokens", type=int, default=None, help="generated tokens per prompt (default 64; quick 16)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice); 1 is steadier on a shared machine")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--only", default=None,
+                   help="comma-separated subset of: forward, train, bf16, generate, rss")
+    p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--rss-steps", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--adapters", nargs="*", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.rss_child:
+        rss_child(args.rss_child, [Path(a) for a in args.adapters], args.rss_steps)
+        return 0
+    import transformers
+
+    from moa.base import load_base
+    from moa.model import MoAModel
+    from moa.trainer import bf16_supported, resolve_bf16
+
+    repeats = args.repeats or (3 if args.quick else 9)
+    new_tokens = args.new_tokens or (16 if args.quick else 64)
+    rss_steps = 2 if args.quick else 3
+    parts = set((args.only or "forward,generate,train,bf16,rss").split(","))
+    cpu = cpu_info()
+    env = {"cpu": cpu, "torch": torch.__version__, "transformers": transformers.__version__,
+           "threads": torch.get_num_threads(), "bf16_supported": bf16_supported(),
+           "trainer_auto_bf16": resolve_bf16(None), "repeats": repeats, "new_tokens": new_tokens}
+    print(f"cpu: {cpu['model']} ({cpu['cores']} cores, avx512_bf16={cpu['avx512_bf16']}, amx_bf16={cpu['amx_bf16']})")
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
+          f"repeats={repeats}, new tokens={new_tokens}")
+    rows: list[dict] = []
+
+    with tempfile.TemporaryDirectory(prefix="moa-bench-") as tmp:
+        adapters = build_adapters(Path(tmp))
+        moa = MoAModel.from_adapters(adapters)
+        tok = moa.tokenizer
+        batch = train_batch(moa.base_model.config.vocab_size)
+        ids, mask, dom = batch["input_ids"], batch["attention_mask"], batch["domain_ids"]
+
+        if parts & {"forward", "generate"}:
+            base, _ = load_base("smollm2-135m")
+        if "forward" in parts:
+            peft = peft_mixed_model(adapters)
+            names = [DOMAINS[i] for i in dom.tolist()]
+            print(f"forward: batch {BATCH} x {SEQ}, experts per row {dom.tolist()}", flush=True)
+
+            @torch.no_grad()
+            def f_base():
+                return base(input_ids=ids, attention_mask=mask).logits
+
+            @torch.no_grad()
+            def f_moa():
+                return moa(ids, mask, domain_ids=dom).logits
+
+            @torch.no_grad()
+            def f_peft():
+                return peft(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+
+            with torch.no_grad():  # same function on both sides: PEFT's mixed batch == MoA's
+                torch.testing.assert_close(f_moa(), f_peft(), rtol=1e-3, atol=1e-3)
+            t = interleave({"base": f_base, "moa": f_moa, "peft": f_peft}, repeats, "forward")
+            rows.append(ratio_row("mixed forward: MoA / base", t["moa"], t["base"], 1.05,
+                                  "explicit routing, 4 experts in the batch"))
+            rows.append(ratio_row("mixed forward: MoA / PEFT adapter_names", t["moa"], t["peft"], 0.85,
+                                  "PeftModel with 4 adapters"))
+            del peft
+            gc.collect()
+
+        if "generate" in parts:
+            prompts = [text for _, text in PROMPTS]
+            want = torch.tensor([DOMAINS.index(d) for d, _ in PROMPTS])
+            p_ids, p_mask = moa._encode_prompts(prompts)  # (8, T) left padded, chat template
+            fit_routers(moa, p_ids, p_mask, want)
+            routed, _ = moa.route(p_ids, p_mask, "vote")
+            print(f"generate: 8 prompts x {new_tokens} new tokens; vote routing chose {routed.tolist()} "
+                  f"(wanted {want.tolist()})", flush=True)
+            # Both sides produce exactly new_tokens tokens per row: HF via min_new_tokens; MoA by
+            # making no token an end-of-turn token for this benchmark.
+            moa._eos_ids = lambda: torch.tensor([-1])
+            pad = tok.pad_token_id
+
+            def g_base():
+                out = base.generate(input_ids=p_ids, attention_mask=p_mask, max_new_tokens=new_tokens,
+                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+                assert out.shape[1] == p_ids.shape[1] + new_tokens
+                return out
+
+            def g_moa():
+                res = moa.generate(prompts, routing="vote", max_new_tokens=new_tokens)
+                assert all(r.completion_tokens == new_tokens for r in res)
+                return res
+
+            t = interleave({"base": g_base, "moa": g_moa}, repeats, "generate")
+            rows.append(ratio_row("routed generation tokens/s: MoA vote / base HF generate", t["moa"], t["base"],
+                                  0.9, f"8 prompts, 4 experts, {new_tokens} new tokens, greedy",
+                                  higher_is_better=True))
+            tps = BATCH * new_tokens
+            print(f"  tokens/s: base {tps / min(t['base']):.1f}, MoA {tps / min(t['moa']):.1f} (best runs)")
+            del moa._eos_ids
+
+        if parts & {"forward", "generate"}:
+            del base
+            gc.collect()
+
+        if parts & {"train", "bf16"}:
+            moa.set_trainable(experts=True, routers=True)
+            s_fp32 = TrainStep(moa, stage2_loss, moa.trainable_parameters())
+        if "train" in parts:
+            peft_t = peft_train_model(adapters[0])
+            s_peft = TrainStep(peft_t, peft_loss, [p for p in peft_t.parameters() if p.requires_grad])
+            print(f"train: stage 2 ({sum(p.numel() for p in s_fp32.params) / 1e6:.2f}M trainable) vs PEFT "
+                  f"single LoRA ({sum(p.numel() for p in s_peft.params) / 1e6:.2f}M)", flush=True)
+            t = interleave({"stage2": lambda: s_fp32(batch), "peft": lambda: s_peft(batch)}, repeats, "train")
+            rows.append(ratio_row("train step: stage 2 / PEFT single LoRA", t["stage2"], t["peft"], 1.05,
+                                  "mixed batch, explicit routing, router loss, backward, AdamW"))
+            del peft_t, s_peft
+            gc.collect()
+        if "bf16" in parts:
+            s_bf16 = TrainStep(moa, stage2_loss, moa.trainable_parameters(), bf16=True)
+            s_bf16.opt = s_fp32.opt
+            n = max(3, repeats // 3) if not bf16_supported() else repeats
+            t = interleave({"bf16": lambda: s_bf16(batch), "fp32": lambda: s_fp32(batch)}, n, "bf16")
+            auto = "bf16" if resolve_bf16(None) else "fp32"
+            rows.append(ratio_row("train step: bf16 autocast / fp32", t["bf16"], t["fp32"], 0.45,
+                                  f"target for AVX-512 bf16 CPUs; this CPU bf16={bf16_supported()}, "
+                                  f"trainer auto mode picks {auto}"))
+
+        if "rss" in parts:
+            print(f"rss: {rss_steps} training steps per subprocess", flush=True)
+            single = measure_rss("single", adapters, rss_steps)
+            stage2 = measure_rss("stage2", adapters, rss_steps)
+            print(f"  peak RSS: single LoRA {single:.0f} MiB, stage 2 {stage2:.0f} MiB")
+            rows.append(ratio_row("peak RSS: stage 2 / single LoRA training", [stage2], [single], 1.3,
+                                  f"{stage2:.0f} / {single:.0f} MiB, separate subprocesses"))
+
+    print()
+    print(f"{'target':58s} {'min':>7s} {'median':>7s} {'max':>7s}  {'limit':>7s}  pass")
+    for r in rows:
+        print(f"{r['target']:58s} {r['min']:7.3f} {r['median']:7.3f} {r['max']:7.3f}  {r['limit']:>7s}  "
+              f"{'yes' if r['pass'] else 'NO'}   {r['note']}")
+    print("(times: ratio of seconds; tokens/s: ratio of throughputs; pass is judged on the minima)")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"env": env, "results": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

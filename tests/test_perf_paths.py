@@ -1,0 +1,244 @@
+"""Every fast path of the MoA forward equals the simple reference computation.
+
+The reference is the plain per-row LoRA, y_i = base(x_i) + scaling_e * B_e A_e x_i with e the
+row's expert, computed one row at a time. The fast paths: the single-expert matmuls, the
+gathered per-row batched matmuls, the dense one-token (decoding) path, all accumulating into
+the base output in place; the per-choice weight cache used without autograd; the prefill that
+routes and fills the KV cache at once; the stage-2 loss that projects only label positions.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moa import MoAModel
+from moa.layers import ExpertChoice, MoLoRALinear, RoutingSlot
+
+IN, OUT, E, R = 24, 20, 3, 4
+
+
+def make_layer(ranks=(R, R, 2), seed: int = 0) -> tuple[MoLoRALinear, RoutingSlot]:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    base = nn.Linear(IN, OUT)
+    base.requires_grad_(False)
+    slot = RoutingSlot()
+    layer = MoLoRALinear(base, slot)
+    for e, r in enumerate(ranks):
+        layer.add_expert(torch.randn(r, IN, generator=g), torch.randn(OUT, r, generator=g), alpha=2.0 * (e + 1))
+    return layer, slot
+
+
+def reference(layer: MoLoRALinear, x: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """x (B, T, in) -> (B, T, out), one row at a time with each expert's own unpadded weights."""
+    rows = []
+    for i, e in enumerate(index):
+        y = layer.base_layer(x[i])  # (T, out)
+        if e >= 0 and layer.ranks[e]:
+            A, B = layer.expert_weights(e)
+            y = y + (x[i] @ A.T @ B.T) * layer.scaling[e]
+        rows.append(y)
+    return torch.stack(rows)
+
+
+INDEXES = {
+    "mixed": [2, 0, 1, 0, 2],  # gathered per-row path (and dense for one token: 5 rows > 3 experts)
+    "single": [1, 1, 1, 1, 1],  # plain matmuls
+    "base_rows": [0, -1, 2, -1, 0],  # some rows base only
+    "few_rows": [0, 2],  # one token, fewer rows than experts: gathered path
+}
+
+
+@pytest.mark.parametrize("name", list(INDEXES))
+@pytest.mark.parametrize("T", [1, 6])
+@pytest.mark.parametrize("grad", [False, True])
+def test_hard_paths_equal_the_reference(name, T, grad):
+    layer, slot = make_layer()
+    index = INDEXES[name]
+    x = torch.randn(len(index), T, IN)
+    choice = ExpertChoice.of(torch.tensor(index))
+    slot.set_choice(choice)
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+        y_again = layer(x)  # without autograd: served from the choice's cache
+    with torch.no_grad():
+        want = reference(layer, x, index)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y, y_again)
+    assert bool(choice.cache) is (not grad)
+    if not grad and name == "mixed" and T == 1:
+        assert (layer, "dense") in choice.cache
+
+
+@pytest.mark.parametrize("name", ["mixed", "single", "base_rows"])
+@pytest.mark.parametrize("T", [1, 5])
+def test_gradients_of_the_in_place_paths_equal_the_reference(name, T):
+    index = INDEXES[name]
+    x = torch.randn(len(index), T, IN)
+    layer, slot = make_layer()
+    layer.set_trainable_experts(torch.tensor([True, True, False]))
+    slot.set_choice(ExpertChoice.of(torch.tensor(index)))
+    x1 = x.clone().requires_grad_()
+    g = torch.randn(len(index), T, OUT)
+    (layer(x1) * g).sum().backward()
+    ref_layer, _ = make_layer()
+    ref_layer.set_trainable_experts(torch.tensor([True, True, False]))
+    x2 = x.clone().requires_grad_()
+    A, B = ref_layer._expert_weights()
+    rows = []
+    for i, e in enumerate(index):
+        y = ref_layer.base_layer(x2[i])
+        if e >= 0:
+            r = ref_layer.ranks[e]
+            y = y + (x2[i] @ A[e, :r].T @ B[e, :, :r].T) * ref_layer.scaling[e]
+        rows.append(y)
+    (torch.stack(rows) * g).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_A.grad, ref_layer.lora_A.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B.grad, ref_layer.lora_B.grad, rtol=1e-5, atol=1e-5)
+    assert layer.lora_A.grad[2].abs().sum() == 0  # frozen expert: exactly zero
+
+
+def test_the_cache_follows_in_place_updates_and_replaced_experts():
+    layer, slot = make_layer()
+    index = [2, 0, 1, 0, 2]
+    choice = ExpertChoice.of(torch.tensor(index))
+    slot.set_choice(choice)
+    x = torch.randn(5, 1, IN)
+    with torch.no_grad():
+        layer(x)
+        layer.lora_B.mul_(3.0)  # an optimizer-style in-place update
+        torch.testing.assert_close(layer(x), reference(layer, x, index), rtol=1e-5, atol=1e-5)
+        layer.add_expert(torch.randn(R, IN), torch.randn(OUT, R), alpha=1.0)  # new parameters
+        layer.scaling[0] = 0.5  # a changed buffer
+        torch.testing.assert_close(layer(x), reference(layer, x, index), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_one_token_path_equals_the_gathered_path_bitwise_close():
+    layer, slot = make_layer()
+    x = torch.randn(6, 1, IN)
+    index = torch.tensor([0, 1, 2, 2, 1, 0])
+    with torch.no_grad():
+        slot.set_choice(ExpertChoice.of(index))
+        dense = layer(x)
+        # The same rows one token longer take the gathered path; its first token must agree.
+        slot.set_choice(ExpertChoice.of(index))
+        gathered = layer(torch.cat([x, torch.randn(6, 1, IN)], 1))[:, :1]
+    torch.testing.assert_close(dense, gathered, rtol=1e-6, atol=1e-6)
+
+
+def test_autocast_and_a_bf16_base_fall_back_to_out_of_place_adds():
+    layer, slot = make_layer()
+    x = torch.randn(5, 3, IN)
+    for index in ([2, 0, 1, 0, 2], [1] * 5):
+        with torch.no_grad():
+            want = reference(layer, x, index)
+            tol = dict(rtol=0, atol=0.03 * float(want.abs().max()))  # bf16 rounding of large values
+            slot.set_choice(ExpertChoice.of(torch.tensor(index)))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x)
+            assert y.dtype == torch.bfloat16
+            torch.testing.assert_close(y.float(), want, **tol)
+            layer.base_layer.to(torch.bfloat16)  # a bf16 base with float32 experts
+            y = layer(x.bfloat16())
+            assert y.dtype == torch.bfloat16
+            torch.testing.assert_close(y.float(), want, **tol)
+            layer.base_layer.to(torch.float32)
+
+
+# --------------------------------------------------------------------------- model level
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPTS = ["Add 3 and 4.", "REPEAT: apple apple", "json key=k7", "What is an ETF?", "hi", "Tell me a story."]
+
+
+@pytest.fixture(scope="module")
+def moa_dir(tmp_path_factory, tiny_base):
+    from peft import LoraConfig, get_peft_model
+
+    from moa.base import load_base
+
+    root = tmp_path_factory.mktemp("perf_adapters")
+    dirs = []
+    for seed, name in enumerate(["fin", "med"], start=1):
+        model, _ = load_base(tiny_base)
+        torch.manual_seed(seed)
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, task_type="CAUSAL_LM")
+        get_peft_model(model, cfg).save_pretrained(root / name)
+        dirs.append(root / name)
+    return MoAModel.from_adapters(dirs).save_pretrained(root / "moa")
+
+
+def fit_routers(model: MoAModel, prompts, domain_ids: torch.Tensor) -> None:
+    """Routers that every layer agrees with: least squares on the pooled inputs of explicit routing."""
+    from moa.router import LayerRouter, RoutingState
+
+    ids, mask = model._encode_prompts(prompts)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), model.routing(RoutingState("fixed", domain_ids)):
+        out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+    target = torch.nn.functional.one_hot(domain_ids, model.num_experts).double() * 8 - 4
+    for i, router in enumerate(model.routers):
+        pooled = LayerRouter.pool(out.hidden_states[i], mask.bool()).double()
+        X = torch.cat([pooled, torch.ones(len(pooled), 1, dtype=torch.float64)], 1)
+        sol = torch.linalg.lstsq(X, target, driver="gelsd").solution
+        with torch.no_grad():
+            router.weight.copy_(sol[:-1].T.float())
+            router.bias.copy_(sol[-1].float())
+
+
+@pytest.mark.parametrize("agree", [True, False])
+def test_routed_generation_equals_explicit_generation(moa_dir, agree):
+    """The routing prefill is reused when every layer agrees, recomputed when not."""
+    model = MoAModel.from_pretrained(moa_dir)
+    want = torch.tensor([0, 1, 1, 0, 1, 0])  # 6 rows > 2 experts: decoding takes the dense path
+    fit_routers(model, PROMPTS, want)
+    if not agree:  # the last layer now picks the other expert, the first one still `want`
+        with torch.no_grad():
+            model.routers[-1].weight.neg_()
+            model.routers[-1].bias.neg_()
+    voted = model.generate(PROMPTS, routing="last", max_new_tokens=8)
+    decided = torch.tensor([model.domain_index(r.domain) for r in voted])
+    ids, mask = model._encode_prompts(PROMPTS)
+    logits = model(ids, mask, routing="layer").router_logits
+    layer_choice = torch.stack([lg.argmax(-1) for lg in logits])  # (L, B)
+    assert bool((layer_choice == decided).all()) is agree
+    if agree:
+        assert decided.tolist() == want.tolist()
+    explicit = model.generate(PROMPTS, domains=[r.domain for r in voted], max_new_tokens=8)
+    for v, x in zip(voted, explicit):
+        assert v.text == x.text and v.completion_tokens == x.completion_tokens
+    for i in (0, 1):  # a prompt alone (single-expert path, no padding) generates the same
+        alone = model.generate(PROMPTS[i:i + 1], domains=[voted[i].domain], max_new_tokens=8)[0]
+        assert alone.text == voted[i].text
+
+
+def test_stage2_loss_on_label_positions_equals_the_full_logits_loss(moa_dir):
+    from moa.train import stage2_loss
+    from moa.trainer import lm_loss_sum
+
+    model = MoAModel.from_pretrained(moa_dir)
+    model.set_trainable(experts=True, routers=True)
+    model.train()
+    ids, mask = model._encode_prompts(PROMPTS[:4])
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, : ids.shape[1] // 2] = -100
+    dom = torch.tensor([0, 1, 1, 0])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "domain_ids": dom,
+             "prompt_mask": mask.bool(), "global_tokens": int((labels[:, 1:] != -100).sum()), "global_rows": 4}
+    loss, metrics = stage2_loss(model, batch, eta=0.5)
+    loss.backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    o = model(input_ids=ids, attention_mask=mask, domain_ids=dom, return_router_logits=True)
+    lm = lm_loss_sum(o.logits, labels) / batch["global_tokens"]
+    want = lm + 0.5 * o.router_loss
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics["lm_loss"], lm.detach(), rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(fast[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
