@@ -62,19 +62,11 @@ class Checkpoint:
 
 
 def read_checkpoint(moa_dir: str | Path, base: str | None = None) -> Checkpoint:
-    from moa.model import FORMAT_VERSION
+    from moa.model import read_moa_config
 
     moa_dir = Path(moa_dir)
     cfg_path = moa_dir / "moa_config.json"
-    if not cfg_path.is_file():
-        raise MoAError(f"{moa_dir} is not a MoA checkpoint (no moa_config.json)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise MoAError(f"{cfg_path}: invalid JSON ({e.msg})") from None
-    if cfg.get("format_version") != FORMAT_VERSION:
-        raise MoAError(f"{cfg_path}: unsupported format_version {cfg.get('format_version')!r} "
-                       f"(this moa reads {FORMAT_VERSION})")
+    cfg = read_moa_config(moa_dir)
     if not cfg.get("domains"):
         raise MoAError(f"{cfg_path}: the checkpoint has no expert")
     if not (base or cfg.get("base")):

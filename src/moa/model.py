@@ -215,16 +215,7 @@ class MoAModel(nn.Module):
                         dtype: torch.dtype | None = None, lora_dropout: float = 0.0) -> "MoAModel":
         """Load a checkpoint written by `save_pretrained`; `base` overrides the recorded one."""
         moa_dir = Path(moa_dir)
-        cfg_path = moa_dir / "moa_config.json"
-        if not cfg_path.is_file():
-            raise MoAError(f"{moa_dir} is not a MoA checkpoint (no moa_config.json)")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise MoAError(f"{cfg_path}: invalid JSON ({e.msg})") from None
-        if cfg.get("format_version") != FORMAT_VERSION:
-            raise MoAError(f"{cfg_path}: unsupported format_version {cfg.get('format_version')!r} "
-                           f"(this moa reads {FORMAT_VERSION})")
+        cfg = read_moa_config(moa_dir)
         base = base or cfg["base"]
         model, tok = load_base(base, dtype)
         recorded_sig = cfg.get("base_signature")
@@ -753,6 +744,21 @@ class MoAModel(nn.Module):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def read_moa_config(moa_dir: str | Path) -> dict:
+    """The checkpoint's moa_config.json, checked for presence, JSON and format version."""
+    cfg_path = Path(moa_dir) / "moa_config.json"
+    if not cfg_path.is_file():
+        raise MoAError(f"{moa_dir} is not a MoA checkpoint (no moa_config.json)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise MoAError(f"{cfg_path}: invalid JSON ({e.msg})") from None
+    if cfg.get("format_version") != FORMAT_VERSION:
+        raise MoAError(f"{cfg_path}: unsupported format_version {cfg.get('format_version')!r} "
+                       f"(this moa reads {FORMAT_VERSION})")
+    return cfg
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
