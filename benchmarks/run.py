@@ -178,17 +178,18 @@ class TrainStep:
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
 
 # --------------------------------------------------------------------------- measuring
 
 
-def interleave(fns: dict[str, Callable[[], object]], repeats: int, label: str) -> dict[str, list[float]]:
+def interleave(fns: dict[str, Callable[[], object]], repeats: int, label: str,
+               warmup: bool = True) -> dict[str, list[float]]:
     """Seconds per call of each fn: one warm-up call each, then `repeats` rounds in rotating order."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
-    for n in names:
+    for n in names if warmup else []:
         fns[n]()
     for rep in range(repeats):
         order = names[rep % len(names):] + names[: rep % len(names)]
@@ -381,8 +382,13 @@ def main(argv=None) -> int:
         if "bf16" in parts:
             s_bf16 = TrainStep(moa, stage2_loss, moa.trainable_parameters(), bf16=True)
             s_bf16.opt = s_fp32.opt
-            n = max(3, repeats // 3) if not bf16_supported() else repeats
-            t = interleave({"bf16": lambda: s_bf16(batch), "fp32": lambda: s_fp32(batch)}, n, "bf16")
+            if bf16_supported():
+                t = interleave({"bf16": lambda: s_bf16(batch), "fp32": lambda: s_fp32(batch)}, repeats, "bf16")
+            else:  # emulated bf16 matmuls: minutes per step, and the ratio is far from 1 either way
+                n = 1 if args.quick else 2
+                print(f"  no bf16 hardware here: {n} round(s) without warm-up (each bf16 step takes minutes)")
+                t = interleave({"bf16": lambda: s_bf16(batch), "fp32": lambda: s_fp32(batch)}, n, "bf16",
+                               warmup=False)
             auto = "bf16" if resolve_bf16(None) else "fp32"
             rows.append(ratio_row("train step: bf16 autocast / fp32", t["bf16"], t["fp32"], 0.45,
                                   f"target for AVX-512 bf16 CPUs; this CPU bf16={bf16_supported()}, "

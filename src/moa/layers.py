@@ -23,9 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-_DENSE_DECODE = True  # dev switch, to be removed
-
-
 @dataclass
 class ExpertChoice:
     """Hard top-1 routing of a batch, computed once and shared by the layers that use it."""
@@ -37,7 +34,7 @@ class ExpertChoice:
     rows: Tensor | None
     """(B',) long: the rows that use an expert, when some rows are base only; else None."""
     cache: dict = field(default_factory=dict, repr=False, compare=False)
-    """Per (module, kind), the expert weights this choice needs (filled only without autograd)."""
+    """Per module, the expert weights this choice uses (filled only without autograd)."""
 
     @classmethod
     def of(cls, index: Tensor) -> "ExpertChoice":
@@ -124,9 +121,12 @@ class MoLoRALinear(nn.Module):
         slot = self.slot
         if not self.ranks or (slot.choice is None and slot.weights is None):
             return result
-        if self.training and isinstance(self.dropout, nn.Dropout):
+        dropout = self.training and isinstance(self.dropout, nn.Dropout)
+        if dropout:
             x = self.dropout(x)
-        x = x.to(self.lora_A.dtype)  # (B, T, in)
+        dtype = self._parameters["lora_A"].dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)  # (B, T, in)
         if slot.weights is not None:
             A, B = self._expert_weights()  # (E, r, in), (E, out, r)
             return result + self._soft(x, slot.weights, A, B).to(result.dtype)
@@ -142,76 +142,63 @@ class MoLoRALinear(nn.Module):
     def _hard(self, x: Tensor, choice: ExpertChoice, result: Tensor) -> Tensor:
         """result + each row's own expert applied to x: x (B, T, in), result (B, T, out).
 
-        Computes only the expert each row uses. The delta is accumulated into `result` in place
-        (one pass over the output instead of three for delta, scaled delta and sum), which is safe
-        under autograd: the base linear does not save its output for backward.
+        Computes only the expert each row uses: plain matmuls when every row uses the same one,
+        else the rows' gathered weights in batched matmuls (rows with no expert are left out).
+        The delta is accumulated into `result` in place (one pass over the output instead of three
+        for delta, scaled delta and sum), which is safe under autograd: the base linear does not
+        save its output for backward.
         """
         e = choice.single
         if e is not None and (e < 0 or self.ranks[e] == 0):
             return result
-        if e is not None:  # every row uses expert e: plain matmuls
-            A, Bt = self._routed_weights(choice, "single")  # (r, in), (r, out)
-            return _add_matmul(result, F.linear(x, A), Bt)
+        A, Bt = self._routed_weights(choice)
+        if e is not None:  # A (r, in), Bt (r, out)
+            return _add_matmul(result, F.linear(x, A), Bt)  # (B, T, out)
         if choice.rows is not None:  # some rows are base only: compute the others
             rows = choice.rows  # (B',)
-            A, Bt = self._routed_weights(choice, "rows")  # (B', r, in), (B', r, out)
             h = torch.bmm(x.index_select(0, rows), A.transpose(1, 2))  # (B', T, r)
             return result.index_add_(0, rows, torch.bmm(h, Bt.to(h.dtype)).to(result.dtype))
-        if x.shape[1] == 1 and x.shape[0] > self.num_experts and _DENSE_DECODE:
-            # One token per row (a decoding step) costs what it reads, not its FLOPs: read every
-            # expert once (E*r rows of A and B) rather than one copy per row (B*r), and zero the
-            # rank blocks of the experts a row does not use before B (exact zeros in the sum).
-            A, Bt, mask = self._routed_weights(choice, "dense")  # (E*r, in), (E*r, out), (B, 1, E*r)
-            return _add_matmul(result, F.linear(x, A) * mask, Bt)
-        A, Bt = self._routed_weights(choice, "rows")  # (B, r, in), (B, r, out)
-        h = torch.bmm(x, A.transpose(1, 2))  # (B, T, r)
-        return _add_bmm(result, h, Bt)
+        h = torch.bmm(x, A.transpose(1, 2))  # (B, T, r); A (B, r, in)
+        return _add_bmm(result, h, Bt)  # Bt (B, r, out)
 
-    def _routed_weights(self, choice: ExpertChoice, kind: str) -> tuple[Tensor, ...]:
-        """The expert weights a choice needs, with the scaling folded into B (the small side).
+    def _routed_weights(self, choice: ExpertChoice) -> tuple[Tensor, Tensor]:
+        """The expert weights a choice uses, with the scaling folded into B (the small side).
 
-        kind "single" (every row uses expert e): (A_e (r, in), scaling_e * B_e^T (r, out)),
-        unpadded. "rows": each routed row's (A (B', r, in), scaling * B^T (B', r, out)).
-        "dense": every expert, (A (E*r, in), scaling * B^T (E*r, out), the 0/1 mask of each row's
-        rank block (B, 1, E*r)). Without autograd (generation) they are kept on the choice:
-        decoding reuses one choice for every token, so each module builds them once per generate
-        call instead of once per token.
+        Every row uses expert e: (A_e (r, in), scaling_e * B_e^T (r, out)), unpadded. Otherwise
+        each routed row's (A (B', r, in), scaling * B^T (B', r, out)). Without autograd
+        (generation) they are kept on the choice: decoding reuses one choice for every token, so
+        each module gathers its weights once per generate call instead of once per token.
         """
         cacheable = not torch.is_grad_enabled()
         if cacheable:
-            hit = choice.cache.get((self, kind))
+            hit = choice.cache.get(self)
             if hit is not None and self._unchanged_since(hit[0]):
                 return hit[1]
         A, B = self._expert_weights()  # (E, r, in), (E, out, r)
-        if kind == "single":
+        if choice.single is not None:
             e = choice.single
             r = self.ranks[e]
             out = A[e, :r], (B[e, :, :r] * self.scaling[e]).t().contiguous()  # (r, in), (r, out)
-        elif kind == "rows":
+        else:
             index = choice.index if choice.rows is None else choice.index.index_select(0, choice.rows)  # (B',)
             scale = self.scaling.index_select(0, index)[:, None, None]  # (B', 1, 1)
             Bt = (B.index_select(0, index) * scale).transpose(1, 2).contiguous()  # (B', r, out)
             out = A.index_select(0, index), Bt  # (B', r, in), (B', r, out)
-        else:
-            E, r, _ = A.shape
-            Bt = (B * self.scaling[:, None, None]).transpose(1, 2).reshape(E * r, self.out_features)  # (E*r, out)
-            mask = F.one_hot(choice.index, E).to(A.dtype).repeat_interleave(r, dim=1)[:, None, :]  # (B, 1, E*r)
-            out = A.reshape(E * r, self.in_features), Bt, mask
         if cacheable:
-            choice.cache[(self, kind)] = (self._weights_state(), out)
+            choice.cache[self] = (self._weights_state(), out)
         return out
 
     def _weights_state(self) -> tuple:
         """The expert tensors themselves (held, so identity is meaningful) and their versions."""
         A, B, s = self._parameters["lora_A"], self._parameters["lora_B"], self._buffers["scaling"]
-        return A, B, s, A._version, B._version, s._version
+        return A, B, s, _version(A), _version(B), _version(s)
 
     def _unchanged_since(self, state: tuple) -> bool:
         """Whether the expert weights are the same tensors, not updated in place since `state`."""
         A, B, s, vA, vB, vs = state
         p = self._parameters
         return (A is p["lora_A"] and B is p["lora_B"] and s is self._buffers["scaling"]
-                and vA == A._version and vB == B._version and vs == s._version)
+                and vA == _version(A) and vB == _version(B) and vs == _version(s))
 
     def _soft(self, x: Tensor, weights: Tensor, A: Tensor, B: Tensor) -> Tensor:
         """Soft mixture: sum_e weights[..., e] * scaling[e] * B[e] A[e] x, in two matmuls."""
@@ -299,6 +286,11 @@ class MoLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(B, requires_grad=requires_grad)
         self.scaling = scaling
         self.ranks = ranks
+
+
+def _version(t: Tensor) -> int | None:
+    """The in-place update counter of a tensor (inference tensors have none)."""
+    return None if t.is_inference() else t._version
 
 
 def _add_matmul(result: Tensor, h: Tensor, Bt: Tensor) -> Tensor:

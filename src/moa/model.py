@@ -585,7 +585,7 @@ class MoAModel(nn.Module):
 
     # ------------------------------------------------------------------ generation
 
-    @torch.no_grad()
+    @torch.inference_mode()  # lighter than no_grad on every op of every decoded token
     def generate(
         self,
         prompts: Sequence[str | list[dict]] | str,

@@ -212,6 +212,8 @@ def routing_hooks(
 ) -> Iterator[RoutingState]:
     """Route every forward run inside the block by `state`; hooks and slots are always cleared.
 
+    Fixed experts (or none) without routers need no hook: the slots are filled on entry.
+
     A forward that ends early with RoutingDone (a routing pass) is swallowed here.
     """
     handles = []
@@ -224,8 +226,14 @@ def routing_hooks(
         return hook
 
     try:
-        for i, layer in enumerate(layers):
-            handles.append(layer.register_forward_pre_hook(make_hook(i), with_kwargs=True))
+        if state.mode in ("fixed", "base") and not state.routers_run():
+            # Nothing is decided inside the forward: fill the slots once, without per-layer hooks
+            # (they would cost a Python call per layer on every forward, i.e. every decoded token).
+            for i, slot in enumerate(slots):
+                state.enter_layer(i, None, routers[i], slot)
+        else:
+            for i, layer in enumerate(layers):
+                handles.append(layer.register_forward_pre_hook(make_hook(i), with_kwargs=True))
         try:
             yield state
         except RoutingDone:
