@@ -7,7 +7,8 @@ import json
 import pytest
 
 from conftest import synthetic_records, write_jsonl
-from moa.demo import Profile, run_demo
+from moa.demo import Profile, allocate_steps, run_demo
+from moa.errors import MoAError
 from moa.evaluate import normalize, text_metrics
 
 SYSTEMS = {"base", "single_lora", "mixed_lora", "moa", "moa_last", "moa_layer", "moa_no_router_loss",
@@ -20,7 +21,8 @@ def test_full_pipeline_with_baselines_writes_report_metrics_and_plots(tiny_base,
     write_jsonl(data / "valid.jsonl", synthetic_records(2, seed=2))
     write_jsonl(data / "test.jsonl", synthetic_records(3, seed=3))
     prof = Profile(expert_steps=2, stage2_steps=2, batch_size=3, lr=1e-3, stage2_lr=1e-3, router_lr=1e-2, eta=1.0,
-                   max_length=64, eval_per_domain=2, max_new_tokens=3, ablations=True, eta_sweep=(1.0, 5.0))
+                   max_length=64, eval_per_domain=3, generate_per_domain=2, max_new_tokens=3, ablations=True,
+                   eta_sweep=(1.0, 5.0))
     out = tmp_path / "run"
     metrics = run_demo(prof, out, data, base=str(tiny_base))
     saved = json.loads((out / "metrics.json").read_text())
@@ -40,6 +42,28 @@ def test_full_pipeline_with_baselines_writes_report_metrics_and_plots(tiny_base,
         assert (out / f).is_file(), f
     assert "| moa |" in (out / "report.md").read_text()
     assert metrics["systems"].keys() == saved["systems"].keys()
+    # PPL on 3 records per domain, generation on the first 2 of them only
+    assert saved["records_per_domain"] == {"math": 3, "echo": 3, "json": 3}
+    assert saved["n_generated"] == 6
+    gens = [json.loads(l) for l in (out / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert len(gens) == 6 * len(SYSTEMS)
+    assert sorted(g["domain"] for g in gens if g["system"] == "moa") == ["echo"] * 2 + ["json"] * 2 + ["math"] * 2
+    assert sum(saved["profile"]["expert_steps_per_domain"].values()) == 2 * 3
+
+
+def test_allocate_steps_splits_the_budget_by_size_to_the_power_alpha():
+    sizes = {"big": 1000, "mid": 250, "small": 10}
+    assert allocate_steps(sizes, 30, 0.0) == {"big": 10, "mid": 10, "small": 10}
+    prop = allocate_steps(sizes, 126, 1.0)
+    assert prop["big"] > prop["mid"] > prop["small"] >= 1 and sum(prop.values()) == 126
+    sqrt = allocate_steps(sizes, 126, 0.5)
+    assert sum(sqrt.values()) == 126
+    assert prop["big"] > sqrt["big"] and prop["small"] < sqrt["small"]  # 0.5 sits between
+    assert allocate_steps(sizes, 3, 1.0) == {"big": 1, "mid": 1, "small": 1}  # one step each at least
+    with pytest.raises(MoAError, match="cannot give each"):
+        allocate_steps(sizes, 2, 0.5)
+    with pytest.raises(MoAError, match=">= 0"):
+        allocate_steps(sizes, 30, -1)
 
 
 def test_text_metrics_and_normalization():

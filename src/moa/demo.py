@@ -20,6 +20,8 @@ from moa.errors import MoAError
 @dataclass
 class Profile:
     expert_steps: int
+    """Mean stage-1 steps per domain: stage 1 takes expert_steps x number of domains steps in all,
+    shared between the domains by `allocation`."""
     stage2_steps: int
     batch_size: int
     lr: float
@@ -27,14 +29,21 @@ class Profile:
     router_lr: float
     eta: float
     max_length: int
-    eval_per_domain: int
+    eval_per_domain: int | None
+    """Test records per domain for PPL and routing (None: the whole test split)."""
     max_new_tokens: int
     rank: int = 8
     alpha: float = 16.0
+    generate_per_domain: int | None = None
+    """Of those, the records per domain with greedy generation (BLEU, ROUGE-L, exact match)."""
     ablations: bool = False
     """Full profile: also mixed_lora_wide, moe_lora, classifier_loras, moa_last, moa_layer,
     moa_no_router_loss (eta=0), moa_random_init, and a sweep of eta on the valid split."""
     eta_sweep: tuple = (0.1, 1.0, 10.0)
+    allocation: float = 0.5
+    """Stage-1 steps of a domain proportional to (its number of training records) ** allocation:
+    0 gives every expert the same steps, 1 follows the data's own proportions (as the mixed
+    LoRA does), 0.5 (the usual temperature for imbalanced multi-domain data) sits between."""
 
 
 PROFILES = {
@@ -45,6 +54,29 @@ PROFILES = {
     "full": Profile(expert_steps=24, stage2_steps=32, batch_size=4, lr=1e-3, stage2_lr=2e-4, router_lr=3e-3,
                     eta=1.0, max_length=256, eval_per_domain=16, max_new_tokens=40, ablations=True),
 }
+
+
+def allocate_steps(sizes: dict[str, int], total: int, alpha: float) -> dict[str, int]:
+    """Split `total` optimizer steps between domains proportionally to size ** alpha.
+
+    Largest-remainder rounding, so the steps add up to `total` exactly; every domain gets at
+    least one step. sizes: records per domain (all > 0).
+    """
+    if not sizes:
+        raise MoAError("no domains to allocate steps to")
+    if total < len(sizes):
+        raise MoAError(f"{total} steps cannot give each of the {len(sizes)} domains one")
+    if alpha < 0:
+        raise MoAError(f"the allocation exponent must be >= 0, got {alpha}")
+    weights = {d: float(n) ** alpha for d, n in sizes.items()}
+    norm = sum(weights.values())
+    spare = total - len(sizes)  # one step each first, the rest by weight
+    exact = {d: spare * w / norm for d, w in weights.items()}
+    steps = {d: 1 + int(x) for d, x in exact.items()}
+    left = total - sum(steps.values())
+    for d in sorted(exact, key=lambda d: (-(exact[d] - int(exact[d])), list(sizes).index(d)))[:left]:
+        steps[d] += 1
+    return steps
 
 
 def bundled_data_dir() -> Path:
@@ -96,11 +128,14 @@ def run_demo(profile: str | Profile = "quick", out: str | Path = "runs/demo", da
 
     # Stage 1: one expert per domain.
     t = time.time()
+    sizes = {d: sum(r.domain == d for r in train) for d in domains}
+    expert_steps = allocate_steps(sizes, p.expert_steps * len(domains), p.allocation)
+    say("stage 1 steps per domain: " + ", ".join(f"{d} {n}" for d, n in expert_steps.items()))
     expert_dirs = {}
     for d in domains:
         expert_dirs[d] = out / "experts" / d
         check(train_expert(data=data_dir / "train.jsonl", domain=d, out=expert_dirs[d], base=base, rank=p.rank,
-                           alpha=p.alpha, cfg=cfg(p.expert_steps, p.lr), overwrite=overwrite, records=train))
+                           alpha=p.alpha, cfg=cfg(expert_steps[d], p.lr), overwrite=overwrite, records=train))
     timings["stage1"] = time.time() - t
 
     # Assemble and stage 2.
@@ -115,7 +150,7 @@ def run_demo(profile: str | Profile = "quick", out: str | Path = "runs/demo", da
 
     # Baseline: one LoRA on the mixed data, as many optimizer steps as stage 1 + stage 2.
     t = time.time()
-    mixed_steps = p.expert_steps * len(domains) + p.stage2_steps
+    mixed_steps = sum(expert_steps.values()) + p.stage2_steps
     check(train_expert(data=data_dir / "train.jsonl", domain=None, out=out / "mixed_lora", base=base, rank=p.rank,
                        alpha=p.alpha, cfg=cfg(mixed_steps, p.lr), overwrite=overwrite, records=train))
     timings["mixed_lora"] = time.time() - t
@@ -172,11 +207,13 @@ def run_demo(profile: str | Profile = "quick", out: str | Path = "runs/demo", da
     t = time.time()
     metrics = run_eval(out / "moa", test_path, out / "eval", systems, mixed_lora=out / "mixed_lora",
                        single_lora={d: expert_dirs[d] for d in domains}, extra=extra,
-                       limit_per_domain=p.eval_per_domain, max_new_tokens=p.max_new_tokens, batch_size=8)
+                       limit_per_domain=p.eval_per_domain, generate_limit_per_domain=p.generate_per_domain,
+                       max_new_tokens=p.max_new_tokens, batch_size=8)
     timings["eval"] = time.time() - t
     timings["total"] = time.time() - t0
     metrics["routing_full_test"] = {"accuracy": route["accuracy"], "n": route["n"]}
-    metrics["profile"] = {"name": profile, **asdict(p), "mixed_lora_steps": mixed_steps}
+    metrics["profile"] = {"name": profile, **asdict(p), "expert_steps_per_domain": expert_steps,
+                          "mixed_lora_steps": mixed_steps}
     metrics["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     if p.ablations:
         metrics["eta_sweep"] = eta_sweep
@@ -258,8 +295,9 @@ def render_report(metrics: dict, route: dict, table: str, profile: str, timings:
     domains = metrics["domains"]
     s = metrics["systems"]
     lines = [f"# moa demo report ({profile} profile)", "",
-             f"Domains: {', '.join(domains)}. Evaluated on up to {metrics['profile']['eval_per_domain']} test "
-             f"records per domain; routing on all {route['n']} test records.", "",
+             f"Domains: {', '.join(domains)}. PPL on {_per_domain(metrics['profile']['eval_per_domain'])} test "
+             f"records per domain, generation metrics on {_per_domain(metrics['profile']['generate_per_domain'])}; "
+             f"routing on all {route['n']} test records.", "",
              "## Results", "", table, "",
              f"Routing accuracy (vote, full test split): **{route['accuracy']:.4f}**", ""]
     if "moa" in s and "mixed_lora" in s:
@@ -280,6 +318,10 @@ def render_report(metrics: dict, route: dict, table: str, profile: str, timings:
               "![exact match](metric_exact_match.png)", "", "## Time", "",
               ", ".join(f"{k}: {v / 60:.1f} min" for k, v in timings.items()), ""]
     return "\n".join(lines)
+
+
+def _per_domain(n: int | None) -> str:
+    return "all" if n is None else f"up to {n}"
 
 
 def register(sub) -> None:

@@ -203,9 +203,24 @@ def classifier_system(name: str, path, max_new_tokens: int, batch_size: int) -> 
 # --------------------------------------------------------------------------- evaluation
 
 
+def first_per_domain(records, limit: int | None) -> list[int]:
+    """Indices of the first `limit` records of each domain, in file order (all when None)."""
+    seen: dict[str, int] = {}
+    keep = []
+    for i, r in enumerate(records):
+        if limit is None or seen.get(r.domain, 0) < limit:
+            keep.append(i)
+            seen[r.domain] = seen.get(r.domain, 0) + 1
+    return keep
+
+
 def evaluate_system(system: System, records, tok, *, batch_size: int = 8, max_length: int = 1024,
-                    generate: bool = True, progress: bool = True) -> dict:
-    """Metrics of one system over `records`: {domain: {...}, "routing_accuracy": ...}."""
+                    generate: bool = True, generate_limit: int | None = None, progress: bool = True) -> dict:
+    """Metrics of one system over `records`: {domain: {...}, "routing_accuracy": ...}.
+
+    PPL and routing use every record; the text metrics (greedy generation, the costly part) use
+    the first `generate_limit` records of each domain (all when None).
+    """
     from moa.data import encode_records
     from moa.scoring import score_examples, summarize
 
@@ -213,16 +228,17 @@ def evaluate_system(system: System, records, tok, *, batch_size: int = 8, max_le
     rows = score_examples(system.forward, examples, tok.pad_token_id, batch_size, progress, desc=f"{system.name} ppl")
     ppl = summarize(rows)
     result: dict = {}
-    gens: list[tuple[str, str | None]] = [("", None)] * len(records)
+    gens: dict[int, tuple[str, str | None]] = {}
     if generate:
-        prompts = [r.prompt_messages for r in records]
-        doms = [r.domain for r in records]
+        chosen = first_per_domain(records, generate_limit)
+        prompts = [records[i].prompt_messages for i in chosen]
+        doms = [records[i].domain for i in chosen]
         if progress:
             print(f"moa: {system.name}: generating {len(prompts)} replies", file=sys.stderr, flush=True)
-        gens = system.generate(prompts, doms)
+        gens = dict(zip(chosen, system.generate(prompts, doms)))
     for d in sorted({r.domain for r in records}, key=[r.domain for r in records].index):
-        idx = [i for i, r in enumerate(records) if r.domain == d]
         m = {"ppl": round(ppl[d]["ppl"], 4)}
+        idx = [i for i in gens if records[i].domain == d]
         if generate:
             m.update(text_metrics([gens[i][0] for i in idx], [records[i].response for i in idx]))
         else:
@@ -234,8 +250,8 @@ def evaluate_system(system: System, records, tok, *, batch_size: int = 8, max_le
         result["routing_accuracy"] = round(sum(routed_right) / max(1, len(routed_right)), 4)
     else:
         result["routing_accuracy"] = None
-    result["_generations"] = [{"domain": r.domain, "reference": r.response, "output": g[0], "routed": g[1]}
-                              for r, g in zip(records, gens)] if generate else []
+    result["_generations"] = [{"domain": records[i].domain, "reference": records[i].response, "output": g[0],
+                               "routed": g[1]} for i, g in sorted(gens.items())]
     return result
 
 
@@ -254,8 +270,14 @@ DEFAULT_SYSTEMS = ["base", "single_lora", "mixed_lora", "moa"]
 
 
 def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=None, single_lora=None,
-             extra: dict[str, str] | None = None, limit_per_domain: int | None = None, batch_size: int = 8,
-             max_new_tokens: int = 64, max_length: int = 1024, generate: bool = True, progress: bool = True) -> dict:
+             extra: dict[str, str] | None = None, limit_per_domain: int | None = None,
+             generate_limit_per_domain: int | None = None, batch_size: int = 8, max_new_tokens: int = 64,
+             max_length: int = 1024, generate: bool = True, progress: bool = True) -> dict:
+    """Evaluate `systems` on the labelled JSONL `data`; writes metrics.json, generations.jsonl, plots.
+
+    limit_per_domain: use only the first N records of each domain (all when None).
+    generate_limit_per_domain: of those, generate replies (text metrics) for the first N only.
+    """
     from moa.base import DEFAULT_BASE
     from moa.data import read_records
     from moa.io import atomic_write_json, atomic_write_text
@@ -270,22 +292,21 @@ def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=Non
     unknown = sorted({r.domain for r in records} - set(cfg["domains"]))
     if unknown:
         raise MoAError(f"{data}: unknown domain(s) {', '.join(unknown)} (the model's domains: {', '.join(cfg['domains'])})")
-    if limit_per_domain:
-        seen: dict[str, int] = {}
-        keep = []
-        for r in records:
-            if seen.get(r.domain, 0) < limit_per_domain:
-                keep.append(r)
-                seen[r.domain] = seen.get(r.domain, 0) + 1
-        records = keep
+    for name, v in (("limit_per_domain", limit_per_domain), ("generate_limit_per_domain", generate_limit_per_domain)):
+        if v is not None and v <= 0:
+            raise MoAError(f"{name} must be a positive number of records, got {v}")
+    records = [records[i] for i in first_per_domain(records, limit_per_domain)]
     systems = list(systems or DEFAULT_SYSTEMS)
     extra = dict(extra or {})
     single = {d: Path(p) for d, p in single_lora.items()} if isinstance(single_lora, dict) else (
         _adapters_in(Path(single_lora), cfg["domains"]) if single_lora else stage1_adapters(moa_dir))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {"domains": [d for d in cfg["domains"] if any(r.domain == d for r in records)], "systems": {},
-               "data": str(data), "moa": str(moa_dir), "n_records": len(records)}
+    domains = [d for d in cfg["domains"] if any(r.domain == d for r in records)]
+    n_gen = len(first_per_domain(records, generate_limit_per_domain)) if generate else 0
+    metrics = {"domains": domains, "systems": {}, "data": str(data), "moa": str(moa_dir),
+               "n_records": len(records), "n_generated": n_gen,
+               "records_per_domain": {d: sum(r.domain == d for r in records) for d in domains}}
     generations = {}
     moa_model = None
     for name in systems:
@@ -327,7 +348,7 @@ def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=Non
 
             tok = load_tokenizer(base)
         res = evaluate_system(sys_, records, tok, batch_size=batch_size, max_length=max_length,
-                              generate=generate, progress=progress)
+                              generate=generate, generate_limit=generate_limit_per_domain, progress=progress)
         generations[name] = res.pop("_generations")
         metrics["systems"][name] = res
         atomic_write_json(out / "metrics.json", metrics)  # after every system: partial results survive
@@ -416,6 +437,9 @@ def register(sub) -> None:
     p.add_argument("--single-lora", default=None,
                    help="directory with one stage-1 adapter per domain (DIR/<domain>/); default: the MoA's provenance")
     p.add_argument("--limit", type=int, default=None, help="at most N records per domain")
+    p.add_argument("--generate-limit", type=int, default=None,
+                   help="generate (BLEU, ROUGE-L, exact match) for the first N records per domain only; "
+                        "PPL and routing still use every record")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-generate", action="store_true", help="skip generation (PPL and routing only)")
@@ -433,6 +457,6 @@ def _cmd_eval(args) -> int:
             systems.append(s)
     metrics = run_eval(args.moa, args.data, args.out, systems, routing=args.routing, mixed_lora=args.mixed_lora,
                        single_lora=args.single_lora, extra=extra, limit_per_domain=args.limit,
-                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, generate=not args.no_generate)
+                       generate_limit_per_domain=args.generate_limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, generate=not args.no_generate)
     print(format_table(metrics))
     return 0
