@@ -238,17 +238,45 @@ def rss_child(kind: str, adapters: list[Path], steps: int) -> None:
         model = peft_train_model(adapters[0])
         step = TrainStep(model, peft_loss, [p for p in model.parameters() if p.requires_grad])
     del load_base
+    gc.collect()
+    load_peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; includes loading
+    # Loading the checkpoint has its own transient peak, the same for both kinds; reset the
+    # high-water mark (Linux: "5" > /proc/self/clear_refs) so that only training is measured.
+    reset = _reset_peak_rss()
     for _ in range(steps):
         step(batch)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"kind": kind, "peak_rss_mib": peak_kib / 1024}))
+    peak_kib = _vm_hwm_kib() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"kind": kind, "peak_rss_mib": peak_kib / 1024, "load_peak_rss_mib": load_peak_kib / 1024,
+                      "training_only": reset}))
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _vm_hwm_kib() is not None
+    except OSError:
+        return False
+
+
+def _vm_hwm_kib() -> int | None:
+    """Peak resident set size of this process since start or the last reset (KiB), from /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def measure_rss(kind: str, adapters: list[Path], steps: int) -> float:
     cmd = [sys.executable, __file__, "--rss-child", kind, "--rss-steps", str(steps),
            "--adapters", *map(str, adapters)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+    res = json.loads(out.strip().splitlines()[-1])
+    if not res["training_only"]:
+        print(f"  ({kind}: peak RSS includes loading; /proc/self/clear_refs is not available here)")
+    return res["peak_rss_mib"]
 
 
 # --------------------------------------------------------------------------- main
