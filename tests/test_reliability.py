@@ -88,6 +88,8 @@ def test_other_commands_refuse_bad_input(tiny_base, tmp_path, capsys):
         (["route", "--moa", str(tmp_path / "nothing"), "--data", str(data), "--out", str(tmp_path / "r.json")], "moa_config.json"),
         (["score", "--data", str(data), "--out", str(tmp_path / "s.jsonl"), "--base", str(tmp_path / "no_base")], "unknown base model"),
         (["generate", "--moa", str(tmp_path / "nothing"), "hello"], "moa_config.json"),
+        (["eval", "--moa", str(tmp_path / "nothing"), "--data", str(data), "--out", str(tmp_path / "e"),
+          "--generate-limit", "0"], "generate_limit_per_domain must be a positive number"),
     ]
     for args, msg in cases:
         assert main(args) == 2, args

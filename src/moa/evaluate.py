@@ -283,6 +283,9 @@ def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=Non
     from moa.io import atomic_write_json, atomic_write_text
     from moa.model import MoAModel
 
+    for name, v in (("limit_per_domain", limit_per_domain), ("generate_limit_per_domain", generate_limit_per_domain)):
+        if v is not None and v <= 0:
+            raise MoAError(f"{name} must be a positive number of records, got {v}")
     moa_dir = Path(moa_dir)
     if not (moa_dir / "moa_config.json").is_file():
         raise MoAError(f"{moa_dir} is not an MoA checkpoint (no moa_config.json)")
@@ -292,9 +295,6 @@ def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=Non
     unknown = sorted({r.domain for r in records} - set(cfg["domains"]))
     if unknown:
         raise MoAError(f"{data}: unknown domain(s) {', '.join(unknown)} (the model's domains: {', '.join(cfg['domains'])})")
-    for name, v in (("limit_per_domain", limit_per_domain), ("generate_limit_per_domain", generate_limit_per_domain)):
-        if v is not None and v <= 0:
-            raise MoAError(f"{name} must be a positive number of records, got {v}")
     records = [records[i] for i in first_per_domain(records, limit_per_domain)]
     systems = list(systems or DEFAULT_SYSTEMS)
     extra = dict(extra or {})
