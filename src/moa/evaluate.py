@@ -457,6 +457,7 @@ def _cmd_eval(args) -> int:
             systems.append(s)
     metrics = run_eval(args.moa, args.data, args.out, systems, routing=args.routing, mixed_lora=args.mixed_lora,
                        single_lora=args.single_lora, extra=extra, limit_per_domain=args.limit,
-                       generate_limit_per_domain=args.generate_limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, generate=not args.no_generate)
+                       generate_limit_per_domain=args.generate_limit, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, generate=not args.no_generate)
     print(format_table(metrics))
     return 0
