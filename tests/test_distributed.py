@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -71,7 +73,10 @@ def hook(event, args):
         busy[0] = False
 
 def report():
-    print("moa-audit " + json.dumps({"rank": RANK, "touched": touched}), flush=True)
+    # One file per rank: the ranks share stdout, where two long lines can interleave.
+    busy[0] = True
+    with open(os.path.join(os.environ["MOA_AUDIT_REPORTS"], f"rank-{RANK}.json"), "w") as f:
+        json.dump({"rank": RANK, "touched": touched}, f)
 
 atexit.register(report)
 sys.addaudithook(hook)
@@ -84,8 +89,9 @@ def torchrun(tmp_path: Path, args: list) -> tuple[str, dict[str, list[str]]]:
     """Run `torchrun --nproc_per_node 2 moa ARGS`; returns (output, {rank: files touched})."""
     wrapper = tmp_path / "audit_rank.py"
     wrapper.write_text(AUDIT)
-    env = {**os.environ, "MOA_AUDIT_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1"}
+    reports = Path(tempfile.mkdtemp(prefix="moa-audit-"))  # outside the audited tree
+    env = {**os.environ, "MOA_AUDIT_DIR": str(tmp_path), "MOA_AUDIT_REPORTS": str(reports), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", str(wrapper), str(MOA), "--debug", *map(str, args)]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -97,10 +103,10 @@ def torchrun(tmp_path: Path, args: list) -> tuple[str, dict[str, list[str]]]:
                     f"{out.strip()[-600:]}")
     assert proc.returncode == 0, f"{' '.join(cmd)}\nexit {proc.returncode}\n{out[-6000:]}"
     audits = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("moa-audit "):
-            a = json.loads(line[len("moa-audit "):])
-            audits[a["rank"]] = a["touched"]
+    for f in sorted(reports.glob("rank-*.json")):
+        a = json.loads(f.read_text())
+        audits[a["rank"]] = a["touched"]
+    shutil.rmtree(reports, ignore_errors=True)
     assert set(audits) == {"0", "1"}, out[-3000:]
     return out, audits
 

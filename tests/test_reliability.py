@@ -237,9 +237,10 @@ def _tiny_moa(tiny_base, tmp_path):
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_base, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", synthetic_records(12))
     out = tmp_path / "run"
-    cmd = _train_cmd(tiny_base, data, out, steps=400)
+    cmd = _train_cmd(tiny_base, data, out, steps=20000)  # far more than it runs before the signal
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_checkpoint(out, 8, proc)
+    assert proc.poll() is None, "the run ended before the signal: " + proc.communicate()[1][-2000:]
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]

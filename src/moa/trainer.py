@@ -392,11 +392,23 @@ class Trainer:
         bar = tqdm(total=self.total, initial=self.step, desc=self.desc, disable=not self.acc.is_main_process,
                    dynamic_ncols=True, mininterval=1.0)
         interrupted = False
-        old_handler = signal.getsignal(signal.SIGTERM)
+        # Ctrl-C / SIGTERM ask for a stop at the end of the current step, where the state is
+        # consistent (a KeyboardInterrupt raised at an arbitrary point can land in a destructor,
+        # where Python ignores it). A second signal stops at once.
+        requested: list[int] = []
+
+        def request_stop(signum, frame):
+            if requested:
+                raise KeyboardInterrupt
+            requested.append(signum)
+
+        old_handlers = {}
         try:
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
-        except ValueError:  # not in the main thread
-            old_handler = None
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old_handlers[sig] = signal.getsignal(sig)
+                signal.signal(sig, request_stop)
+        except ValueError:  # not in the main thread: no handlers
+            old_handlers = {}
         try:
             while self.step < self.total:
                 t0 = time.perf_counter()
@@ -429,6 +441,8 @@ class Trainer:
                 self.log.append(row)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if k in ("loss", "lm_loss", "router_loss", "router_acc")} | {"tok/s": f"{n_tok / dt:.0f}"}, refresh=False)
                 bar.update(1)
+                if requested:
+                    raise KeyboardInterrupt
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total:
                     self.save_checkpoint()
         except KeyboardInterrupt:
@@ -440,8 +454,8 @@ class Trainer:
                            "rerun the same command with --resume to continue")
         finally:
             bar.close()
-            if old_handler is not None:
-                signal.signal(signal.SIGTERM, old_handler)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
         self.model.eval()
         return TrainResult(self.step, self.log, interrupted, time.time() - t_start)
 
