@@ -52,10 +52,10 @@ PROFILES = {
     # at the stage-1 lr, the few-token answers (one letter, a number) of such tiny per-expert
     # batches made those experts worse on the valid split.
     "quick": Profile(expert_steps=16, stage2_steps=24, batch_size=4, lr=2e-3, stage2_lr=4e-4, router_lr=3e-3,
-                     eta=1.0, max_length=192, eval_per_domain=None, generate_per_domain=10, max_new_tokens=40),
+                     eta=0.1, max_length=192, eval_per_domain=None, generate_per_domain=10, max_new_tokens=40),
     # The comparison of docs/RESULTS.md: all baselines and ablations, and the eta sweep.
     "full": Profile(expert_steps=24, stage2_steps=32, batch_size=4, lr=2e-3, stage2_lr=4e-4, router_lr=3e-3,
-                    eta=1.0, max_length=256, eval_per_domain=None, generate_per_domain=10, max_new_tokens=40,
+                    eta=0.1, max_length=256, eval_per_domain=None, generate_per_domain=10, max_new_tokens=40,
                     ablations=True),
 }
 
