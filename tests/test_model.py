@@ -175,6 +175,12 @@ def test_sampling_is_seeded_and_stop_strings_cut_the_text(moa):
     assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
 
 
+def test_a_tiny_sampling_temperature_is_greedy_not_nan(moa):
+    greedy = moa.generate(["hi"], domains="fin", max_new_tokens=6)[0]
+    tiny = moa.generate(["hi"], domains="fin", do_sample=True, temperature=1e-105, seed=1, max_new_tokens=6)[0]
+    assert tiny.text == greedy.text
+
+
 def test_unknown_domain_and_empty_prompt_are_user_errors(moa):
     with pytest.raises(MoAError, match=r"unknown domain 'poetry'.*fin, med"):
         moa.generate(["hi"], domains=["poetry"])

@@ -792,7 +792,11 @@ def _next_token(logits: Tensor, do_sample: bool, temperature: float, top_p: floa
     """logits: (B, V) -> next token (B,): greedy, or sampled with temperature and nucleus top_p."""
     if not do_sample or temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature  # (B, V)
+    # float64, and the maximum shifted to 0 first: a tiny temperature (down to the smallest float)
+    # then sends the others to -inf (greedy in the limit) instead of overflowing every logit to
+    # inf, or turning into 0 in float32, and the softmax into NaN.
+    logits = logits.double()
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature  # (B, V)
     if top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)  # (B, V)
         p = sorted_logits.softmax(-1)  # (B, V)
