@@ -46,6 +46,19 @@ def test_assembled_checkpoint_layout(pipeline):
     assert (moa0 / "router.safetensors").is_file()
 
 
+def test_eval_of_the_stage2_checkpoint_finds_its_stage1_experts(pipeline, capsys):
+    """single_lora needs no --single-lora: stage 2 keeps the assembled checkpoint's provenance."""
+    root = pipeline["root"]
+    assert cli("eval", "--moa", root / "moa1", "--data", pipeline["test"], "--out", root / "eval",
+               "--systems", "single_lora", "moa", "--limit", "2", "--no-generate") == 0
+    assert "skipping single_lora" not in capsys.readouterr().err
+    m = json.loads((root / "eval" / "metrics.json").read_text())
+    assert set(m["systems"]) == {"single_lora", "moa"}
+    assert m["records_per_domain"] == {"math": 2, "echo": 2, "json": 2}
+    for d in ("math", "echo", "json"):
+        assert m["systems"]["single_lora"][d]["ppl"] > 1.0
+
+
 def test_stage2_routes_a_separable_set_and_logs(pipeline, capsys):
     root = pipeline["root"]
     log = [json.loads(l) for l in open(root / "moa1" / "train_log.jsonl")]

@@ -255,9 +255,8 @@ def evaluate_system(system: System, records, tok, *, batch_size: int = 8, max_le
     return result
 
 
-def stage1_adapters(moa_dir: Path) -> dict[str, Path] | None:
-    """The stage-1 adapters an MoA checkpoint was assembled from (recorded in its provenance)."""
-    cfg = json.loads((Path(moa_dir) / "moa_config.json").read_text())
+def stage1_adapters(cfg: dict) -> dict[str, Path] | None:
+    """The stage-1 adapters an MoA checkpoint (its moa_config.json) was assembled from, by provenance."""
     prov = cfg.get("provenance") or {}
     found = prov.get("assembled_from") or (prov.get("stage1") or {})
     if not found:
@@ -281,15 +280,13 @@ def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=Non
     from moa.base import DEFAULT_BASE
     from moa.data import read_records
     from moa.io import atomic_write_json, atomic_write_text
-    from moa.model import MoAModel
+    from moa.model import MoAModel, read_moa_config
 
     for name, v in (("limit_per_domain", limit_per_domain), ("generate_limit_per_domain", generate_limit_per_domain)):
         if v is not None and v <= 0:
             raise MoAError(f"{name} must be a positive number of records, got {v}")
     moa_dir = Path(moa_dir)
-    if not (moa_dir / "moa_config.json").is_file():
-        raise MoAError(f"{moa_dir} is not an MoA checkpoint (no moa_config.json)")
-    cfg = json.loads((moa_dir / "moa_config.json").read_text())
+    cfg = read_moa_config(moa_dir)  # present, valid JSON, a format this moa reads
     base = cfg.get("base") or DEFAULT_BASE
     records, _ = read_records(data)
     unknown = sorted({r.domain for r in records} - set(cfg["domains"]))
@@ -299,7 +296,7 @@ def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=Non
     systems = list(systems or DEFAULT_SYSTEMS)
     extra = dict(extra or {})
     single = {d: Path(p) for d, p in single_lora.items()} if isinstance(single_lora, dict) else (
-        _adapters_in(Path(single_lora), cfg["domains"]) if single_lora else stage1_adapters(moa_dir))
+        _adapters_in(Path(single_lora), cfg["domains"]) if single_lora else stage1_adapters(cfg))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     domains = [d for d in cfg["domains"] if any(r.domain == d for r in records)]

@@ -327,7 +327,11 @@ def train_mixture(
         return summary
     model.set_trainable(experts=False, routers=False)
     if trainer.acc.is_main_process:
-        publish_checkpoint(model, out, {"stage2": run_config, "summary": summary})
+        provenance = {"stage2": run_config, "summary": summary}
+        stage1 = model.provenance.get("assembled_from")
+        if init == "experts" and stage1 and set(stage1) == set(domains):
+            provenance["assembled_from"] = stage1  # `moa eval`'s single_lora baseline finds them here
+        publish_checkpoint(model, out, provenance)
         write_run_files(out, run_config, result.log, desc)
     trainer.acc.wait_for_everyone()
     return summary
