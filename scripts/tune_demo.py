@@ -36,6 +36,11 @@ def main() -> None:
     p.add_argument("--allocation", type=float, default=0.5, help="stage-1 steps ~ domain size ** this")
     p.add_argument("--stage1-steps", type=int, default=80, help="stage-1 steps over all domains")
     p.add_argument("--stage2-steps", type=int, default=24)
+    p.add_argument("--seed-steps", type=int, default=0,
+                   help="first train a seed LoRA on all domains for this many steps and start every expert "
+                        "from it (counted in the mixed LoRA's steps)")
+    p.add_argument("--eta", type=float, default=0.1)
+    p.add_argument("--detach-router-inputs", action="store_true")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=192)
     p.add_argument("--mixed-from", default=None, help="reuse this mixed LoRA (same lr and total steps)")
@@ -54,20 +59,26 @@ def main() -> None:
         return TrainConfig(max_steps=n, batch_size=args.batch_size, lr=lr, max_length=args.max_length, seed=0)
 
     t0 = time.time()
+    seed = None
+    if args.seed_steps:
+        seed = out / "seed"
+        train_expert(data=data / "train.jsonl", domain=None, out=seed, rank=8, alpha=16.0,
+                     cfg=cfg(args.seed_steps, args.lr), overwrite=True, records=train)
     experts = {d: out / "experts" / d for d in domains}
     for d in domains:
         train_expert(data=data / "train.jsonl", domain=d, out=experts[d], rank=8, alpha=16.0,
-                     cfg=cfg(steps[d], args.lr), overwrite=True, records=train)
+                     cfg=cfg(steps[d], args.lr), overwrite=True, records=train, init_adapter=seed)
     MoAModel.from_adapters([experts[d] for d in domains], domains=domains).save_pretrained(
         out / "moa_assembled", provenance={"assembled_from": {d: str(experts[d].resolve()) for d in domains}})
-    train_mixture(moa_dir=out / "moa_assembled", data=data / "train.jsonl", out=out / "moa", eta=1.0,
+    train_mixture(moa_dir=out / "moa_assembled", data=data / "train.jsonl", out=out / "moa", eta=args.eta,
                   router_lr=args.router_lr, cfg=cfg(args.stage2_steps, args.stage2_lr), overwrite=True,
+                  router_loss_to_experts=not args.detach_router_inputs,
                   records=train)
     mixed = Path(args.mixed_from) if args.mixed_from else None
     if mixed is None and not args.no_mixed:
         mixed = out / "mixed_lora"
         train_expert(data=data / "train.jsonl", domain=None, out=mixed, rank=8, alpha=16.0,
-                     cfg=cfg(args.stage1_steps + args.stage2_steps, args.lr), overwrite=True, records=train)
+                     cfg=cfg(args.seed_steps + args.stage1_steps + args.stage2_steps, args.lr), overwrite=True, records=train)
     print(f"trained in {time.time() - t0:.0f} s", flush=True)
     systems = ["single_lora", "moa"] + (["mixed_lora"] if mixed else [])
     m = run_eval(out / "moa", data / "valid.jsonl", out / "valid_eval", systems, mixed_lora=mixed,

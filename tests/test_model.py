@@ -222,6 +222,30 @@ def test_stage2_loss_trains_experts_and_routers_but_not_the_base(moa_dir):
     assert {f"routers.{i}.weight" for i in range(model.num_layers)} <= names
 
 
+def test_router_loss_reaches_the_experts_only_when_asked(moa_dir):
+    """router_loss_to_experts=False: the routers read detached hidden states, so the router
+    loss trains the routers and leaves every expert's gradient at exactly zero."""
+    grads = {}
+    for to_experts in (True, False):
+        model = MoAModel.from_pretrained(moa_dir)
+        model.train()
+        ids, mask = batch(model.tokenizer, PROMPTS[:4])
+        out = model(input_ids=ids, attention_mask=mask, domain_ids=torch.tensor([0, 1, 0, 1]),
+                    return_router_logits=True, router_loss_to_experts=to_experts)
+        out.router_loss.backward()
+        grads[to_experts] = {n: (p.grad.abs().sum().item() if p.grad is not None else 0.0)
+                             for n, p in model.named_parameters() if p.requires_grad}
+    experts = [n for n in grads[True] if "lora_" in n]
+    routers = [n for n in grads[True] if n.startswith("routers.")]
+    assert experts and routers
+    assert sum(grads[True][n] for n in experts) > 0
+    assert all(grads[False][n] == 0.0 for n in experts)
+    # the routers of layers after the first read states the experts changed: same gradient either way
+    for n in routers:
+        assert grads[False][n] == pytest.approx(grads[True][n], rel=1e-5), n
+        assert grads[False][n] > 0, n
+
+
 def test_gradient_checkpointing_replays_the_routing(moa_dir):
     """The backward recomputation of a checkpointed layer must use the forward's experts."""
     ids = None

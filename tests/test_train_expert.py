@@ -134,3 +134,31 @@ def test_score_cli_writes_lines_and_summary(tiny_base, tmp_path, toy_data, capsy
     assert len(rows) == 8 and all(r["domain"] == "echo" and r["tokens"] > 0 and r["logprob"] < 0 for r in rows)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(summary) == {"echo"} and summary["echo"]["tokens"] == sum(r["tokens"] for r in rows)
+
+
+def test_init_adapter_starts_from_the_seed_and_rejects_a_mismatch(tiny_base, tmp_path, toy_data, capsys):
+    common = ["train-expert", "--data", toy_data, "--base", tiny_base, *FAST]
+    seed = tmp_path / "seed"
+    assert run_cli([*common, "--domain", "math", "--out", seed, "--max-steps", "6"]) == 0
+    # One step at a negligible lr from the seed: the expert is the seed (and not the fresh init, B = 0).
+    assert run_cli([*common, "--domain", "json", "--out", tmp_path / "from_seed", "--max-steps", "1",
+                    "--lr", "1e-12", "--init-adapter", seed]) == 0
+    s = load_file(seed / "adapter_model.safetensors")
+    e = load_file(tmp_path / "from_seed" / "adapter_model.safetensors")
+    assert s.keys() == e.keys()
+    for k in s:
+        torch.testing.assert_close(e[k], s[k], atol=1e-9, rtol=0)
+    assert any(k.endswith("lora_B.weight") and s[k].abs().sum() > 0 for k in s)
+    cfg = json.loads((tmp_path / "from_seed" / "train_config.json").read_text())
+    assert cfg["init_adapter"] == str(seed.resolve())
+    # A seed of another rank or other modules is refused before anything is written.
+    capsys.readouterr()
+    assert run_cli([*common, "--domain", "json", "--out", tmp_path / "r", "--max-steps", "1",
+                    "--init-adapter", seed, "--rank", "4"]) == 2
+    assert "has rank 16" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert run_cli([*common, "--domain", "json", "--out", tmp_path / "t", "--max-steps", "1",
+                    "--init-adapter", seed, "--targets", "q_proj"]) == 2
+    assert "does not adapt the same modules" in capsys.readouterr().err and not (tmp_path / "t").exists()
+    assert run_cli([*common, "--domain", "json", "--out", tmp_path / "m", "--max-steps", "1",
+                    "--init-adapter", tmp_path / "nothing"]) == 2
+    assert "not a PEFT adapter directory" in capsys.readouterr().err

@@ -40,6 +40,10 @@ class Profile:
     """Full profile: also mixed_lora_wide, moe_lora, classifier_loras, moa_last, moa_layer,
     moa_no_router_loss (eta=0), moa_random_init, and a sweep of eta on the valid split."""
     eta_sweep: tuple = (0.1, 1.0, 10.0)
+    seed_steps: int = 0
+    """Steps of a shared seed LoRA on all the training data (natural proportions) that every
+    stage-1 expert starts from (0: experts start from the fresh LoRA init, as in the paper).
+    They count in the mixed LoRA's budget: it gets seed + stage-1 + stage-2 steps."""
     allocation: float = 0.5
     """Stage-1 steps of a domain proportional to (its number of training records) ** allocation:
     0 gives every expert the same steps, 1 follows the data's own proportions (as the mixed
@@ -130,6 +134,16 @@ def run_demo(profile: str | Profile = "quick", out: str | Path = "runs/demo", da
             raise KeyboardInterrupt
         return summary
 
+    # Optional seed: one LoRA on all the data that every expert starts from (what the domains
+    # share, such as the chat format and stopping after the answer, is learned once).
+    seed_dir = None
+    if p.seed_steps:
+        t = time.time()
+        seed_dir = out / "seed"
+        check(train_expert(data=data_dir / "train.jsonl", domain=None, out=seed_dir, base=base, rank=p.rank,
+                           alpha=p.alpha, cfg=cfg(p.seed_steps, p.lr), overwrite=overwrite, records=train))
+        timings["seed"] = time.time() - t
+
     # Stage 1: one expert per domain.
     t = time.time()
     sizes = {d: sum(r.domain == d for r in train) for d in domains}
@@ -139,7 +153,8 @@ def run_demo(profile: str | Profile = "quick", out: str | Path = "runs/demo", da
     for d in domains:
         expert_dirs[d] = out / "experts" / d
         check(train_expert(data=data_dir / "train.jsonl", domain=d, out=expert_dirs[d], base=base, rank=p.rank,
-                           alpha=p.alpha, cfg=cfg(expert_steps[d], p.lr), overwrite=overwrite, records=train))
+                           alpha=p.alpha, cfg=cfg(expert_steps[d], p.lr), overwrite=overwrite, records=train,
+                           init_adapter=seed_dir))
     timings["stage1"] = time.time() - t
 
     # Assemble and stage 2.
@@ -152,9 +167,9 @@ def run_demo(profile: str | Profile = "quick", out: str | Path = "runs/demo", da
                         overwrite=overwrite, records=train))
     timings["stage2"] = time.time() - t
 
-    # Baseline: one LoRA on the mixed data, as many optimizer steps as stage 1 + stage 2.
+    # Baseline: one LoRA on the mixed data, as many optimizer steps as (seed +) stage 1 + stage 2.
     t = time.time()
-    mixed_steps = sum(expert_steps.values()) + p.stage2_steps
+    mixed_steps = p.seed_steps + sum(expert_steps.values()) + p.stage2_steps
     check(train_expert(data=data_dir / "train.jsonl", domain=None, out=out / "mixed_lora", base=base, rank=p.rank,
                        alpha=p.alpha, cfg=cfg(mixed_steps, p.lr), overwrite=overwrite, records=train))
     timings["mixed_lora"] = time.time() - t
@@ -222,7 +237,7 @@ def run_demo(profile: str | Profile = "quick", out: str | Path = "runs/demo", da
     if p.ablations:
         metrics["eta_sweep"] = eta_sweep
     atomic_write_json(out / "metrics.json", metrics)
-    plot_all_losses(out, domains, out / "loss_curves.png")
+    plot_all_losses(out, domains, out / "loss_curves.png", seed_dir)
     for f in (out / "eval").glob("metric_*.png"):
         (out / f.name).write_bytes(f.read_bytes())
     table = format_table(metrics)
@@ -261,17 +276,21 @@ def say(msg: str) -> None:
     print(f"moa: {msg}", file=sys.stderr, flush=True)
 
 
-def plot_all_losses(out: Path, domains, path: Path) -> None:
+def plot_all_losses(out: Path, domains, path: Path, seed_dir: Path | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=110)
+    seed = _log(seed_dir) if seed_dir else []
+    if seed:  # the experts continue from the seed LoRA: its steps come first
+        axes[0].plot([r["step"] for r in seed], [r["loss"] for r in seed], label="seed (all domains)",
+                     lw=1, color="gray", ls="--")
     for d in domains:
         log = _log(out / "experts" / d)
-        axes[0].plot([r["step"] for r in log], [r["loss"] for r in log], label=d, lw=1)
-    axes[0].set_title("stage 1: expert LM loss")
+        axes[0].plot([len(seed) + r["step"] for r in log], [r["loss"] for r in log], label=d, lw=1)
+    axes[0].set_title("stage 1: expert LM loss" + (" (after the seed)" if seed else ""))
     log = _log(out / "moa")
     axes[1].plot([r["step"] for r in log], [r["lm_loss"] for r in log], label="LM loss", lw=1)
     axes[1].plot([r["step"] for r in log], [r["router_loss"] for r in log], label="router loss", lw=1)
@@ -302,6 +321,7 @@ def render_report(metrics: dict, route: dict, table: str, profile: str, timings:
              f"Domains: {', '.join(domains)}. PPL on {_per_domain(metrics['profile']['eval_per_domain'])} test "
              f"records per domain, generation metrics on {_per_domain(metrics['profile']['generate_per_domain'])}; "
              f"routing on all {route['n']} test records.", "",
+             _budget_line(metrics["profile"]), "",
              "## Results", "", table, "",
              f"Routing accuracy (vote, full test split): **{route['accuracy']:.4f}**", ""]
     if "moa" in s and "mixed_lora" in s:
@@ -322,6 +342,14 @@ def render_report(metrics: dict, route: dict, table: str, profile: str, timings:
               "![exact match](metric_exact_match.png)", "", "## Time", "",
               ", ".join(f"{k}: {v / 60:.1f} min" for k, v in timings.items()), ""]
     return "\n".join(lines)
+
+
+def _budget_line(prof: dict) -> str:
+    seed = prof.get("seed_steps") or 0
+    stage1 = sum(prof["expert_steps_per_domain"].values())
+    parts = ([f"seed LoRA {seed}"] if seed else []) + [f"stage 1 {stage1}", f"stage 2 {prof['stage2_steps']}"]
+    return (f"Optimizer steps (batch {prof['batch_size']}): MoA {' + '.join(parts)} = "
+            f"{seed + stage1 + prof['stage2_steps']}; mixed-data LoRA {prof['mixed_lora_steps']}.")
 
 
 def _per_domain(n: int | None) -> str:

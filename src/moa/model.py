@@ -433,6 +433,7 @@ class MoAModel(nn.Module):
         prompt_mask: Tensor | None = None,
         labels: Tensor | None = None,
         return_router_logits: bool = False,
+        router_loss_to_experts: bool = True,
         past_key_values: Any = None,
         use_cache: bool = False,
         **kwargs,
@@ -449,6 +450,8 @@ class MoAModel(nn.Module):
             prompt_mask: (B, T) bool, the tokens the routers pool over (default: attention_mask).
             labels: (B, T) with -100 on ignored tokens; shifted inside as in transformers.
             return_router_logits: explicit routing also runs the routers (stage-2 router loss).
+            router_loss_to_experts: with return_router_logits, whether the router loss may reach the
+                experts through the hidden states the routers read (False: routers read detached states).
             past_key_values / use_cache: KV cache, passed to the base model; routers cannot run
                 on a continuation, so use explicit routing (domain_ids) with a cache.
         """
@@ -473,7 +476,7 @@ class MoAModel(nn.Module):
         if routing == "explicit":
             expert_ids = self._expert_ids(domains, domain_ids, B)  # (B,)
             state = RoutingState("fixed", expert_ids, pool_mask if return_router_logits else None,
-                                 run_routers=return_router_logits)
+                                 run_routers=return_router_logits, detach_router_inputs=not router_loss_to_experts)
             out = self._run(state, base_kwargs)
             if return_router_logits:
                 logits_per_layer = state.logits

@@ -150,6 +150,9 @@ class RoutingState:
     """(B, T) bool: the tokens the routers pool over (prompt tokens, no padding)."""
     run_routers: bool = False
     gates: Callable[[int, Tensor], Tensor] | None = None
+    detach_router_inputs: bool = False
+    """Routers read detached hidden states: their loss trains the routers only, never the
+    experts that produced those states."""
     stop_after: int | None = None
     """End the forward (raise RoutingDone) once this layer's router has run: a routing pass."""
     logits: list[Tensor] = field(default_factory=list)
@@ -185,7 +188,7 @@ class RoutingState:
                     f"routers pool over a mask of shape {tuple(self.pool_mask.shape)} but layer {i} got "
                     f"hidden states of shape {tuple(hidden.shape[:2])} (routers only run on a whole prompt)"
                 )
-            logits = router(hidden, self.pool_mask)  # (B, E)
+            logits = router(hidden.detach() if self.detach_router_inputs else hidden, self.pool_mask)  # (B, E)
             self.logits.append(logits)
             if self.stop_after == i:
                 raise RoutingDone

@@ -73,11 +73,14 @@ def train_expert(
     overwrite: bool = False,
     skip_invalid: bool = False,
     records=None,
+    init_adapter: str | Path | None = None,
 ) -> dict:
     """Train one LoRA expert on the records of `domain` and write a PEFT adapter to `out`.
 
     Returns a summary dict (steps, final loss, seconds). `records` may be passed instead of
     reading `data` again (used by the demo, which trains several experts from one file).
+    `init_adapter`: start from this PEFT LoRA adapter's weights (same rank, alpha and target
+    modules) instead of the fresh LoRA init, e.g. a shared seed LoRA trained on all domains.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -99,6 +102,18 @@ def train_expert(
         "base": base_reference(base), "rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets,
         "train": _cfg_dict(cfg),
     }
+    if init_adapter is not None:
+        from moa.model import _read_adapter
+
+        seed = _read_adapter(init_adapter)  # fail before anything is written
+        if seed.r != rank or float(seed.alpha) != float(alpha):
+            raise MoAError(f"--init-adapter {init_adapter} has rank {seed.r} and alpha {seed.alpha}; this run "
+                           f"asks for rank {rank} and alpha {alpha} (pass the same --rank and --alpha)")
+        seed_targets = sorted({path.rsplit(".", 1)[-1] for path in seed.weights})
+        if seed_targets != sorted(set(targets)):
+            raise MoAError(f"--init-adapter {init_adapter} does not adapt the same modules: it adapts "
+                           f"{','.join(seed_targets)}, this run --targets {','.join(targets)}")
+        run_config["init_adapter"] = str(Path(init_adapter).resolve())
     # domain None: one LoRA on every record in natural proportions (the mixed-data baseline).
     if records is None:
         records = load_training_records(data, [domain] if domain else None, skip_invalid)
@@ -123,6 +138,8 @@ def train_expert(
                       bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
     peft_model.peft_config["default"].base_model_name_or_path = base_reference(base)
+    if init_adapter is not None:
+        load_lora_init(peft_model, init_adapter, rank=rank, alpha=alpha, targets=targets)
     names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     params = dict(peft_model.named_parameters())
 
@@ -160,6 +177,33 @@ def train_expert(
     return summary
 
 
+def load_lora_init(peft_model, adapter_dir: str | Path, *, rank: int, alpha: float, targets: list[str]) -> None:
+    """Copy the LoRA weights of the PEFT adapter at `adapter_dir` into `peft_model` (its fresh,
+    trainable 'default' adapter). The adapter must have the same rank and alpha and adapt exactly
+    the same modules; otherwise a MoAError says what differs."""
+    from moa.model import _read_adapter
+
+    src = _read_adapter(adapter_dir)
+    if src.r != rank or float(src.alpha) != float(alpha):
+        raise MoAError(f"--init-adapter {adapter_dir} has rank {src.r} and alpha {src.alpha}; this run asks "
+                       f"for rank {rank} and alpha {alpha} (pass the same --rank and --alpha)")
+    mods = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+    if set(src.weights) != set(mods):
+        extra, missing = sorted(set(src.weights) - set(mods)), sorted(set(mods) - set(src.weights))
+        raise MoAError(f"--init-adapter {adapter_dir} does not adapt the same modules as --targets "
+                       f"{','.join(targets)}: {len(extra)} only in the adapter (e.g. {extra[:2]}), "
+                       f"{len(missing)} only in this run (e.g. {missing[:2]})")
+    with torch.no_grad():
+        for path, (a, b) in src.weights.items():
+            la, lb = mods[path].lora_A["default"].weight, mods[path].lora_B["default"].weight
+            if la.shape != a.shape or lb.shape != b.shape:
+                raise MoAError(f"--init-adapter {adapter_dir}: {path} has shapes {tuple(a.shape)} / "
+                               f"{tuple(b.shape)}, this base needs {tuple(la.shape)} / {tuple(lb.shape)}")
+            la.copy_(a)
+            lb.copy_(b)
+
+
 def save_adapter(peft_model, out: Path, info: dict) -> None:
     """Write the PEFT adapter files into `out` atomically (each file: temp + fsync + rename)."""
     from moa.io import atomic_dir, atomic_write_json
@@ -194,7 +238,8 @@ def router_loss_terms(router_logits, domain_ids, global_rows: int):
     return ce / global_rows, correct
 
 
-def stage2_loss(m, batch: dict, *, eta: float, train_routers: bool = True) -> tuple[torch.Tensor, dict]:
+def stage2_loss(m, batch: dict, *, eta: float, train_routers: bool = True,
+                router_loss_to_experts: bool = True) -> tuple[torch.Tensor, dict]:
     """The stage-2 loss of one micro-batch: LM loss + eta * router loss, and the metrics logged.
 
     `m` is the MoAModel (possibly wrapped for data parallelism); every row uses its label's
@@ -207,7 +252,7 @@ def stage2_loss(m, batch: dict, *, eta: float, train_routers: bool = True) -> tu
     # skips it in the model; the frozen head is applied here outside any DDP wrapper).
     o = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], domain_ids=dom,
           prompt_mask=batch["prompt_mask"], routing="explicit", return_router_logits=train_routers,
-          output_hidden_states=True, logits_to_keep=1)
+          router_loss_to_experts=router_loss_to_experts, output_hidden_states=True, logits_to_keep=1)
     head = getattr(m, "module", m).base_model.get_output_embeddings()
     lm = label_loss_sum(head, o.hidden_states[-1], batch["labels"]) / batch["global_tokens"]
     if not train_routers:
@@ -239,6 +284,7 @@ def train_mixture(
     model=None,
     experts_trainable: bool | list[str] | None = None,
     train_routers: bool = True,
+    router_loss_to_experts: bool = True,
     desc: str = "stage 2",
 ) -> dict:
     """Stage 2: train routers and experts jointly on domain-balanced mixed batches.
@@ -274,6 +320,8 @@ def train_mixture(
         "data": str(Path(data).resolve()) if data else None, "domains": domains, "eta": eta, "init": init,
         "router_only": router_only, "router_lr": router_lr, "train": _cfg_dict(cfg),
     }
+    if not router_loss_to_experts:
+        run_config["router_loss_to_experts"] = False
     start_run(out, run_config, resume=resume, overwrite=overwrite)
     torch.manual_seed(cfg.seed)
     if init == "random":
@@ -308,7 +356,8 @@ def train_mixture(
                 p.copy_(t[n])
 
     def loss_fn(m, batch):
-        return stage2_loss(m, batch, eta=eta, train_routers=train_routers)
+        return stage2_loss(m, batch, eta=eta, train_routers=train_routers,
+                           router_loss_to_experts=router_loss_to_experts)
 
     trainer = Trainer(
         model=model, params=groups, examples=examples, sampler=sampler, loss_fn=loss_fn, cfg=cfg, out=out,
@@ -384,6 +433,9 @@ def register(sub) -> None:
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
     p.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated module names to adapt")
+    p.add_argument("--init-adapter", default=None, metavar="DIR",
+                   help="start from this LoRA adapter (same rank, alpha, targets) instead of a fresh init, "
+                        "e.g. a seed LoRA trained on all domains (the demo's 'seed' stage)")
     add_train_args(p)
     p.set_defaults(func=_cmd_train_expert)
 
@@ -416,6 +468,7 @@ def _cmd_train_expert(args) -> int:
         data=args.data, domain=args.domain, out=args.out, base=args.base, rank=args.rank, alpha=args.alpha,
         dropout=args.dropout, targets=parse_targets(args.targets), cfg=config_from_args(args),
         resume=args.resume, overwrite=args.overwrite, skip_invalid=args.skip_invalid,
+        init_adapter=args.init_adapter,
     )
     if summary["interrupted"]:
         return 130
