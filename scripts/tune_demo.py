@@ -41,6 +41,8 @@ def main() -> None:
                         "from it (counted in the mixed LoRA's steps)")
     p.add_argument("--eta", type=float, default=0.1)
     p.add_argument("--detach-router-inputs", action="store_true")
+    p.add_argument("--lr-scaling", action="store_true",
+                   help="token square-root lr scaling in stage 1 and stage 2 (--stage2-lr is then the reference lr)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=192)
     p.add_argument("--mixed-from", default=None, help="reuse this mixed LoRA (same lr and total steps)")
@@ -67,12 +69,14 @@ def main() -> None:
     experts = {d: out / "experts" / d for d in domains}
     for d in domains:
         train_expert(data=data / "train.jsonl", domain=d, out=experts[d], rank=8, alpha=16.0,
-                     cfg=cfg(steps[d], args.lr), overwrite=True, records=train, init_adapter=seed)
+                     cfg=cfg(steps[d], args.lr), overwrite=True, records=train, init_adapter=seed,
+                     lr_scaling="tokens" if args.lr_scaling else "none")
     MoAModel.from_adapters([experts[d] for d in domains], domains=domains).save_pretrained(
         out / "moa_assembled", provenance={"assembled_from": {d: str(experts[d].resolve()) for d in domains}})
     train_mixture(moa_dir=out / "moa_assembled", data=data / "train.jsonl", out=out / "moa", eta=args.eta,
                   router_lr=args.router_lr, cfg=cfg(args.stage2_steps, args.stage2_lr), overwrite=True,
                   router_loss_to_experts=not args.detach_router_inputs,
+                  expert_lr_scaling="tokens" if args.lr_scaling else "none",
                   records=train)
     mixed = Path(args.mixed_from) if args.mixed_from else None
     if mixed is None and not args.no_mixed:

@@ -149,3 +149,45 @@ def test_add_expert_shape_mismatch_is_a_clear_error(pipeline, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("moa: error: ") and "Traceback" not in err
     assert not (tmp_path / "bad" / "moa_config.json").exists()
+
+
+def test_expert_lr_scaling_scales_each_experts_update(pipeline, tmp_path, capsys):
+    """One stage-2 step with --expert-lr-scaling tokens moves each expert by exactly its
+    square-root-rule multiple of the unscaled step (same batch, same Adam state)."""
+    from moa.base import load_tokenizer
+    from moa.data import encode_records, read_records
+
+    root = pipeline["root"]
+    runs = {}
+    for mode in ("none", "tokens"):
+        out = tmp_path / mode
+        assert cli("train", "--moa", root / "moa0", "--data", pipeline["train"], "--out", out, "--max-steps", "1",
+                   "--lr", "1e-3", "--expert-lr-scaling", mode, *FAST) == 0
+        runs[mode] = MoAModel.from_pretrained(out)
+    assert "--expert-lr-scaling tokens: expert lr = 0.001 x" in capsys.readouterr().err
+    start = MoAModel.from_pretrained(root / "moa0")
+    # Expected multipliers, counted here from the tokenized records: sqrt(share * tokens_d / tokens_all).
+    records, _ = read_records(pipeline["train"])
+    examples, _ = encode_records(load_tokenizer(pipeline["base"]), records, 512)
+    count = {d: [sum(l != -100 for l in e.labels[1:]) for e in examples if e.domain == d] for d in start.domains}
+    mean_all = sum(map(sum, count.values())) / len(examples)
+    moved = 0
+    for d in start.domains:
+        scale = (sum(count[d]) / len(count[d]) / len(start.domains) / mean_all) ** 0.5
+        s0, s1, s2 = (m.expert_state_dict(d) for m in (start, runs["none"], runs["tokens"]))
+        for k in s0:
+            torch.testing.assert_close(s2[k] - s0[k], scale * (s1[k] - s0[k]), atol=1e-7, rtol=1e-4, msg=f"{d} {k}")
+            moved += int(not torch.equal(s1[k], s0[k]))
+    assert moved > 0
+
+
+def test_token_lr_scales_follow_the_square_root_rule_and_are_clipped():
+    from moa.train import LR_SCALE_RANGE, token_lr_scales
+
+    tpr = {"letter": 2.0, "essay": 200.0, "mid": 18.0, "*": 18.0}
+    s = token_lr_scales(tpr, {"letter": 1.0, "essay": 1.0, "mid": 1.0})
+    assert s["mid"] == pytest.approx(1.0) and s["letter"] == pytest.approx((2 / 18) ** 0.5)
+    assert s["essay"] == pytest.approx((200 / 18) ** 0.5)
+    assert token_lr_scales(tpr, {"mid": 0.25})["mid"] == pytest.approx(0.5)  # a quarter of the rows: half the lr
+    assert token_lr_scales({"x": 1e-6, "y": 1e6, "*": 1.0}, {"x": 1.0, "y": 1.0}) == {
+        "x": LR_SCALE_RANGE[0], "y": LR_SCALE_RANGE[1]}

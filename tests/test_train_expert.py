@@ -162,3 +162,17 @@ def test_init_adapter_starts_from_the_seed_and_rejects_a_mismatch(tiny_base, tmp
     assert run_cli([*common, "--domain", "json", "--out", tmp_path / "m", "--max-steps", "1",
                     "--init-adapter", tmp_path / "nothing"]) == 2
     assert "not a PEFT adapter directory" in capsys.readouterr().err
+
+
+def test_lr_scaling_tokens_gives_short_answers_a_smaller_lr(tiny_base, tmp_path, toy_data, capsys):
+    lrs = {}
+    for d in ("math", "json"):
+        out = tmp_path / d
+        assert run_cli(["train-expert", "--data", toy_data, "--domain", d, "--base", tiny_base, "--out", out,
+                        "--max-steps", "2", "--lr-scaling", "tokens", *FAST]) == 0
+        lrs[d] = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])["lr"]
+        assert f"label tokens per '{d}' row" in capsys.readouterr().err
+    # math answers are 1-2 digits, json answers a dict of ~10 tokens: below and above the mean
+    assert lrs["math"] < 1e-2 < lrs["json"]
+    cfg = json.loads((tmp_path / "math" / "train_config.json").read_text())
+    assert cfg["lr_scaling"] == "tokens" and cfg["train"]["lr"] == 1e-2

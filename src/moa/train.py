@@ -7,6 +7,7 @@ is trained and what is written.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -51,6 +52,37 @@ def encode_for_training(tok, records, max_length: int):
     return examples
 
 
+LR_SCALE_RANGE = (0.1, 10.0)
+
+
+def label_tokens_per_row(examples) -> dict[str, float]:
+    """Mean number of trained (label) tokens per row, per domain and over all rows ("*")."""
+    sums: dict[str, list[int]] = {}
+    for e in examples:
+        n = sum(1 for l in e.labels[1:] if l != -100)
+        s = sums.setdefault(e.domain, [0, 0])
+        s[0] += n
+        s[1] += 1
+    out = {d: t / max(1, r) for d, (t, r) in sums.items()}
+    rows = sum(r for _, r in sums.values())
+    out["*"] = sum(t for t, _ in sums.values()) / max(1, rows)
+    return out
+
+
+def token_lr_scales(tokens_per_row: dict[str, float], row_share: dict[str, float]) -> dict[str, float]:
+    """Learning-rate multipliers by the square-root rule for Adam: the noise of a gradient
+    estimate falls with the number of tokens behind it, and Adam's best lr grows with the
+    square root of that number. The reference is one LoRA on all the data (tokens_per_row["*"]
+    per row, every row of the batch): a domain whose rows are `row_share` of each batch and
+    carry tokens_per_row[d] label tokens gets sqrt(row_share * tokens_per_row[d] / tokens_per_row["*"]).
+    Short answers (a letter, a number) get a smaller lr, long ones a larger; clipped to
+    LR_SCALE_RANGE."""
+    ref = tokens_per_row["*"]
+    lo, hi = LR_SCALE_RANGE
+    return {d: min(hi, max(lo, math.sqrt(share * tokens_per_row[d] / ref))) if ref > 0 else 1.0
+            for d, share in row_share.items()}
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -74,6 +106,7 @@ def train_expert(
     skip_invalid: bool = False,
     records=None,
     init_adapter: str | Path | None = None,
+    lr_scaling: str = "none",
 ) -> dict:
     """Train one LoRA expert on the records of `domain` and write a PEFT adapter to `out`.
 
@@ -81,6 +114,8 @@ def train_expert(
     reading `data` again (used by the demo, which trains several experts from one file).
     `init_adapter`: start from this PEFT LoRA adapter's weights (same rank, alpha and target
     modules) instead of the fresh LoRA init, e.g. a shared seed LoRA trained on all domains.
+    `lr_scaling="tokens"`: cfg.lr is the lr of one LoRA on all the records of `data`; this
+    domain's expert uses it times `token_lr_scales` (fewer label tokens per row: smaller lr).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -96,6 +131,8 @@ def train_expert(
         raise MoAError(f"--alpha must be positive, got {alpha}")
     if not 0 <= dropout < 1:
         raise MoAError(f"--dropout must be in [0, 1), got {dropout}")
+    if lr_scaling not in ("none", "tokens"):
+        raise MoAError(f"--lr-scaling must be 'none' or 'tokens', got {lr_scaling!r}")
     out = Path(out)
     run_config = {
         "stage": "expert", "domain": domain, "data": str(Path(data).resolve()) if data else None,
@@ -114,7 +151,15 @@ def train_expert(
             raise MoAError(f"--init-adapter {init_adapter} does not adapt the same modules: it adapts "
                            f"{','.join(seed_targets)}, this run --targets {','.join(targets)}")
         run_config["init_adapter"] = str(Path(init_adapter).resolve())
+    if lr_scaling == "tokens":
+        run_config["lr_scaling"] = "tokens"
     # domain None: one LoRA on every record in natural proportions (the mixed-data baseline).
+    all_records = records if records is not None else (
+        load_training_records(data, None, skip_invalid) if lr_scaling == "tokens" and domain else None)
+    if records is None and all_records is not None:
+        records = [r for r in all_records if r.domain == domain]
+        if not records:
+            raise MoAError(f"{data}: no record of domain '{domain}'")
     if records is None:
         records = load_training_records(data, [domain] if domain else None, skip_invalid)
     elif domain is not None:
@@ -129,6 +174,16 @@ def train_expert(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     examples = encode_for_training(tok, records, cfg.max_length)
+    if lr_scaling == "tokens" and domain is not None:
+        from dataclasses import replace
+
+        from moa.data import encode_records
+
+        tpr = label_tokens_per_row(encode_records(tok, all_records, cfg.max_length)[0])
+        scale = token_lr_scales(tpr, {domain: 1.0})[domain]
+        print(f"moa: --lr-scaling tokens: {tpr[domain]:.1f} label tokens per '{domain}' row vs "
+              f"{tpr['*']:.1f} over all the data: lr {cfg.lr:g} x {scale:.3f} = {cfg.lr * scale:.3g}", file=sys.stderr)
+        cfg = replace(cfg, lr=cfg.lr * scale)
     present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     missing = [t for t in targets if t not in present]
     if missing:
@@ -285,6 +340,7 @@ def train_mixture(
     experts_trainable: bool | list[str] | None = None,
     train_routers: bool = True,
     router_loss_to_experts: bool = True,
+    expert_lr_scaling: str = "none",
     desc: str = "stage 2",
 ) -> dict:
     """Stage 2: train routers and experts jointly on domain-balanced mixed batches.
@@ -293,6 +349,9 @@ def train_mixture(
     forward; loss = LM loss + eta * mean over layers of router cross-entropy. Writes a complete
     MoA checkpoint to `out`. `model` may be given instead of loading `moa_dir` (add-expert uses
     it); `experts_trainable` overrides which experts train (default: all, none if router_only).
+    `expert_lr_scaling="tokens"`: cfg.lr is the lr of one LoRA on all the data; each expert's
+    updates use it times `token_lr_scales` for its share of the domain-balanced batch (1/E of
+    the rows) and its label tokens per row.
     """
     from moa.data import DomainBalancedSampler
     from moa.model import MoAModel
@@ -303,6 +362,8 @@ def train_mixture(
         raise MoAError(f"--init must be 'experts' or 'random', got {init!r}")
     if eta < 0:
         raise MoAError(f"--eta must be >= 0, got {eta}")
+    if expert_lr_scaling not in ("none", "tokens"):
+        raise MoAError(f"--expert-lr-scaling must be 'none' or 'tokens', got {expert_lr_scaling!r}")
     out = Path(out)
     if model is None:
         model = MoAModel.from_pretrained(moa_dir, base=base)
@@ -322,6 +383,8 @@ def train_mixture(
     }
     if not router_loss_to_experts:
         run_config["router_loss_to_experts"] = False
+    if expert_lr_scaling != "none":
+        run_config["expert_lr_scaling"] = expert_lr_scaling
     start_run(out, run_config, resume=resume, overwrite=overwrite)
     torch.manual_seed(cfg.seed)
     if init == "random":
@@ -359,9 +422,21 @@ def train_mixture(
         return stage2_loss(m, batch, eta=eta, train_routers=train_routers,
                            router_loss_to_experts=router_loss_to_experts)
 
+    update_scales = []
+    if expert_lr_scaling == "tokens" and expert_params:
+        tpr = label_tokens_per_row(examples)
+        scales = token_lr_scales(tpr, {d: 1.0 / len(domains) for d in domains if d in tpr})
+        print(f"moa: --expert-lr-scaling tokens: expert lr = {cfg.lr:g} x " +
+              ", ".join(f"{d} {s:.3f}" for d, s in scales.items()), file=sys.stderr)
+        per_expert = torch.tensor([scales.get(d, 1.0) for d in domains], dtype=torch.float32)  # (E,)
+        for mod in model.lora_modules.values():
+            for p in (mod.lora_A, mod.lora_B):  # (E, r, in) / (E, out, r)
+                update_scales.append((p, per_expert.view(-1, 1, 1)))
+
     trainer = Trainer(
         model=model, params=groups, examples=examples, sampler=sampler, loss_fn=loss_fn, cfg=cfg, out=out,
         pad_id=tok.pad_token_id, domains=domains, state_fn=state_fn, load_state_fn=load_state_fn, desc=desc,
+        update_scales=update_scales,
         log_prefix=f"{desc}: {len(domains)} domains, {len(examples)} records, ",
     )
     result = trainer.train(resume=resume)
@@ -436,6 +511,9 @@ def register(sub) -> None:
     p.add_argument("--init-adapter", default=None, metavar="DIR",
                    help="start from this LoRA adapter (same rank, alpha, targets) instead of a fresh init, "
                         "e.g. a seed LoRA trained on all domains (the demo's 'seed' stage)")
+    p.add_argument("--lr-scaling", choices=["none", "tokens"], default="none",
+                   help="tokens: --lr is the lr of one LoRA on all of --data; this expert's lr is scaled by "
+                        "sqrt(its label tokens per row / the mean over all the data) (square-root rule for Adam)")
     add_train_args(p)
     p.set_defaults(func=_cmd_train_expert)
 
@@ -457,6 +535,11 @@ def register(sub) -> None:
     p.add_argument("--router-only", action="store_true", help="train only the routers; experts stay bitwise equal")
     p.add_argument("--router-lr", type=float, default=1e-3, help="learning rate of the routers")
     p.add_argument("--base", default=None, help="override the base model recorded in the checkpoint")
+    p.add_argument("--expert-lr-scaling", choices=["none", "tokens"], default="none",
+                   help="tokens: --lr is the lr of one LoRA on all the data; each expert's lr is scaled by "
+                        "sqrt(its share of the batch x its label tokens per row / the mean over all the data)")
+    p.add_argument("--detach-router-inputs", action="store_true",
+                   help="the routers read detached hidden states: the router loss trains the routers only")
     add_train_args(p, lr=1e-4)
     p.set_defaults(func=_cmd_train)
 
@@ -468,7 +551,7 @@ def _cmd_train_expert(args) -> int:
         data=args.data, domain=args.domain, out=args.out, base=args.base, rank=args.rank, alpha=args.alpha,
         dropout=args.dropout, targets=parse_targets(args.targets), cfg=config_from_args(args),
         resume=args.resume, overwrite=args.overwrite, skip_invalid=args.skip_invalid,
-        init_adapter=args.init_adapter,
+        init_adapter=args.init_adapter, lr_scaling=args.lr_scaling,
     )
     if summary["interrupted"]:
         return 130
@@ -484,6 +567,7 @@ def _cmd_train(args) -> int:
         moa_dir=args.moa, data=args.data, out=args.out, eta=args.eta, init=args.init,
         router_only=args.router_only, router_lr=args.router_lr, cfg=config_from_args(args), resume=args.resume,
         overwrite=args.overwrite, skip_invalid=args.skip_invalid, base=args.base,
+        expert_lr_scaling=args.expert_lr_scaling, router_loss_to_experts=not args.detach_router_inputs,
     )
     if summary["interrupted"]:
         return 130

@@ -257,6 +257,7 @@ class Trainer:
         desc: str = "train",
         log_prefix: str = "",
         accelerator=None,
+        update_scales: Sequence[tuple[torch.nn.Parameter, torch.Tensor]] = (),
     ):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
@@ -272,6 +273,9 @@ class Trainer:
         self.load_state_fn = load_state_fn
         self.desc = desc
         self.log_prefix = log_prefix
+        # (parameter, scale broadcastable to it): each optimizer update of the parameter is
+        # multiplied by the scale, i.e. a per-slice learning rate (stacked experts, one lr each).
+        self.update_scales = [(p, s.to(p.device, p.dtype)) for p, s in update_scales if p.requires_grad]
         self.bf16 = resolve_bf16(cfg.bf16)
         self.acc = accelerator or Accelerator(
             mixed_precision="bf16" if self.bf16 else "no",
@@ -424,7 +428,11 @@ class Trainer:
                     for key, v in metrics.items():
                         sums[key] = sums.get(key, 0.0) + float(v)
                 gnorm = self.acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm) if self.cfg.max_grad_norm else None
+                before = [p.detach().clone() for p, _ in self.update_scales]
                 self.optimizer.step()
+                with torch.no_grad():
+                    for (p, s), old in zip(self.update_scales, before):
+                        p.copy_(old + (p - old) * s)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.world > 1:
