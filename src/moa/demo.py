@@ -40,6 +40,10 @@ class Profile:
     """Full profile: also mixed_lora_wide, moe_lora, classifier_loras, moa_last, moa_layer,
     moa_no_router_loss (eta=0), moa_random_init, and a sweep of eta on the valid split."""
     eta_sweep: tuple = (0.1, 1.0, 10.0)
+    lr_scaling: str = "none"
+    """"tokens": lr and stage2_lr are the lrs of one LoRA on all the data, and each expert's is
+    scaled by the square-root rule for its label tokens per step (`moa.train.token_lr_scales`):
+    in stage 1 by its tokens per row, in stage 2 also by its 1/E share of the balanced batch."""
     seed_steps: int = 0
     """Steps of a shared seed LoRA on all the training data (natural proportions) that every
     stage-1 expert starts from (0: experts start from the fresh LoRA init, as in the paper).
@@ -51,16 +55,18 @@ class Profile:
 
 
 PROFILES = {
-    # Sized for `make demo` on a 2-core CPU within 20 minutes. Stage 2 trains each expert on
-    # about batch_size / number-of-domains rows per step, so its expert lr is lower than stage 1's:
-    # at the stage-1 lr, the few-token answers (one letter, a number) of such tiny per-expert
-    # batches made those experts worse on the valid split.
-    "quick": Profile(expert_steps=16, stage2_steps=24, batch_size=4, lr=2e-3, stage2_lr=4e-4, router_lr=3e-3,
-                     eta=0.1, max_length=192, eval_per_domain=None, generate_per_domain=10, max_new_tokens=40),
+    # Sized for `make demo` on a 2-core CPU within 20 minutes. Every expert gets the same number
+    # of epochs (steps in proportion to its data, as the mixed LoRA sees each domain), and its lr
+    # follows the square-root rule for its label tokens per step (`lr_scaling`): an expert of
+    # one-letter answers steps more carefully than one of paragraphs. Chosen on the valid split
+    # (docs/RESULTS.md).
+    "quick": Profile(expert_steps=16, stage2_steps=24, batch_size=4, lr=2e-3, stage2_lr=1e-3, router_lr=3e-3,
+                     eta=0.1, max_length=192, eval_per_domain=None, generate_per_domain=10, max_new_tokens=40,
+                     allocation=1.0, lr_scaling="tokens"),
     # The comparison of docs/RESULTS.md: all baselines and ablations, and the eta sweep.
-    "full": Profile(expert_steps=24, stage2_steps=32, batch_size=4, lr=2e-3, stage2_lr=4e-4, router_lr=3e-3,
+    "full": Profile(expert_steps=24, stage2_steps=32, batch_size=4, lr=2e-3, stage2_lr=1e-3, router_lr=3e-3,
                     eta=0.1, max_length=256, eval_per_domain=None, generate_per_domain=10, max_new_tokens=40,
-                    ablations=True),
+                    ablations=True, allocation=1.0, lr_scaling="tokens"),
 }
 
 
@@ -154,7 +160,7 @@ def run_demo(profile: str | Profile = "quick", out: str | Path = "runs/demo", da
         expert_dirs[d] = out / "experts" / d
         check(train_expert(data=data_dir / "train.jsonl", domain=d, out=expert_dirs[d], base=base, rank=p.rank,
                            alpha=p.alpha, cfg=cfg(expert_steps[d], p.lr), overwrite=overwrite, records=train,
-                           init_adapter=seed_dir))
+                           init_adapter=seed_dir, lr_scaling=p.lr_scaling))
     timings["stage1"] = time.time() - t
 
     # Assemble and stage 2.
@@ -164,7 +170,7 @@ def run_demo(profile: str | Profile = "quick", out: str | Path = "runs/demo", da
         "assembled_from": {d: str(expert_dirs[d].resolve()) for d in domains}})
     check(train_mixture(moa_dir=out / "moa_assembled", data=data_dir / "train.jsonl", out=out / "moa",
                         eta=p.eta, router_lr=p.router_lr, cfg=cfg(p.stage2_steps, p.stage2_lr),
-                        overwrite=overwrite, records=train))
+                        overwrite=overwrite, records=train, expert_lr_scaling=p.lr_scaling))
     timings["stage2"] = time.time() - t
 
     # Baseline: one LoRA on the mixed data, as many optimizer steps as (seed +) stage 1 + stage 2.
@@ -183,6 +189,7 @@ def run_demo(profile: str | Profile = "quick", out: str | Path = "runs/demo", da
             kw2 = {"eta": p.eta, **kw}
             check(train_mixture(moa_dir=out / "moa_assembled", data=data_dir / "train.jsonl", out=out / name,
                                 router_lr=p.router_lr, overwrite=overwrite, records=train, desc=name,
+                                expert_lr_scaling=p.lr_scaling,
                                 cfg=cfg(p.stage2_steps, p.stage2_lr if "init" not in kw else p.lr), **kw2))
             extra[name] = str(out / name)
         # Parameter parity: one LoRA with rank x number of domains (same alpha / r scaling).
@@ -205,7 +212,8 @@ def run_demo(profile: str | Profile = "quick", out: str | Path = "runs/demo", da
                 eta_runs[eta] = out / f"moa_eta{eta:g}"
                 check(train_mixture(moa_dir=out / "moa_assembled", data=data_dir / "train.jsonl", out=eta_runs[eta],
                                     eta=eta, router_lr=p.router_lr, cfg=cfg(p.stage2_steps, p.stage2_lr),
-                                    overwrite=overwrite, records=train, desc=f"eta={eta:g}"))
+                                    overwrite=overwrite, records=train, desc=f"eta={eta:g}",
+                                    expert_lr_scaling=p.lr_scaling))
         eta_sweep = sweep_report(eta_runs, data_dir / "valid.jsonl")
         timings["eta_sweep"] = time.time() - t
 
