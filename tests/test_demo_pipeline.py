@@ -51,20 +51,22 @@ def test_full_pipeline_with_baselines_writes_report_metrics_and_plots(tiny_base,
     assert sum(saved["profile"]["expert_steps_per_domain"].values()) == 2 * 3
 
 
-def test_seed_lora_starts_every_expert_and_counts_in_the_mixed_budget(tiny_base, tmp_path):
+def test_seed_lora_and_lr_rule_in_the_demo(tiny_base, tmp_path):
     data = tmp_path / "data"
     write_jsonl(data / "train.jsonl", synthetic_records(6, seed=1))
     write_jsonl(data / "valid.jsonl", synthetic_records(2, seed=2))
     write_jsonl(data / "test.jsonl", synthetic_records(2, seed=3))
     prof = Profile(expert_steps=2, stage2_steps=2, batch_size=3, lr=1e-3, stage2_lr=1e-3, router_lr=1e-2, eta=0.1,
-                   max_length=64, eval_per_domain=2, generate_per_domain=1, max_new_tokens=2, seed_steps=3)
+                   max_length=64, eval_per_domain=2, generate_per_domain=1, max_new_tokens=2, seed_steps=3,
+                   lr_scaling="tokens")
     out = tmp_path / "run"
     saved = run_demo(prof, out, data, base=str(tiny_base))
     seed = out / "seed"
     assert (seed / "adapter_model.safetensors").is_file()
     for d in saved["domains"]:
         cfg = json.loads((out / "experts" / d / "train_config.json").read_text())
-        assert cfg["init_adapter"] == str(seed.resolve()), d
+        assert cfg["init_adapter"] == str(seed.resolve()) and cfg["lr_scaling"] == "tokens", d
+    assert json.loads((out / "moa" / "train_config.json").read_text())["expert_lr_scaling"] == "tokens"
     assert saved["profile"]["mixed_lora_steps"] == 3 + 2 * 3 + 2
     mixed_log = (out / "mixed_lora" / "train_log.jsonl").read_text().splitlines()
     assert len(mixed_log) == 3 + 2 * 3 + 2

@@ -115,7 +115,8 @@ def train_expert(
     `init_adapter`: start from this PEFT LoRA adapter's weights (same rank, alpha and target
     modules) instead of the fresh LoRA init, e.g. a shared seed LoRA trained on all domains.
     `lr_scaling="tokens"`: cfg.lr is the lr of one LoRA on all the records of `data`; this
-    domain's expert uses it times `token_lr_scales` (fewer label tokens per row: smaller lr).
+    domain's expert uses it times `token_lr_scales` (fewer label tokens per row: smaller lr;
+    the LoRA on all domains, domain None, is that reference and keeps cfg.lr).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -139,6 +140,7 @@ def train_expert(
         "base": base_reference(base), "rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets,
         "train": _cfg_dict(cfg),
     }
+    seed = None
     if init_adapter is not None:
         from moa.model import _read_adapter
 
@@ -181,8 +183,9 @@ def train_expert(
 
         tpr = label_tokens_per_row(encode_records(tok, all_records, cfg.max_length)[0])
         scale = token_lr_scales(tpr, {domain: 1.0})[domain]
-        print(f"moa: --lr-scaling tokens: {tpr[domain]:.1f} label tokens per '{domain}' row vs "
-              f"{tpr['*']:.1f} over all the data: lr {cfg.lr:g} x {scale:.3f} = {cfg.lr * scale:.3g}", file=sys.stderr)
+        if is_main_process():
+            print(f"moa: --lr-scaling tokens: {tpr[domain]:.1f} label tokens per '{domain}' row vs {tpr['*']:.1f} "
+                  f"over all the data: lr {cfg.lr:g} x {scale:.3f} = {cfg.lr * scale:.3g}", file=sys.stderr)
         cfg = replace(cfg, lr=cfg.lr * scale)
     present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     missing = [t for t in targets if t not in present]
@@ -193,8 +196,8 @@ def train_expert(
                       bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
     peft_model.peft_config["default"].base_model_name_or_path = base_reference(base)
-    if init_adapter is not None:
-        load_lora_init(peft_model, init_adapter, rank=rank, alpha=alpha, targets=targets)
+    if seed is not None:
+        load_lora_init(peft_model, seed)
     names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     params = dict(peft_model.named_parameters())
 
@@ -232,23 +235,17 @@ def train_expert(
     return summary
 
 
-def load_lora_init(peft_model, adapter_dir: str | Path, *, rank: int, alpha: float, targets: list[str]) -> None:
-    """Copy the LoRA weights of the PEFT adapter at `adapter_dir` into `peft_model` (its fresh,
-    trainable 'default' adapter). The adapter must have the same rank and alpha and adapt exactly
-    the same modules; otherwise a MoAError says what differs."""
-    from moa.model import _read_adapter
-
-    src = _read_adapter(adapter_dir)
-    if src.r != rank or float(src.alpha) != float(alpha):
-        raise MoAError(f"--init-adapter {adapter_dir} has rank {src.r} and alpha {src.alpha}; this run asks "
-                       f"for rank {rank} and alpha {alpha} (pass the same --rank and --alpha)")
+def load_lora_init(peft_model, src) -> None:
+    """Copy the LoRA weights of `src` (a PEFT adapter read by `moa.model._read_adapter`, of the
+    same rank and alpha) into `peft_model`'s fresh, trainable 'default' adapter; the two must
+    adapt exactly the same modules with the same shapes, otherwise a MoAError says what differs."""
+    adapter_dir = src.where
     mods = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
             if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
     if set(src.weights) != set(mods):
         extra, missing = sorted(set(src.weights) - set(mods)), sorted(set(mods) - set(src.weights))
-        raise MoAError(f"--init-adapter {adapter_dir} does not adapt the same modules as --targets "
-                       f"{','.join(targets)}: {len(extra)} only in the adapter (e.g. {extra[:2]}), "
-                       f"{len(missing)} only in this run (e.g. {missing[:2]})")
+        raise MoAError(f"--init-adapter {adapter_dir} does not adapt the same modules: {len(extra)} only in "
+                       f"the adapter (e.g. {extra[:2]}), {len(missing)} only in this run (e.g. {missing[:2]})")
     with torch.no_grad():
         for path, (a, b) in src.weights.items():
             la, lb = mods[path].lora_A["default"].weight, mods[path].lora_B["default"].weight
@@ -426,8 +423,9 @@ def train_mixture(
     if expert_lr_scaling == "tokens" and expert_params:
         tpr = label_tokens_per_row(examples)
         scales = token_lr_scales(tpr, {d: 1.0 / len(domains) for d in domains if d in tpr})
-        print(f"moa: --expert-lr-scaling tokens: expert lr = {cfg.lr:g} x " +
-              ", ".join(f"{d} {s:.3f}" for d, s in scales.items()), file=sys.stderr)
+        if is_main_process():
+            print(f"moa: --expert-lr-scaling tokens: expert lr = {cfg.lr:g} x " +
+                  ", ".join(f"{d} {s:.3f}" for d, s in scales.items()), file=sys.stderr)
         per_expert = torch.tensor([scales.get(d, 1.0) for d in domains], dtype=torch.float32)  # (E,)
         for mod in model.lora_modules.values():
             for p in (mod.lora_A, mod.lora_B):  # (E, r, in) / (E, out, r)
