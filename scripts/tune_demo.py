@@ -4,11 +4,11 @@ Trains the stage-1 experts (steps shared by size ** allocation), assembles, runs
 unless --no-mixed, the mixed-data LoRA with as many steps, then prints valid-split PPL per
 domain of single_lora, mixed_lora and moa (vote routing) and writes OUT/valid_metrics.json.
 
-    python scripts/tune_demo.py --lr 2e-3 --stage2-lr 4e-4 --allocation 0.5 --out runs/tune/a
-    python scripts/tune_demo.py --lr 2e-3 --stage2-lr 4e-4 --allocation 0 --out runs/tune/b --mixed-from runs/tune/a/mixed_lora
+    python scripts/tune_demo.py --lr-scaling --allocation 1 --stage2-lr 1e-3 --out runs/tune/a   # the quick profile
+    python scripts/tune_demo.py --stage2-lr 4e-4 --allocation 0.5 --out runs/tune/b --mixed-from runs/tune/a/mixed_lora
 
 The table in docs/RESULTS.md ("How the quick profile's settings were chosen") came from these
-runs, one torch thread each, two at a time.
+runs (eta 0.1, the mixed LoRA of one run reused by the others with --mixed-from).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--data", default=None, help="directory with train/valid.jsonl (default: data/demo)")
     p.add_argument("--out", required=True)
     p.add_argument("--lr", type=float, default=2e-3, help="stage-1 (and mixed LoRA) lr")
-    p.add_argument("--stage2-lr", type=float, default=4e-4, help="stage-2 expert lr")
+    p.add_argument("--stage2-lr", type=float, default=4e-4, help="stage-2 expert lr (the reference lr with --lr-scaling)")
     p.add_argument("--router-lr", type=float, default=3e-3)
     p.add_argument("--allocation", type=float, default=0.5, help="stage-1 steps ~ domain size ** this")
     p.add_argument("--stage1-steps", type=int, default=80, help="stage-1 steps over all domains")
