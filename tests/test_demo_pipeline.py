@@ -15,14 +15,23 @@ SYSTEMS = {"base", "single_lora", "mixed_lora", "moa", "moa_last", "moa_layer", 
            "moa_random_init", "mixed_lora_wide", "moe_lora", "classifier_loras"}
 
 
+def tiny_splits(root, n_train: int, n_test: int):
+    """train / valid / test.jsonl of the three toy domains under root/data."""
+    data = root / "data"
+    for name, n, seed in (("train", n_train, 1), ("valid", 2, 2), ("test", n_test, 3)):
+        write_jsonl(data / f"{name}.jsonl", synthetic_records(n, seed=seed))
+    return data
+
+
+def tiny_profile(**kw) -> Profile:
+    return Profile(**{"expert_steps": 2, "stage2_steps": 2, "batch_size": 3, "lr": 1e-3, "stage2_lr": 1e-3,
+                      "router_lr": 1e-2, "eta": 1.0, "max_length": 64, **kw})
+
+
 def test_full_pipeline_with_baselines_writes_report_metrics_and_plots(tiny_base, tmp_path):
-    data = tmp_path / "data"
-    write_jsonl(data / "train.jsonl", synthetic_records(8, seed=1))
-    write_jsonl(data / "valid.jsonl", synthetic_records(2, seed=2))
-    write_jsonl(data / "test.jsonl", synthetic_records(3, seed=3))
-    prof = Profile(expert_steps=2, stage2_steps=2, batch_size=3, lr=1e-3, stage2_lr=1e-3, router_lr=1e-2, eta=1.0,
-                   max_length=64, eval_per_domain=3, generate_per_domain=2, max_new_tokens=3, ablations=True,
-                   eta_sweep=(1.0, 5.0))
+    data = tiny_splits(tmp_path, 8, 3)
+    prof = tiny_profile(eval_per_domain=3, generate_per_domain=2, max_new_tokens=3, ablations=True,
+                        eta_sweep=(1.0, 5.0))
     out = tmp_path / "run"
     metrics = run_demo(prof, out, data, base=str(tiny_base))
     saved = json.loads((out / "metrics.json").read_text())
@@ -52,13 +61,9 @@ def test_full_pipeline_with_baselines_writes_report_metrics_and_plots(tiny_base,
 
 
 def test_seed_lora_and_lr_rule_in_the_demo(tiny_base, tmp_path):
-    data = tmp_path / "data"
-    write_jsonl(data / "train.jsonl", synthetic_records(6, seed=1))
-    write_jsonl(data / "valid.jsonl", synthetic_records(2, seed=2))
-    write_jsonl(data / "test.jsonl", synthetic_records(2, seed=3))
-    prof = Profile(expert_steps=2, stage2_steps=2, batch_size=3, lr=1e-3, stage2_lr=1e-3, router_lr=1e-2, eta=0.1,
-                   max_length=64, eval_per_domain=2, generate_per_domain=1, max_new_tokens=2, seed_steps=3,
-                   lr_scaling="tokens")
+    data = tiny_splits(tmp_path, 6, 2)
+    prof = tiny_profile(eta=0.1, eval_per_domain=2, generate_per_domain=1, max_new_tokens=2, seed_steps=3,
+                        lr_scaling="tokens")
     out = tmp_path / "run"
     saved = run_demo(prof, out, data, base=str(tiny_base))
     seed = out / "seed"
