@@ -156,12 +156,9 @@ def train_expert(
     if lr_scaling == "tokens":
         run_config["lr_scaling"] = "tokens"
     # domain None: one LoRA on every record in natural proportions (the mixed-data baseline).
-    all_records = records if records is not None else (
-        load_training_records(data, None, skip_invalid) if lr_scaling == "tokens" and domain else None)
-    if records is None and all_records is not None:
-        records = [r for r in all_records if r.domain == domain]
-        if not records:
-            raise MoAError(f"{data}: no record of domain '{domain}'")
+    if records is None and lr_scaling == "tokens" and domain is not None:
+        records = load_training_records(data, None, skip_invalid)  # every domain: the lr rule's reference
+    all_records = records
     if records is None:
         records = load_training_records(data, [domain] if domain else None, skip_invalid)
     elif domain is not None:
@@ -181,7 +178,8 @@ def train_expert(
 
         from moa.data import encode_records
 
-        tpr = label_tokens_per_row(encode_records(tok, all_records, cfg.max_length)[0])
+        others, _ = encode_records(tok, [r for r in all_records if r.domain != domain], cfg.max_length)
+        tpr = label_tokens_per_row([*examples, *others])  # this domain's rows are encoded already
         scale = token_lr_scales(tpr, {domain: 1.0})[domain]
         if is_main_process():
             print(f"moa: --lr-scaling tokens: {tpr[domain]:.1f} label tokens per '{domain}' row vs {tpr['*']:.1f} "
