@@ -19,9 +19,9 @@ from moa.errors import MoAError
 
 @dataclass
 class Profile:
-    expert_steps: int
-    """Mean stage-1 steps per domain: stage 1 takes expert_steps x number of domains steps in all,
-    shared between the domains by `allocation`."""
+    expert_steps: float
+    """Mean stage-1 steps per domain: stage 1 takes round(expert_steps x number of domains) steps
+    in all, shared between the domains by `allocation`."""
     stage2_steps: int
     batch_size: int
     lr: float
@@ -153,7 +153,7 @@ def run_demo(profile: str | Profile = "quick", out: str | Path = "runs/demo", da
     # Stage 1: one expert per domain.
     t = time.time()
     sizes = {d: sum(r.domain == d for r in train) for d in domains}
-    expert_steps = allocate_steps(sizes, p.expert_steps * len(domains), p.allocation)
+    expert_steps = allocate_steps(sizes, round(p.expert_steps * len(domains)), p.allocation)
     say("stage 1 steps per domain: " + ", ".join(f"{d} {n}" for d, n in expert_steps.items()))
     expert_dirs = {}
     for d in domains:
