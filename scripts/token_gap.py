@@ -19,6 +19,7 @@ import torch
 
 from moa.base import load_base
 from moa.data import IGNORE_INDEX, collate, encode_records, read_records, select_domains
+from moa.errors import MoAError
 from moa.model import read_moa_config
 from moa.scoring import causal_lm_forward, load_peft_adapter, moa_forward
 
@@ -87,4 +88,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except MoAError as e:  # bad paths, unknown domain, malformed data: one line, not a traceback
+        raise SystemExit(f"token_gap: error: {e}")
