@@ -18,10 +18,10 @@ from collections import defaultdict
 import torch
 
 from moa.base import load_base
-from moa.data import IGNORE_INDEX, collate, encode_records, read_records, select_domains
+from moa.data import collate, encode_records, read_records, select_domains
 from moa.errors import MoAError
 from moa.model import read_moa_config
-from moa.scoring import causal_lm_forward, load_peft_adapter, moa_forward
+from moa.scoring import causal_lm_forward, load_peft_adapter, moa_forward, response_token_logprobs
 
 
 def token_nll(forward, examples, pad_id: int, batch_size: int) -> list[list[tuple[int, float]]]:
@@ -33,13 +33,10 @@ def token_nll(forward, examples, pad_id: int, batch_size: int) -> list[list[tupl
         batch["domain_names"] = [e.domain for e in chunk]
         with torch.no_grad():
             logits, _ = forward(batch)
-        lp = torch.log_softmax(logits[:, :-1].float(), -1)
+        lp, mask = response_token_logprobs(logits, batch["labels"])  # (B, T-1) each
         labels = batch["labels"][:, 1:]
         for r in range(len(chunk)):
-            keep = labels[r] != IGNORE_INDEX
-            ids = labels[r][keep]
-            nll = -lp[r][keep].gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-            rows.append(list(zip(ids.tolist(), nll.tolist())))
+            rows.append(list(zip(labels[r][mask[r]].tolist(), (-lp[r][mask[r]]).tolist())))
     return rows
 
 

@@ -16,17 +16,25 @@ from moa.data import IGNORE_INDEX, Example, collate
 from moa.errors import MoAError
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row sum of log p(label) over label tokens and their count.
+def response_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(label) of every position and which positions are label tokens.
 
-    logits (B,T,V), labels (B,T) -> (B,) float64 sums, (B,) long counts.
+    logits (B,T,V), labels (B,T) -> (B, T-1) float32 log-probabilities (0 off the labels), (B, T-1) bool.
     """
     shift_logits = logits[:, :-1].float()  # (B, T-1, V)
     shift_labels = labels[:, 1:]  # (B, T-1)
     mask = shift_labels != IGNORE_INDEX
     lp = torch.log_softmax(shift_logits, dim=-1)
     picked = lp.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    picked = picked.masked_fill(~mask, 0.0)
+    return picked.masked_fill(~mask, 0.0), mask
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sum of log p(label) over label tokens and their count.
+
+    logits (B,T,V), labels (B,T) -> (B,) float64 sums, (B,) long counts.
+    """
+    picked, mask = response_token_logprobs(logits, labels)
     return picked.double().sum(-1), mask.sum(-1)
 
 

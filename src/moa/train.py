@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from moa.base import DEFAULT_BASE, base_reference, base_signature
+from moa.data import IGNORE_INDEX
 from moa.errors import MoAError
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -59,7 +60,7 @@ def label_tokens_per_row(examples) -> dict[str, float]:
     """Mean number of trained (label) tokens per row, per domain and over all rows ("*")."""
     sums: dict[str, list[int]] = {}
     for e in examples:
-        n = sum(1 for l in e.labels[1:] if l != -100)
+        n = sum(1 for l in e.labels[1:] if l != IGNORE_INDEX)
         s = sums.setdefault(e.domain, [0, 0])
         s[0] += n
         s[1] += 1
