@@ -14,6 +14,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_report_header(config):
+    # Trainings that leave bf16 unset follow $MOA_BF16 (auto|1|0); `make test` passes under each.
+    from moa.trainer import BF16_ENV, resolve_bf16
+
+    policy = os.environ.get(BF16_ENV, "auto")
+    return f"moa: {BF16_ENV}={policy} (trainings without --bf16/--no-bf16 use bf16: {resolve_bf16(None)})"
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A 2-layer random Llama with a ChatML byte-level tokenizer, saved as a local checkpoint."""

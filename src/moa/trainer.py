@@ -1,6 +1,6 @@
 """One training loop for every stage (stage-1 experts, stage-2 mixture, router refits, baselines).
 
-It owns what all of them share: accelerate (data-parallel processes, bf16 autocast), the
+It owns what all of them share: accelerate (data-parallel processes), its own bf16 autocast, the
 deterministic step-indexed samplers, global-batch loss normalisation, gradient accumulation,
 atomic checkpoints with exact resume, Ctrl-C, progress bar, `train_log.jsonl` and `loss.png`.
 A stage supplies only `loss_fn(model, batch) -> (loss, metrics)` and what to save.
@@ -49,7 +49,8 @@ class TrainConfig:
     max_length: int = 512
     seed: int = 0
     bf16: bool | None = None
-    """bf16 autocast; None = on where the hardware supports it (AVX-512 bf16 / AMX, CUDA)."""
+    """bf16 autocast; None follows $MOA_BF16, by default on where the hardware computes bf16
+    natively (AVX-512 bf16 / AMX, CUDA with bf16)."""
     save_every: int = 0
     """Checkpoint every N steps under OUT/checkpoints (0 = only at the end / on Ctrl-C)."""
     keep_checkpoints: int = 2
@@ -70,6 +71,7 @@ class TrainConfig:
             raise MoAError(f"--max-length must be at least 8, got {self.max_length}")
         if self.save_every < 0:
             raise MoAError(f"--save-every must be >= 0, got {self.save_every}")
+        resolve_bf16(self.bf16)  # a bad $MOA_BF16 fails here, before a run writes anything
 
     def total_steps(self, steps_per_epoch: int) -> int:
         if self.max_steps is not None:
@@ -86,10 +88,24 @@ def bf16_supported() -> bool:
         return False
 
 
+BF16_ENV = "MOA_BF16"
+"""Environment variable with the precision policy for trainings that leave `bf16` unset:
+`auto` (default: bf16 where the hardware computes it natively), `1` (always bf16 autocast,
+emulated where not native) or `0` (always float32)."""
+
+
 def resolve_bf16(flag: bool | None) -> bool:
-    if flag is None:
+    """An explicit flag wins; None follows $MOA_BF16 (auto|1|0), whose `auto` is the hardware."""
+    if flag is not None:
+        return flag
+    policy = os.environ.get(BF16_ENV, "auto").strip().lower()
+    if policy in ("", "auto"):
         return bf16_supported()
-    return flag
+    if policy in ("1", "true", "yes", "on"):
+        return True
+    if policy in ("0", "false", "no", "off"):
+        return False
+    raise MoAError(f"${BF16_ENV} must be auto, 1 or 0, got {os.environ[BF16_ENV]!r}")
 
 
 def add_train_args(p, *, lr: float = 2e-4, batch_size: int = 8) -> None:
@@ -104,7 +120,7 @@ def add_train_args(p, *, lr: float = 2e-4, batch_size: int = 8) -> None:
     g.add_argument("--max-length", type=int, default=512, help="truncate records to this many tokens")
     g.add_argument("--seed", type=int, default=0, help="seed for init, data order and dropout")
     g.add_argument("--bf16", dest="bf16", action="store_true", default=None,
-                   help="bf16 autocast (default: on where the CPU/GPU supports bf16)")
+                   help="bf16 autocast (default: $MOA_BF16 = auto|1|0, auto = on where the CPU/GPU computes bf16 natively)")
     g.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps under OUT/checkpoints")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
@@ -277,11 +293,18 @@ class Trainer:
         # multiplied by the scale, i.e. a per-slice learning rate (stacked experts, one lr each).
         self.update_scales = [(p, s.to(p.device, p.dtype)) for p, s in update_scales if p.requires_grad]
         self.bf16 = resolve_bf16(cfg.bf16)
+        # accelerate keeps its precision in one process-wide state that cannot change once set, so
+        # two trainings of different precisions in one process (a notebook, `moa demo`) would
+        # collide. accelerate therefore always runs in "no" mixed precision, and the autocast is
+        # ours, per Trainer (`self.autocast`). bf16 needs no gradient scaler: it has fp32's range.
         self.acc = accelerator or Accelerator(
-            mixed_precision="bf16" if self.bf16 else "no",
+            mixed_precision="no",
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        if self.acc.mixed_precision != "no":
+            raise MoAError(f"the Trainer does its own autocast; pass an Accelerator with mixed_precision='no' "
+                           f"(got {self.acc.mixed_precision!r})")
         self.world = self.acc.num_processes
         if cfg.batch_size % (self.world * cfg.grad_accum):
             raise MoAError(f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum "
@@ -422,7 +445,7 @@ class Trainer:
                     sync = k == len(micro) - 1
                     ctx = self.acc.no_sync(self.model) if (not sync and self.world > 1) else _null()
                     with ctx:
-                        with self.acc.autocast():
+                        with self.autocast():
                             loss, metrics = self.loss_fn(self.model, b)
                         self.acc.backward(loss * self.world)
                     for key, v in metrics.items():
@@ -466,6 +489,10 @@ class Trainer:
                 signal.signal(sig, handler)
         self.model.eval()
         return TrainResult(self.step, self.log, interrupted, time.time() - t_start)
+
+    def autocast(self):
+        """bf16 autocast on this run's device when `bf16` is on, else a no-op."""
+        return torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def print(self, msg: str) -> None:
         if self.acc.is_main_process:
