@@ -150,15 +150,15 @@ def fit_routers(moa, input_ids, attention_mask, domain_ids) -> None:
 
 
 def peft_loss(model, batch):
-    """Stage 1's loss (moa.train.train_expert): label positions only through the LM head."""
+    """Stage 1's loss (moa.stages.train_expert): label positions only through the LM head."""
     from moa.trainer import causal_lm_loss_sum
 
     return causal_lm_loss_sum(model, batch) / batch["global_tokens"]
 
 
 def stage2_loss(model, batch):
-    """Stage 2's loss, exactly as `moa train` computes it (moa.train.stage2_loss)."""
-    from moa.train import stage2_loss as loss_fn
+    """Stage 2's loss, exactly as `moa train` computes it (moa.stages.stage2_loss)."""
+    from moa.stages import stage2_loss as loss_fn
 
     return loss_fn(model, batch, eta=1.0)[0]
 

@@ -22,7 +22,7 @@ from moa.data import domains_of, read_records
 from moa.demo import allocate_steps, bundled_data_dir
 from moa.evaluate import run_eval
 from moa.model import MoAModel
-from moa.train import train_expert, train_mixture
+from moa.stages import train_expert, train_mixture
 from moa.trainer import TrainConfig
 
 

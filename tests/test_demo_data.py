@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from moa.data import read_records
-from moa.demo_data import DOMAINS, SPLITS, build_demo, register
+from moa.cli import build_parser
+from moa.demo.build import DOMAINS, SPLITS, build_demo
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 MAX_BYTES = 5 * 1024 * 1024
@@ -108,9 +109,7 @@ def test_answer_formats(splits):
 
 
 def test_register_adds_data_build_demo():
-    parser = argparse.ArgumentParser(prog="moa")
-    sub = parser.add_subparsers(dest="command")
-    register(sub)
+    parser = build_parser()
     args = parser.parse_args(["data", "build-demo", "--out", "somewhere"])
     assert args.out == "somewhere" and args.seed == 0 and callable(args.func)
     args = parser.parse_args(["data", "build-demo", "--out", "x", "--seed", "3"])

@@ -202,7 +202,7 @@ def test_routed_generation_equals_explicit_generation(moa_dir, agree):
 
 
 def test_stage2_loss_on_label_positions_equals_the_full_logits_loss(moa_dir):
-    from moa.train import stage2_loss
+    from moa.stages import stage2_loss
     from moa.trainer import lm_loss_sum
 
     model = MoAModel.from_pretrained(moa_dir)

@@ -182,7 +182,7 @@ def test_expert_lr_scaling_scales_each_experts_update(pipeline, tmp_path, capsys
 
 
 def test_token_lr_scales_follow_the_square_root_rule_and_are_clipped():
-    from moa.train import LR_SCALE_RANGE, token_lr_scales
+    from moa.stages import LR_SCALE_RANGE, token_lr_scales
 
     tpr = {"letter": 2.0, "essay": 200.0, "mid": 18.0, "*": 18.0}
     s = token_lr_scales(tpr, {"letter": 1.0, "essay": 1.0, "mid": 1.0})

@@ -171,7 +171,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_base, tmp_path, mon
 
 def test_failed_moa_write_keeps_the_existing_checkpoint(tiny_base, tmp_path, monkeypatch):
     from moa import MoAModel
-    from moa.train import publish_checkpoint
+    from moa.stages import publish_checkpoint
     import moa.io
 
     model = _tiny_moa(tiny_base, tmp_path)

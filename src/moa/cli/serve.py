@@ -1,0 +1,68 @@
+"""`moa serve`: the OpenAI-compatible HTTP server (the server itself is `moa.serve`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from moa.errors import MoAError
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server with dynamic batching",
+        description="Serve an MoA checkpoint over HTTP with the OpenAI API: POST /v1/chat/completions "
+                    "(stream: true for server-sent events), POST /v1/completions, GET /v1/models, GET /health. "
+                    "Model 'moa' routes each request automatically; 'moa:<domain>' forces that expert. "
+                    "Concurrent requests with the same decoding parameters are decoded together.",
+    )
+    p.add_argument("--moa", required=True, help="MoA checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--api-key", default=os.environ.get("MOA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOA_API_KEY, else no key)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="most requests decoded together (default: 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="most requests waiting; beyond it clients get 503 with Retry-After (default: 64)")
+    p.add_argument("--max-new-tokens-limit", type=int, default=1024,
+                   help="largest max_tokens a request may ask for, and the chat default (default: 1024)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt accepted, in tokens (default: the model's context length)")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda, ...")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights dtype (default auto: bfloat16 on cuda, float32 on cpu)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    import torch
+    import uvicorn
+
+    from moa.model import MoAModel
+    from moa.serve import _LOOPBACK as LOOPBACK, create_app
+
+    for name in ("max_batch_size", "max_queue", "max_new_tokens_limit", "max_prompt_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise MoAError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise MoAError(f"--port must be in 0..65535, got {args.port}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise MoAError(f"--device: {e}") from None
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    model = MoAModel.from_pretrained(args.moa, dtype=dtype).to(device)
+    app = create_app(model, api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                     max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens)
+    if args.host not in LOOPBACK and not args.api_key:
+        print(f"moa serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    print(f"moa serve: {args.moa} on {device} ({', '.join(model.domains)}); "
+          f"http://{args.host}:{args.port}/v1 (models: moa, moa:<domain>)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
