@@ -120,7 +120,8 @@ def train_batch(vocab: int, seed: int = 0) -> dict:
     prompt[:, : SEQ // 2] = True
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
             "prompt_mask": prompt, "domain_ids": torch.arange(BATCH) % len(DOMAINS),
-            "global_tokens": int((labels[:, 1:] != -100).sum()), "global_rows": BATCH}
+            "global_tokens": int((labels[:, 1:] != -100).sum()), "global_rows": BATCH,
+            "router_ids": torch.arange(BATCH) % len(DOMAINS), "global_router_rows": BATCH}
 
 
 def fit_routers(moa, input_ids, attention_mask, domain_ids) -> None:
@@ -361,14 +362,19 @@ def main(argv=None) -> int:
         if "generate" in parts:
             prompts = [text for _, text in PROMPTS]
             want = torch.tensor([DOMAINS.index(d) for d, _ in PROMPTS])
-            p_ids, p_mask = moa._encode_prompts(prompts)  # (8, T) left padded, chat template
+            from moa.generation import encode_prompts
+
+            p_ids, p_mask = encode_prompts(moa, prompts)  # (8, T) left padded, chat template
             fit_routers(moa, p_ids, p_mask, want)
             routed, _ = moa.route(p_ids, p_mask, "vote")
             print(f"generate: 8 prompts x {new_tokens} new tokens; vote routing chose {routed.tolist()} "
                   f"(wanted {want.tolist()})", flush=True)
             # Both sides produce exactly new_tokens tokens per row: HF via min_new_tokens; MoA by
             # making no token an end-of-turn token for this benchmark.
-            moa._eos_ids = lambda: torch.tensor([-1])
+            from moa import generation
+
+            real_eos_ids = generation._eos_ids
+            generation._eos_ids = lambda model: torch.tensor([-1])
             pad = tok.pad_token_id
 
             def g_base():
@@ -388,7 +394,7 @@ def main(argv=None) -> int:
                                   higher_is_better=True))
             tps = BATCH * new_tokens
             print(f"  tokens/s: base {tps / min(t['base']):.1f}, MoA {tps / min(t['moa']):.1f} (best runs)")
-            del moa._eos_ids
+            generation._eos_ids = real_eos_ids
 
         if parts & {"forward", "generate"}:
             del base

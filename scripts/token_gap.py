@@ -18,9 +18,9 @@ from collections import defaultdict
 import torch
 
 from moa.base import load_base
+from moa.checkpoint import MoAConfig
 from moa.data import collate, encode_records, read_records, select_domains
 from moa.errors import MoAError
-from moa.model import read_moa_config
 from moa.scoring import causal_lm_forward, load_peft_adapter, moa_forward, response_token_logprobs
 
 
@@ -53,7 +53,7 @@ def main() -> int:
     records, _ = read_records(args.data)
     records = select_domains(records, [args.domain], args.data)
     fwd_a, tok = moa_forward(args.moa, "vote")
-    base, _ = load_base(read_moa_config(args.moa)["base"])  # the adapter must fit the same base
+    base, _ = load_base(MoAConfig.read(args.moa).base)  # the adapter must fit the same base
     fwd_b = causal_lm_forward(load_peft_adapter(base, args.adapter))
     examples, _ = encode_records(tok, records, None)
     a = token_nll(fwd_a, examples, tok.pad_token_id, args.batch_size)

@@ -253,8 +253,8 @@ def test_gradient_checkpointing_replays_the_routing(moa_dir):
     for checkpointing in (False, True):
         model = MoAModel.from_pretrained(moa_dir)
         model.train()
-        if checkpointing:  # enabled on the base model directly, as a generic trainer would
-            model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if checkpointing:
+            model.gradient_checkpointing_enable()
         if ids is None:
             ids, mask = batch(model.tokenizer, PROMPTS[:3])
         out = model(input_ids=ids, attention_mask=mask, domain_ids=torch.tensor([0, 1, -1]), labels=ids,
@@ -264,6 +264,16 @@ def test_gradient_checkpointing_replays_the_routing(moa_dir):
     assert grads[0].keys() == grads[1].keys()
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_checkpointing_enabled_on_the_base_directly_is_refused(moa_dir):
+    """Without the routing replay the backward recomputation would use no expert: a clear error."""
+    model = MoAModel.from_pretrained(moa_dir)
+    model.train()
+    model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, mask = batch(model.tokenizer, PROMPTS[:2])
+    with pytest.raises(MoAError, match="MoAModel.gradient_checkpointing_enable"):
+        model(input_ids=ids, attention_mask=mask, domain_ids=torch.tensor([0, 1]))
 
 
 def test_route_and_reset_experts(moa_dir):

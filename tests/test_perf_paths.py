@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from moa import MoAModel
+from moa.generation import encode_prompts
 from moa.layers import ExpertChoice, MoLoRALinear, RoutingSlot
 
 IN, OUT, E, R = 24, 20, 3, 4
@@ -161,7 +162,7 @@ def fit_routers(model: MoAModel, prompts, domain_ids: torch.Tensor) -> None:
     """Routers that every layer agrees with: least squares on the pooled inputs of explicit routing."""
     from moa.router import LayerRouter, RoutingState
 
-    ids, mask = model._encode_prompts(prompts)
+    ids, mask = encode_prompts(model, prompts)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad(), model.routing(RoutingState("fixed", domain_ids)):
         out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
@@ -187,7 +188,7 @@ def test_routed_generation_equals_explicit_generation(moa_dir, agree):
             model.routers[-1].bias.neg_()
     voted = model.generate(PROMPTS, routing="last", max_new_tokens=8)
     decided = torch.tensor([model.domain_index(r.domain) for r in voted])
-    ids, mask = model._encode_prompts(PROMPTS)
+    ids, mask = encode_prompts(model, PROMPTS)
     logits = model(ids, mask, routing="layer").router_logits
     layer_choice = torch.stack([lg.argmax(-1) for lg in logits])  # (L, B)
     assert bool((layer_choice == decided).all()) is agree
@@ -203,23 +204,24 @@ def test_routed_generation_equals_explicit_generation(moa_dir, agree):
 
 def test_stage2_loss_on_label_positions_equals_the_full_logits_loss(moa_dir):
     from moa.stages import stage2_loss
-    from moa.trainer import lm_loss_sum
+    from moa.losses import label_nll
 
     model = MoAModel.from_pretrained(moa_dir)
     model.set_trainable(experts=True, routers=True)
     model.train()
-    ids, mask = model._encode_prompts(PROMPTS[:4])
+    ids, mask = encode_prompts(model, PROMPTS[:4])
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, : ids.shape[1] // 2] = -100
     dom = torch.tensor([0, 1, 1, 0])
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "domain_ids": dom,
-             "prompt_mask": mask.bool(), "global_tokens": int((labels[:, 1:] != -100).sum()), "global_rows": 4}
+             "prompt_mask": mask.bool(), "global_tokens": int((labels[:, 1:] != -100).sum()), "global_rows": 4,
+             "router_ids": dom, "global_router_rows": 4}
     loss, metrics = stage2_loss(model, batch, eta=0.5)
     loss.backward()
     fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
-    o = model(input_ids=ids, attention_mask=mask, domain_ids=dom, return_router_logits=True)
-    lm = lm_loss_sum(o.logits, labels) / batch["global_tokens"]
+    o = model(input_ids=ids, attention_mask=mask, domain_ids=dom, return_router_logits=True, labels=labels)
+    lm = label_nll(labels, logits=o.logits)[0].sum() / batch["global_tokens"]
     want = lm + 0.5 * o.router_loss
     want.backward()
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)

@@ -109,7 +109,8 @@ def train_moe_lora(*, moa_dir, records, out, cfg, balance_coef: float = 0.01, to
     from moa.data import DomainBalancedSampler
     from moa.model import MoAModel
     from moa.stages import encode_for_training
-    from moa.trainer import Trainer, lm_loss_sum, start_run, write_run_files
+    from moa.losses import label_nll
+    from moa.trainer import Trainer, start_run, write_run_files
 
     out = Path(out)
     run_config = {"stage": "moe_lora", "moa": str(Path(moa_dir).resolve()), "top_k": top_k,
@@ -126,7 +127,7 @@ def train_moe_lora(*, moa_dir, records, out, cfg, balance_coef: float = 0.01, to
 
     def loss_fn(m, batch):
         logits, balance = m(batch["input_ids"], batch["attention_mask"])
-        lm = lm_loss_sum(logits, batch["labels"]) / batch["global_tokens"]
+        lm = label_nll(batch["labels"], logits=logits)[0].sum() / batch["global_tokens"]
         bal = balance * len(batch["input_ids"]) / batch["global_rows"]
         return lm + balance_coef * bal, {"loss": (lm + balance_coef * bal).detach(), "lm_loss": lm.detach(),
                                           "balance_loss": bal.detach()}

@@ -215,6 +215,9 @@ class Example:
     domain: str
     index: int = 0
     truncated: bool = False
+    prompt_cut: bool = False
+    """The start of the prompt was dropped to fit max_length: the routers, which read the whole
+    prompt at inference, would train on a view of it they never get, so they skip this row."""
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
@@ -262,7 +265,7 @@ def encode_record(tokenizer, record: Record, max_length: int | None = None) -> E
             prompt_len = t
         if any(a <= s < b for a, b in spans):
             labels[t] = ids[t]
-    truncated = False
+    truncated = prompt_cut = False
     if max_length is not None and len(ids) > max_length:
         truncated = True
         if prompt_len >= max_length // 2:
@@ -270,8 +273,9 @@ def encode_record(tokenizer, record: Record, max_length: int | None = None) -> E
             keep_resp = min(len(ids) - prompt_len, max_length - max_length // 2)
             cut = prompt_len - (max_length - keep_resp)
             ids, labels, prompt_len = ids[cut:], labels[cut:], prompt_len - cut
+            prompt_cut = cut > 0
         ids, labels = ids[:max_length], labels[:max_length]
-    return Example(ids, labels, prompt_len, record.domain, record.index, truncated)
+    return Example(ids, labels, prompt_len, record.domain, record.index, truncated, prompt_cut)
 
 
 def encode_records(tokenizer, records: Sequence[Record], max_length: int | None = None) -> tuple[list[Example], int]:
@@ -289,7 +293,8 @@ def collate(
     """Pad a list of examples into a batch.
 
     Returns input_ids/attention_mask/labels/prompt_mask of shape (B, T) and, when `domains` is
-    given, domain_ids (B,) with each row's index in `domains`.
+    given, domain_ids (B,) with each row's index in `domains` and router_ids (B,): the same, or -1
+    where the prompt was cut (Example.prompt_cut).
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -310,6 +315,8 @@ def collate(
     if domains is not None:
         index = {d: k for k, d in enumerate(domains)}
         batch["domain_ids"] = torch.tensor([index[e.domain] for e in examples], dtype=torch.long)
+        # The routers' targets: the domain, or -1 (no router loss) where the prompt was cut.
+        batch["router_ids"] = torch.where(torch.tensor([e.prompt_cut for e in examples]), -1, batch["domain_ids"])
     return batch
 
 

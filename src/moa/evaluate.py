@@ -255,9 +255,9 @@ def evaluate_system(system: System, records, tok, *, batch_size: int = 8, max_le
     return result
 
 
-def stage1_adapters(cfg: dict) -> dict[str, Path] | None:
-    """The stage-1 adapters an MoA checkpoint (its moa_config.json) was assembled from, by provenance."""
-    prov = cfg.get("provenance") or {}
+def stage1_adapters(cfg) -> dict[str, Path] | None:
+    """The stage-1 adapters an MoA checkpoint (its MoAConfig) was assembled from, by provenance."""
+    prov = cfg.provenance or {}
     found = prov.get("assembled_from") or (prov.get("stage1") or {})
     if not found:
         return None
@@ -280,26 +280,27 @@ def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=Non
     from moa.base import DEFAULT_BASE
     from moa.data import read_records
     from moa.io import atomic_write_json, atomic_write_text
-    from moa.model import MoAModel, read_moa_config
+    from moa.checkpoint import MoAConfig
+    from moa.model import MoAModel
 
     for name, v in (("limit_per_domain", limit_per_domain), ("generate_limit_per_domain", generate_limit_per_domain)):
         if v is not None and v <= 0:
             raise MoAError(f"{name} must be a positive number of records, got {v}")
     moa_dir = Path(moa_dir)
-    cfg = read_moa_config(moa_dir)  # present, valid JSON, a format this moa reads
-    base = cfg.get("base") or DEFAULT_BASE
+    cfg = MoAConfig.read(moa_dir)  # present, valid JSON, a format this moa reads
+    base = cfg.base or DEFAULT_BASE
     records, _ = read_records(data)
-    unknown = sorted({r.domain for r in records} - set(cfg["domains"]))
+    unknown = sorted({r.domain for r in records} - set(cfg.domains))
     if unknown:
-        raise MoAError(f"{data}: unknown domain(s) {', '.join(unknown)} (the model's domains: {', '.join(cfg['domains'])})")
+        raise MoAError(f"{data}: unknown domain(s) {', '.join(unknown)} (the model's domains: {', '.join(cfg.domains)})")
     records = [records[i] for i in first_per_domain(records, limit_per_domain)]
     systems = list(systems or DEFAULT_SYSTEMS)
     extra = dict(extra or {})
     single = {d: Path(p) for d, p in single_lora.items()} if isinstance(single_lora, dict) else (
-        _adapters_in(Path(single_lora), cfg["domains"]) if single_lora else stage1_adapters(cfg))
+        _adapters_in(Path(single_lora), cfg.domains) if single_lora else stage1_adapters(cfg))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    domains = [d for d in cfg["domains"] if any(r.domain == d for r in records)]
+    domains = [d for d in cfg.domains if any(r.domain == d for r in records)]
     n_gen = len(first_per_domain(records, generate_limit_per_domain)) if generate else 0
     metrics = {"domains": domains, "systems": {}, "data": str(data), "moa": str(moa_dir),
                "n_records": len(records), "n_generated": n_gen,

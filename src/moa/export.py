@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from moa.checkpoint import CONFIG_FILE, DOMAIN_NAME, MoAConfig, lora_pairs
 from moa.errors import MoAError
 
 FORMATS = ("peft", "merged", "vllm")
@@ -30,8 +30,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 # LoRA ranks vLLM accepts for --max-lora-rank (vllm.config.LoRAConfig); the smallest one that
 # covers every expert is used.
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<ab>[AB])\.weight$")
-_DOMAIN = re.compile(r"\w[\w.+-]{0,99}")
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -40,14 +38,13 @@ class Checkpoint:
     """What the exporters need from a MoA checkpoint directory."""
 
     path: Path
-    config: dict
-    """moa_config.json as written by MoAModel.save_pretrained."""
+    config: MoAConfig
     base: str
     """The base model reference: the checkpoint's, or the --base override."""
 
     @property
     def domains(self) -> list[str]:
-        return list(self.config["domains"])
+        return list(self.config.domains)
 
     def expert_dir(self, domain: str) -> Path:
         return self.path / "experts" / domain
@@ -56,25 +53,23 @@ class Checkpoint:
         """All domains, or [domain] after checking that it exists."""
         if domain is None:
             return self.domains
-        if domain not in self.config["domains"]:
+        if domain not in self.config.domains:
             raise MoAError(f"unknown domain '{domain}' (known domains: {', '.join(self.domains)})")
         return [domain]
 
 
 def read_checkpoint(moa_dir: str | Path, base: str | None = None) -> Checkpoint:
-    from moa.model import read_moa_config
-
     moa_dir = Path(moa_dir)
-    cfg_path = moa_dir / "moa_config.json"
-    cfg = read_moa_config(moa_dir)
-    if not cfg.get("domains"):
+    cfg_path = moa_dir / CONFIG_FILE
+    cfg = MoAConfig.read(moa_dir)
+    if not cfg.domains:
         raise MoAError(f"{cfg_path}: the checkpoint has no expert")
-    if not (base or cfg.get("base")):
+    if not (base or cfg.base):
         raise MoAError(f"{cfg_path} records no base model; pass --base")
-    ckpt = Checkpoint(moa_dir, cfg, str(base or cfg["base"]))
+    ckpt = Checkpoint(moa_dir, cfg, str(base or cfg.base))
     for d in ckpt.domains:
         # Domain names become directory names and shell words in serve_vllm.sh.
-        if not isinstance(d, str) or not _DOMAIN.fullmatch(d):
+        if not isinstance(d, str) or not DOMAIN_NAME.fullmatch(d):
             raise MoAError(f"{cfg_path}: invalid domain name {d!r}")
         missing = [f for f in _ADAPTER_FILES if not (ckpt.expert_dir(d) / f).is_file()]
         if missing:
@@ -159,13 +154,13 @@ def export_merged(moa_dir: str | Path, out: str | Path, domain: str | None, *, b
     acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     r, alpha = acfg["r"], acfg["lora_alpha"]
     scaling = alpha / (math.sqrt(r) if acfg.get("use_rslora") else r)
-    pairs = _lora_pairs(load_tensors(adapter_dir / "adapter_model.safetensors"), adapter_dir)
+    pairs = lora_pairs(load_tensors(adapter_dir / "adapter_model.safetensors"), adapter_dir)
 
     # Load in float32 unless the base is stored in `dtype` already (then that is lossless and
     # halves the memory): the merge must round once, not twice.
     stored = _stored_dtype(base_path) if base_path else None
     model, tok = load_base(ckpt.base, getattr(torch, dtype if stored == dtype else "float32"))
-    recorded = ckpt.config.get("base_signature")
+    recorded = ckpt.config.base_signature
     if recorded and base_signature(model.config) != recorded:
         raise MoAError(f"base model {ckpt.base} does not match the checkpoint's base: it is "
                        f"{base_signature(model.config)}, the checkpoint was built on {recorded}")
@@ -195,18 +190,6 @@ def _stored_dtype(base_dir: str) -> str | None:
     return dtype if isinstance(dtype, str) else None
 
 
-def _lora_pairs(tensors: dict, where: Path) -> dict[str, tuple]:
-    """{module path: (A (r, in), B (out, r))} from PEFT adapter tensors."""
-    halves: dict[str, dict] = {}
-    for key, t in tensors.items():
-        m = _KEY.match(key)
-        if m is None:
-            raise MoAError(f"{where}: unexpected tensor {key} (expected LoRA A/B weights only)")
-        halves.setdefault(m["path"], {})[m["ab"]] = t
-    broken = [p for p, ab in halves.items() if set(ab) != {"A", "B"}]
-    if broken:
-        raise MoAError(f"{where}: {broken[0]} lacks lora_A or lora_B")
-    return {p: (ab["A"], ab["B"]) for p, ab in halves.items()}
 
 
 def _linear_weight(model, path: str, A, B, where: Path):

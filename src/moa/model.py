@@ -14,28 +14,23 @@ experts; all modules of one layer share a `RoutingSlot` that the routing hooks
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moa.base import DEFAULT_BASE, base_reference, base_signature, load_base, resolve_base
 from moa.errors import MoAError
-from moa.io import atomic_dir, atomic_write_json, load_tensors, save_tensors
+from moa.generation import GenerationResult, cache_of
+from moa.losses import label_nll
 from moa.layers import MoLoRALinear, RoutingSlot
-from moa.data import IGNORE_INDEX
-from moa.router import ROUTINGS, LayerRouter, RoutingState, decide, router_loss, routing_hooks
+from moa.router import (ROUTINGS, LayerRouter, RoutingState, check_pool_mask, check_routed_checkpointing, decide,
+                        enable_routed_checkpointing, router_loss, routing_hooks)
 
-FORMAT_VERSION = 1
-_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-_DOMAIN = re.compile(r"\w[\w.+-]{0,99}")
+if TYPE_CHECKING:
+    from moa.checkpoint import Adapter
 
 
 @dataclass
@@ -54,44 +49,20 @@ class MoAOutput:
     """Per layer (B, E), when the routers ran."""
     loss: Tensor | None = None
     """Mean LM cross-entropy over the label tokens, when labels are given."""
-    router_loss: Tensor | None = None
-    """Mean over layers of CE(router logits, expert ids) (rows -1 ignored): explicit routing +
-    return_router_logits. The stage-2 loss is `loss + model.eta * router_loss`."""
     past_key_values: Any = None
     hidden_states: tuple[Tensor, ...] | None = None
     """(B, T, H) per layer input and the final normed output, when output_hidden_states=True."""
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    """The completion, without the end-of-turn token and cut before any stop string."""
-    domain: str | None
-    router_probs: dict[str, float] | None
-    """{domain: probability} of the routing decision; None for explicit routing."""
-    prompt_tokens: int
-    completion_tokens: int
-    """Generated tokens, the end-of-turn token included."""
-    finish_reason: str
-    """"stop" (end-of-turn token or stop string) or "length" (max_new_tokens reached)."""
-
-
-@dataclass
-class _Adapter:
-    """A PEFT LoRA adapter read from disk."""
-
-    where: str
-    r: int
-    alpha: float
-    use_rslora: bool
-    base: str | None
-    """base_model_name_or_path as recorded, if any."""
-    weights: dict[str, tuple[Tensor, Tensor]]
-    """{module path in the base model: (A (r, in), B (out, r))}."""
+    router_targets: Tensor | None = None
+    """(B,) the explicit experts the routers were asked to predict (explicit + return_router_logits)."""
 
     @property
-    def target_modules(self) -> list[str]:
-        return sorted({p.rsplit(".", 1)[-1] for p in self.weights})
+    def router_loss(self) -> Tensor | None:
+        """Mean over layers of CE(router logits, expert ids) (rows -1 ignored), computed when read:
+        explicit routing + return_router_logits. The stage-2 loss is `loss + model.eta * router_loss`
+        (the trainer computes its own, normalised over the global batch)."""
+        if self.router_targets is None or not bool((self.router_targets >= 0).any()):
+            return None
+        return router_loss(self.router_logits, self.router_targets)
 
 
 class MoAModel(nn.Module):
@@ -163,109 +134,43 @@ class MoAModel(nn.Module):
     def extra_repr(self) -> str:
         return f"domains={self._domains}, target_modules={self.target_modules}, eta={self.eta}"
 
-    # ------------------------------------------------------------------ construction
+    # ------------------------------------------------------------------ construction (I/O: moa.checkpoint)
 
     @classmethod
-    def from_adapters(cls, adapter_dirs: Sequence[str | Path], domains: Sequence[str] | None = None,
-                      base: str | Path | None = None, *, dtype: torch.dtype | None = None,
-                      eta: float = 1.0, lora_dropout: float = 0.0, seed: int = 0) -> "MoAModel":
-        """Assemble stage-1 PEFT LoRA adapters (one per domain) on their shared base.
+    def from_adapters(cls, adapter_dirs, domains=None, base=None, **kwargs) -> "MoAModel":
+        """Assemble stage-1 PEFT LoRA adapters (see `moa.checkpoint.assemble`)."""
+        from moa.checkpoint import assemble
 
-        Domain names default to the adapter directory names. The adapters must target the same
-        modules of the same base (`base` defaults to their recorded base_model_name_or_path).
-        Routers start fresh (seeded small normal init).
-        """
-        dirs = [Path(d) for d in adapter_dirs]
-        if not dirs:
-            raise MoAError("from_adapters needs at least one adapter directory")
-        names = [d.name for d in dirs] if domains is None else list(domains)
-        if len(names) != len(dirs):
-            raise MoAError(f"{len(dirs)} adapter directories but {len(names)} domain names")
-        for name in names:
-            _check_domain_name(name)
-        if len(set(names)) != len(names):
-            raise MoAError(f"duplicate domain names: {names}")
-        adapters = [_read_adapter(d) for d in dirs]
-        first = adapters[0]
-        for a in adapters[1:]:
-            if set(a.weights) != set(first.weights):
-                raise MoAError(
-                    f"adapters target different modules: {first.where} targets {first.target_modules} "
-                    f"({len(first.weights)} modules), {a.where} targets {a.target_modules} ({len(a.weights)} modules); "
-                    "every stage-1 expert must use the same target_modules (add others with add_expert)"
-                )
-        recorded = [a for a in adapters if a.base]
-        for a in recorded[1:]:
-            if not _same_base(a.base, recorded[0].base):
-                raise MoAError(f"adapters were trained on different bases: {recorded[0].where} on "
-                               f"{recorded[0].base}, {a.where} on {a.base}")
-        if base is None:
-            base = recorded[0].base if recorded else DEFAULT_BASE
-        model, tok = load_base(base, dtype)
-        moa = cls(model, tok, base=base_reference(base), target_modules=first.target_modules,
-                  eta=eta, lora_dropout=lora_dropout, seed=seed)
-        for name, adapter in zip(names, adapters):
-            moa._check_fits(adapter)
-            moa._append_expert(name, adapter)
-        return moa
+        return assemble(cls, adapter_dirs, domains, base, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, moa_dir: str | Path, base: str | Path | None = None, *,
-                        dtype: torch.dtype | None = None, lora_dropout: float = 0.0) -> "MoAModel":
-        """Load a checkpoint written by `save_pretrained`; `base` overrides the recorded one."""
-        moa_dir = Path(moa_dir)
-        cfg = read_moa_config(moa_dir)
-        base = base or cfg["base"]
-        model, tok = load_base(base, dtype)
-        recorded_sig = cfg.get("base_signature")
-        if recorded_sig and base_signature(model.config) != recorded_sig:
-            raise MoAError(f"base model {base} does not match the checkpoint's base: it is "
-                           f"{base_signature(model.config)}, the checkpoint was built on {recorded_sig}")
-        moa = cls(model, tok, base=base_reference(base), target_modules=cfg["target_modules"],
-                  eta=cfg.get("eta", 1.0), lora_dropout=lora_dropout,
-                  routing_default=cfg.get("routing_default", "vote"), provenance=cfg.get("provenance"))
-        for name in cfg["domains"]:
-            adapter = _read_adapter(moa_dir / "experts" / name)
-            moa._check_fits(adapter)
-            moa._append_expert(name, adapter)
-        moa.load_router_state_dict(load_tensors(moa_dir / "router.safetensors"))
-        return moa
+    def from_pretrained(cls, moa_dir, base=None, **kwargs) -> "MoAModel":
+        """Load a saved MoA checkpoint (see `moa.checkpoint.load_checkpoint`)."""
+        from moa.checkpoint import load_checkpoint
 
-    def save_pretrained(self, out_dir: str | Path, provenance: dict | None = None) -> Path:
-        """Write the checkpoint atomically (moa_config.json, experts/<domain>/, router.safetensors)."""
-        if provenance is not None:
-            self.provenance = dict(provenance)
-        cfg = {
-            "format_version": FORMAT_VERSION,
-            "base": self.base_ref,
-            "base_signature": base_signature(self.base_model.config),
-            "domains": self.domains,
-            "target_modules": self.target_modules,
-            "experts": {d: dict(self.experts[d]) for d in self._domains},
-            "router": {"pooling": "masked_mean", "input": "layer_input", "num_layers": self.num_layers},
-            "eta": self.eta,
-            "routing_default": self.routing_default,
-            "provenance": self.provenance,
-        }
-        out_dir = Path(out_dir)
-        with atomic_dir(out_dir) as tmp:
-            atomic_write_json(tmp / "moa_config.json", cfg)
-            for d in self._domains:
-                atomic_write_json(tmp / "experts" / d / "adapter_config.json", self._peft_config(d))
-                save_tensors(tmp / "experts" / d / "adapter_model.safetensors", self.expert_state_dict(d))
-            save_tensors(tmp / "router.safetensors", self.router_state_dict())
-        return out_dir
+        return load_checkpoint(cls, moa_dir, base, **kwargs)
+
+    def save_pretrained(self, out_dir, provenance: dict | None = None) -> Path:
+        """Write the checkpoint atomically (see `moa.checkpoint.save_checkpoint`)."""
+        from moa.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, out_dir, provenance)
+
 
     # ------------------------------------------------------------------ experts
 
-    def add_expert(self, domain: str, adapter_dir: str | Path, *, check_base: bool = True) -> None:
-        """Import a PEFT LoRA adapter as a new expert (any rank/alpha, any subset of the target
-        modules). Every router grows one output row; existing experts and rows are unchanged."""
-        _check_domain_name(domain)
+    def add_expert(self, domain: str, adapter: "str | Path | Adapter", *, check_base: bool = True) -> None:
+        """Import a PEFT LoRA adapter (a directory, or one read by `moa.checkpoint.read_adapter`) as a
+        new expert (any rank/alpha, any subset of the target modules). Every router grows one output
+        row; existing experts and rows are unchanged."""
+        from moa.checkpoint import Adapter, check_domain_name, read_adapter, same_base
+
+        check_domain_name(domain)
         if domain in self.experts:
             raise MoAError(f"domain '{domain}' already has an expert (remove_expert it first)")
-        adapter = _read_adapter(adapter_dir)
-        if check_base and adapter.base and not _same_base(adapter.base, self.base_ref):
+        if not isinstance(adapter, Adapter):
+            adapter = read_adapter(adapter)
+        if check_base and adapter.base and not same_base(adapter.base, self.base_ref):
             raise MoAError(f"{adapter.where} was trained on base {adapter.base}, but this model's base is "
                            f"{self.base_ref} (pass check_base=False if they are the same model)")
         self._check_fits(adapter)
@@ -350,28 +255,8 @@ class MoAModel(nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         """Activation checkpointing of the decoder layers that replays each layer's routing in the
-        backward recomputation (non-reentrant checkpoint with a context_fn)."""
-        kwargs = {"use_reentrant": False, "context_fn": self._checkpoint_contexts}
-        base = self.base_model
-        if hasattr(base, "activation_checkpointing_enable"):
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-    def _checkpoint_contexts(self):
-        """(forward context, recompute context) for torch.utils.checkpoint: the recomputation of a
-        layer in backward sees the routing slots as they were in its forward."""
-        return contextlib.nullcontext(), _slots_as(self.slots, [(s.choice, s.weights) for s in self.slots])
-
-    def _check_checkpointing(self) -> None:
-        """Checkpointing enabled on the base model directly (e.g. base_model.gradient_checkpointing_enable)
-        would recompute layers without their routing: re-enable it with the routing replay."""
-        for layer in self._layers:
-            if getattr(layer, "gradient_checkpointing", False):
-                func = getattr(layer, "_gradient_checkpointing_func", None)
-                if getattr(func, "keywords", {}).get("context_fn") != self._checkpoint_contexts:
-                    self.gradient_checkpointing_enable()
-                return
+        backward recomputation (see `moa.router.enable_routed_checkpointing`)."""
+        enable_routed_checkpointing(self.base_model, self.slots)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -392,7 +277,7 @@ class MoAModel(nn.Module):
         """Context manager: every `base_model` forward inside it is routed by `state`."""
         return routing_hooks(self._layers, self.routers, self.slots, state)
 
-    def _check_fits(self, adapter: _Adapter) -> None:
+    def _check_fits(self, adapter) -> None:
         """Every adapter module must be one of ours with matching shapes."""
         for path, (A, B) in adapter.weights.items():
             mod = self.lora_modules.get(path)
@@ -407,7 +292,7 @@ class MoAModel(nn.Module):
                     f"layer is {mod.in_features} -> {mod.out_features} with r={adapter.r} (adapter for another base?)"
                 )
 
-    def _append_expert(self, domain: str, adapter: _Adapter) -> None:
+    def _append_expert(self, domain: str, adapter) -> None:
         for path, mod in self.lora_modules.items():
             A, B = adapter.weights.get(path, (None, None))
             mod.add_expert(A, B, adapter.alpha, adapter.use_rslora)
@@ -421,16 +306,6 @@ class MoAModel(nn.Module):
             info["use_rslora"] = True
         self.experts[domain] = info
 
-    def _peft_config(self, domain: str) -> dict:
-        info = self.experts[domain]
-        return {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": self.base_ref,
-            "r": info["r"], "lora_alpha": info["alpha"], "target_modules": info["target_modules"],
-            "lora_dropout": 0.0, "bias": "none", "use_rslora": bool(info.get("use_rslora", False)),
-            "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-            "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-            "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
-        }
 
     # ------------------------------------------------------------------ forward
 
@@ -466,8 +341,8 @@ class MoAModel(nn.Module):
             past_key_values / use_cache: KV cache, passed to the base model; routers cannot run
                 on a continuation, so use explicit routing (domain_ids) with a cache.
         """
-        routing = self._resolve_routing(routing, domains, domain_ids)
-        self._check_checkpointing()
+        routing = self.resolve_routing(routing, domains, domain_ids)
+        check_routed_checkpointing(self._layers)
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -483,19 +358,18 @@ class MoAModel(nn.Module):
         if past_key_values is not None:
             base_kwargs[self._cache_kw] = past_key_values
 
-        probs, logits_per_layer, r_loss = None, None, None
+        probs, logits_per_layer, targets = None, None, None
         if routing == "explicit":
-            expert_ids = self._expert_ids(domains, domain_ids, B)  # (B,)
+            expert_ids = self.expert_ids_for(domains, domain_ids, B)  # (B,)
             state = RoutingState("fixed", expert_ids, pool_mask if return_router_logits else None,
                                  run_routers=return_router_logits, detach_router_inputs=not router_loss_to_experts)
             out = self._run(state, base_kwargs)
             if return_router_logits:
                 logits_per_layer = state.logits
                 probs = decide(logits_per_layer, "vote")[1]
-                if bool((expert_ids >= 0).any()):
-                    r_loss = router_loss(logits_per_layer, expert_ids)
+                targets = expert_ids
         elif routing == "layer":
-            self._check_pool_mask(pool_mask)
+            check_pool_mask(pool_mask)
             state = RoutingState("layer", pool_mask=pool_mask)
             out = self._run(state, base_kwargs)
             logits_per_layer, expert_ids = state.logits, state.decisions[-1]
@@ -506,11 +380,11 @@ class MoAModel(nn.Module):
             out = self._run(RoutingState("fixed", expert_ids), base_kwargs)
 
         logits = out.logits  # (B, T, V)
-        loss = None if labels is None else causal_lm_loss(logits, labels)
+        loss = None if labels is None else label_nll(labels, logits=logits)[0].mean()
         return MoAOutput(
-            logits=logits, expert_ids=expert_ids, domains=self._names(expert_ids), router_probs=probs,
-            router_logits=logits_per_layer, loss=loss, router_loss=r_loss,
-            past_key_values=_cache_of(out), hidden_states=getattr(out, "hidden_states", None),
+            logits=logits, expert_ids=expert_ids, domains=self.domain_names(expert_ids), router_probs=probs,
+            router_logits=logits_per_layer, loss=loss, router_targets=targets,
+            past_key_values=cache_of(out), hidden_states=getattr(out, "hidden_states", None),
         )
 
     def _run(self, state: RoutingState, base_kwargs: dict):
@@ -523,7 +397,7 @@ class MoAModel(nn.Module):
 
         Returns (expert per row (B,), decision probs (B, E), per-layer logits [(B, E)] * L).
         """
-        self._check_pool_mask(pool_mask)
+        check_pool_mask(pool_mask)
         # Causality: the prompt's hidden states do not depend on later tokens, so cut them.
         T = int(pool_mask.any(0).nonzero().max()) + 1
         state = RoutingState("layer", pool_mask=pool_mask[:, :T], stop_after=self.num_layers - 1)
@@ -548,7 +422,7 @@ class MoAModel(nn.Module):
         """
         if routing not in ROUTINGS[1:]:
             raise MoAError(f"route needs routing vote, last or layer, got {routing!r}")
-        self._resolve_routing(routing, None, None)
+        self.resolve_routing(routing, None, None)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pool_mask = (prompt_mask if prompt_mask is not None else attention_mask).bool()  # (B, T)
@@ -556,7 +430,7 @@ class MoAModel(nn.Module):
         expert_ids, probs, _ = self._route(input_ids, attention_mask, pool_mask, position_ids, routing)
         return expert_ids, probs
 
-    def _resolve_routing(self, routing: str | None, domains, domain_ids) -> str:
+    def resolve_routing(self, routing: str | None, domains, domain_ids) -> str:
         if self.num_experts == 0:
             raise MoAError("this model has no expert")
         named = domains is not None or domain_ids is not None
@@ -570,7 +444,7 @@ class MoAModel(nn.Module):
             raise MoAError(f"domains are only used with routing 'explicit', not '{routing}'")
         return routing
 
-    def _expert_ids(self, domains, domain_ids, B: int) -> Tensor:
+    def expert_ids_for(self, domains, domain_ids, B: int) -> Tensor:
         if domains is not None and domain_ids is not None:
             raise MoAError("give domains or domain_ids, not both")
         if domains is not None:
@@ -588,236 +462,18 @@ class MoAModel(nn.Module):
                 raise MoAError(f"domain id {int(bad[0])} out of range (-1 .. {self.num_experts - 1})")
         return ids.to(self.device)
 
-    def _names(self, expert_ids: Tensor) -> list[str | None]:
+    def domain_names(self, expert_ids: Tensor) -> list[str | None]:
         return [self._domains[e] if e >= 0 else None for e in expert_ids.tolist()]
 
-    @staticmethod
-    def _check_pool_mask(pool_mask: Tensor) -> None:
-        empty = (~pool_mask.any(1)).nonzero()
-        if empty.numel():
-            raise MoAError(f"row {int(empty[0])} has no prompt token for the routers to read")
 
-    # ------------------------------------------------------------------ generation
+    def generate(self, prompts, routing: str | None = None, domains=None, **kwargs) -> list[GenerationResult]:
+        """Generate one completion per prompt (see `moa.generation.generate` for the arguments)."""
+        from moa.generation import generate
 
-    @torch.inference_mode()  # lighter than no_grad on every op of every decoded token
-    def generate(
-        self,
-        prompts: Sequence[str | list[dict]] | str,
-        routing: str | None = None,
-        domains: Sequence[str] | str | None = None,
-        max_new_tokens: int = 64,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] | str | None = None,
-    ) -> list[GenerationResult]:
-        """Generate one completion per prompt with the KV cache.
-
-        Each prompt (one user turn as a string, or a list of chat messages) is rendered with the
-        chat template. The expert of each row is decided once on its prompt (routing as in
-        `forward`: default explicit if domains are given, else the model's routing_default)
-        and kept for every generated token; one batch may mix experts.
-        """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not prompts:
-            return []
-        if max_new_tokens < 1:
-            raise MoAError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if do_sample and (temperature < 0 or not 0 < top_p <= 1):
-            raise MoAError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
-        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-        routing = self._resolve_routing(routing, domains, None)
-        input_ids, attention_mask = self._encode_prompts(prompts)  # (B, T) left padded
-        B = input_ids.shape[0]
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        probs, first = None, None
-        if routing == "explicit":
-            per_row = self._expert_ids(domains, None, B)  # (B,)
-            fixed = per_row
-        else:
-            # One prefill routes (every layer's router reads the prompt, each layer uses its own
-            # top-1) and fills the KV cache. Where every layer chose the row's final expert, as
-            # trained routers nearly always do, it is exactly the prefill of that decision and
-            # decoding continues from it; otherwise the prompt is run again with the decision.
-            self._check_pool_mask(attention_mask.bool())
-            state = RoutingState("layer", pool_mask=attention_mask.bool())
-            with self.routing(state):
-                out = self.base_model(**self._step_kwargs(input_ids, attention_mask, position_ids, None))
-            per_row, probs = decide(state.logits, routing)
-            layer_choice = torch.stack(state.decisions)  # (L, B): each layer's own choice
-            # layer: each layer keeps its own router's choice on the prompt
-            fixed = layer_choice if routing == "layer" else per_row
-            if routing == "layer" or bool((layer_choice == per_row).all()):
-                first = (out.logits[:, -1], _cache_of(out))
-        tokens, lengths, stopped = self._decode(input_ids, attention_mask, position_ids, fixed, max_new_tokens,
-                                                do_sample, temperature, top_p, seed, stops, first)
-        names = self._names(per_row)
-        prompt_lens = attention_mask.sum(1).tolist()
-        results = []
-        for i in range(B):
-            n = lengths[i]
-            row = tokens[i, :n].tolist()
-            text = self.tokenizer.decode(row, skip_special_tokens=True)
-            reason = "stop" if stopped[i] else "length"
-            for s in stops:
-                cut = text.find(s)
-                if cut >= 0:
-                    text, reason = text[:cut], "stop"
-            results.append(GenerationResult(
-                text=text, domain=names[i],
-                router_probs=None if probs is None else dict(zip(self._domains, probs[i].tolist())),
-                prompt_tokens=int(prompt_lens[i]), completion_tokens=n, finish_reason=reason,
-            ))
-        return results
-
-    def _encode_prompts(self, prompts) -> tuple[Tensor, Tensor]:
-        """Render with the chat template and left-pad: (input_ids (B, T), attention_mask (B, T))."""
-        rows = []
-        for i, p in enumerate(prompts):
-            messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
-            if not messages or not any(isinstance(m, dict) and str(m.get("content", "")).strip() for m in messages):
-                raise MoAError(f"prompt {i} is empty")
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        pad = self._pad_id()
-        T = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), T), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
-            attention_mask[i, T - len(r):] = 1
-        return input_ids.to(self.device), attention_mask.to(self.device)
-
-    def _pad_id(self) -> int:
-        tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-    def _eos_ids(self) -> Tensor:
-        ids = {self.tokenizer.eos_token_id}
-        gen_eos = getattr(getattr(self.base_model, "generation_config", None), "eos_token_id", None)
-        ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-        return torch.tensor(sorted(i for i in ids if i is not None), dtype=torch.long, device=self.device)
-
-    def _step_kwargs(self, input_ids: Tensor, mask: Tensor, position_ids: Tensor, cache) -> dict:
-        """Base-model arguments of one generation step: logits of the last position only."""
-        kwargs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "use_cache": True}
-        if self._keep_last:
-            kwargs["logits_to_keep"] = 1
-        if cache is not None:
-            kwargs[self._cache_kw] = cache
-        return kwargs
-
-    def _decode(self, input_ids, attention_mask, position_ids, fixed, max_new_tokens, do_sample, temperature,
-                top_p, seed, stops, first=None) -> tuple[Tensor, list[int], list[bool]]:
-        """Token-by-token decoding with the experts fixed per row (and per layer for `layer`).
-
-        `first`: (last-position logits (B, V), KV cache) of a prefill already run with exactly
-        these experts, or None to run it here.
-        Returns (tokens (B, N), completion length per row, whether each row stopped early).
-        """
-        B = input_ids.shape[0]
-        eos, pad = self._eos_ids(), self._pad_id()
-        generator = None
-        if do_sample and seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        finished = torch.zeros(B, dtype=torch.bool, device=self.device)  # (B,)
-        lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=self.device)  # (B,)
-        out_tokens: list[Tensor] = []
-        step_ids, step_pos, mask, cache = input_ids, position_ids, attention_mask, None
-        with self.routing(RoutingState("fixed", fixed)):
-            for step in range(max_new_tokens):
-                if step == 0 and first is not None:
-                    last_logits, cache = first
-                else:
-                    out = self.base_model(**self._step_kwargs(step_ids, mask, step_pos, cache))
-                    last_logits, cache = out.logits[:, -1], _cache_of(out)  # (B, V)
-                nxt = _next_token(last_logits, do_sample, temperature, top_p, generator)  # (B,)
-                nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)  # (B,)
-                out_tokens.append(nxt)
-                done = ~finished & torch.isin(nxt, eos)  # (B,)
-                if stops:
-                    done |= self._hit_stop(torch.stack(out_tokens, 1), finished | done, stops)
-                lengths = torch.where(done, step + 1, lengths)
-                finished |= done
-                if bool(finished.all()):
-                    break
-                step_ids = nxt[:, None]  # (B, 1)
-                step_pos = step_pos[:, -1:] + 1  # (B, 1)
-                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, T + step + 1)
-        return torch.stack(out_tokens, 1), lengths.tolist(), finished.tolist()
-
-    def _hit_stop(self, tokens: Tensor, skip: Tensor, stops: list[str]) -> Tensor:
-        """(B,) bool: rows (not in `skip`) whose completion so far contains a stop string."""
-        hit = torch.zeros_like(skip)
-        for i in (~skip).nonzero().squeeze(1).tolist():
-            text = self.tokenizer.decode(tokens[i].tolist(), skip_special_tokens=True)
-            hit[i] = any(s in text for s in stops)
-        return hit
+        return generate(self, prompts, routing=routing, domains=domains, **kwargs)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def read_moa_config(moa_dir: str | Path) -> dict:
-    """The checkpoint's moa_config.json, checked for presence, JSON and format version."""
-    cfg_path = Path(moa_dir) / "moa_config.json"
-    if not cfg_path.is_file():
-        raise MoAError(f"{moa_dir} is not a MoA checkpoint (no moa_config.json)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise MoAError(f"{cfg_path}: invalid JSON ({e.msg})") from None
-    if cfg.get("format_version") != FORMAT_VERSION:
-        raise MoAError(f"{cfg_path}: unsupported format_version {cfg.get('format_version')!r} "
-                       f"(this moa reads {FORMAT_VERSION})")
-    return cfg
-
-
-def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy of logits (B, T, V) predicting labels (B, T) shifted by one (-100 ignored)."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(T-1), V)
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)  # (B*(T-1),)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
-
-
-@contextlib.contextmanager
-def _slots_as(slots: list[RoutingSlot], snapshot: list[tuple]) -> Iterator[None]:
-    """Temporarily put the slots back in a recorded state (choice, weights)."""
-    saved = [(s.choice, s.weights) for s in slots]
-    try:
-        for s, (choice, weights) in zip(slots, snapshot):
-            s.choice, s.weights = choice, weights
-        yield
-    finally:
-        for s, (choice, weights) in zip(slots, saved):
-            s.choice, s.weights = choice, weights
-
-
-def _cache_of(output) -> Any:
-    """The KV cache of a transformers output (`cache` in recent versions, `past_key_values` before)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
-def _next_token(logits: Tensor, do_sample: bool, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> Tensor:
-    """logits: (B, V) -> next token (B,): greedy, or sampled with temperature and nucleus top_p."""
-    if not do_sample or temperature == 0:
-        return logits.argmax(-1)
-    # float64, and the maximum shifted to 0 first: a tiny temperature (down to the smallest float)
-    # then sends the others to -inf (greedy in the limit) instead of overflowing every logit to
-    # inf, or turning into 0 in float32, and the softmax into NaN.
-    logits = logits.double()
-    logits = (logits - logits.max(-1, keepdim=True).values) / temperature  # (B, V)
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)  # (B, V)
-        p = sorted_logits.softmax(-1)  # (B, V)
-        drop = p.cumsum(-1) - p > top_p  # (B, V): the mass before this token already covers top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)  # (B, V)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)  # (B,)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -851,65 +507,3 @@ def _inject(model: nn.Module, layers: nn.ModuleList, slots: list[RoutingSlot], t
     return out
 
 
-def _check_domain_name(name: str) -> None:
-    if not isinstance(name, str) or not _DOMAIN.fullmatch(name):
-        raise MoAError(f"invalid domain name {name!r}: use letters, digits, '_', '-', '.', '+' "
-                       "(it becomes a directory name), at most 100 characters")
-
-
-# adapter_config.json fields that change what a LoRA computes or stores; MoA needs them unset.
-_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "layers_to_transform", "layer_replication",
-                "modules_to_save", "rank_pattern", "alpha_pattern", "trainable_token_indices", "target_parameters")
-
-
-def _read_adapter(adapter_dir: str | Path) -> _Adapter:
-    """Read a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
-    d = Path(adapter_dir)
-    cfg_path, weights_path = d / "adapter_config.json", d / "adapter_model.safetensors"
-    if not cfg_path.is_file():
-        raise MoAError(f"{d} is not a PEFT adapter directory (no adapter_config.json)")
-    if not weights_path.is_file():
-        hint = " (only safetensors is read, never pickle)" if (d / "adapter_model.bin").exists() else ""
-        raise MoAError(f"{d}: missing adapter_model.safetensors{hint}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise MoAError(f"{cfg_path}: invalid JSON ({e.msg})") from None
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise MoAError(f"{d}: peft_type {cfg.get('peft_type')} is not LORA")
-    for key in _UNSUPPORTED:
-        if cfg.get(key) not in (None, False, [], {}):
-            raise MoAError(f"{d}: adapter_config.json sets {key}={cfg[key]!r}, which MoA does not support")
-    if cfg.get("bias", "none") != "none":
-        raise MoAError(f"{d}: adapter_config.json sets bias={cfg['bias']!r}; MoA supports bias 'none' only")
-    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
-        raise MoAError(f"{cfg_path}: needs integer r >= 1 and numeric lora_alpha (got r={r!r}, lora_alpha={alpha!r})")
-    halves: dict[str, dict[str, Tensor]] = {}
-    for key, t in load_tensors(weights_path).items():
-        m = _KEY.match(key)
-        if m is None:
-            raise MoAError(f"{weights_path}: unsupported tensor {key} (MoA imports LoRA A/B weights of linear layers)")
-        halves.setdefault(m["path"], {})[m["ab"]] = t
-    weights = {}
-    for path, ab in halves.items():
-        if set(ab) != {"A", "B"}:
-            raise MoAError(f"{weights_path}: {path} has lora_{''.join(ab)} but not both lora_A and lora_B")
-        if ab["A"].shape[0] != r or ab["B"].shape[-1] != r:
-            raise MoAError(f"{weights_path}: {path} has rank {ab['A'].shape[0]}, adapter_config.json says r={r}")
-        weights[path] = (ab["A"], ab["B"])
-    if not weights:
-        raise MoAError(f"{weights_path}: no LoRA weights")
-    return _Adapter(str(d), r, float(alpha) if not float(alpha).is_integer() else int(alpha),
-                    bool(cfg.get("use_rslora", False)), cfg.get("base_model_name_or_path"), weights)
-
-
-def _same_base(a: str, b: str) -> bool:
-    """Whether two base references name the same checkpoint (same string or same directory)."""
-    if str(a) == str(b):
-        return True
-    try:
-        return resolve_base(a) == resolve_base(b)
-    except MoAError:
-        # One of them cannot be found here (moved or deleted): only the shape checks can tell.
-        return True

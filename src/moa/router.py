@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moa.errors import MoAError
 from moa.layers import ExpertChoice, RoutingSlot
 
 ROUTER_INIT_STD = 0.02
@@ -84,16 +85,24 @@ class LayerRouter(nn.Module):
 # --------------------------------------------------------------------------- losses and decisions
 
 
-def router_loss(router_logits: Sequence[Tensor], domain_ids: Tensor) -> Tensor:
+def router_loss(router_logits: Sequence[Tensor], domain_ids: Tensor, reduction: str = "mean") -> Tensor:
     """Mean over layers of the cross-entropy of each layer's logits (B, E) against domain_ids (B,).
 
-    Rows with domain id -1 (base only) are ignored.
+    Rows with domain id -1 (base only, or a prompt the routers did not see whole) are ignored.
+    reduction: "mean" over the rows, or "sum" over them (the trainer divides by the global batch).
     """
     if not router_logits:
         raise ValueError("router_loss needs the logits of at least one layer")
     target = domain_ids.to(router_logits[0].device).long()  # (B,)
-    losses = [F.cross_entropy(logits.float(), target, ignore_index=-1) for logits in router_logits]
+    losses = [F.cross_entropy(logits.float(), target, ignore_index=-1, reduction=reduction)
+              for logits in router_logits]
     return torch.stack(losses).mean()
+
+
+def router_hits(router_logits: Sequence[Tensor], domain_ids: Tensor) -> list[Tensor]:
+    """Per layer, the number of rows whose top-1 expert is their domain id (rows -1 never count)."""
+    target = domain_ids.to(router_logits[0].device).long()  # (B,)
+    return [(logits.argmax(-1) == target).sum() for logits in router_logits]
 
 
 def layer_probs(router_logits: Sequence[Tensor]) -> Tensor:
@@ -125,6 +134,13 @@ def decide(router_logits: Sequence[Tensor], how: str) -> tuple[Tensor, Tensor]:
     if how in ("last", "layer"):
         return last(router_logits), router_logits[-1].float().softmax(-1)
     raise ValueError(f"unknown decision rule {how!r}")
+
+
+def check_pool_mask(pool_mask: Tensor) -> None:
+    """Every row needs at least one prompt token for the routers to read. pool_mask: (B, T) bool."""
+    empty = (~pool_mask.any(1)).nonzero()
+    if empty.numel():
+        raise MoAError(f"row {int(empty[0])} has no prompt token for the routers to read")
 
 
 # --------------------------------------------------------------------------- routing a forward
@@ -248,3 +264,52 @@ def routing_hooks(
             h.remove()
         for slot in slots:
             slot.clear()
+
+
+# --------------------------------------------------------------------------- activation checkpointing
+
+
+class ReplayRouting:
+    """`context_fn` for torch.utils.checkpoint: the recomputation of a layer in backward sees the
+    routing slots as they were in its forward (the hooks are gone by then)."""
+
+    def __init__(self, slots: Sequence[RoutingSlot]) -> None:
+        self.slots = list(slots)
+
+    def __call__(self):
+        snapshot = [(s.choice, s.weights) for s in self.slots]
+        return contextlib.nullcontext(), _slots_as(self.slots, snapshot)
+
+
+@contextlib.contextmanager
+def _slots_as(slots: Sequence[RoutingSlot], snapshot: list[tuple]) -> Iterator[None]:
+    """Temporarily put the slots back in a recorded state (choice, weights)."""
+    saved = [(s.choice, s.weights) for s in slots]
+    try:
+        for s, (choice, weights) in zip(slots, snapshot):
+            s.choice, s.weights = choice, weights
+        yield
+    finally:
+        for s, (choice, weights) in zip(slots, saved):
+            s.choice, s.weights = choice, weights
+
+
+def enable_routed_checkpointing(base_model: nn.Module, slots: Sequence[RoutingSlot]) -> None:
+    """Activation checkpointing of the decoder layers (non-reentrant) with the routing replayed."""
+    kwargs = {"use_reentrant": False, "context_fn": ReplayRouting(slots)}
+    if hasattr(base_model, "activation_checkpointing_enable"):
+        base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def check_routed_checkpointing(layers: Sequence[nn.Module]) -> None:
+    """Checkpointing switched on for the base model directly would recompute layers in backward
+    without their routing (wrong gradients): refuse it, naming the right call."""
+    for layer in layers:
+        if getattr(layer, "gradient_checkpointing", False):
+            func = getattr(layer, "_gradient_checkpointing_func", None)
+            if not isinstance(getattr(func, "keywords", {}).get("context_fn"), ReplayRouting):
+                raise MoAError("gradient checkpointing was enabled on the base model directly, which would "
+                               "recompute the layers without their routing; use MoAModel.gradient_checkpointing_enable()")
+            return

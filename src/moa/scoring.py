@@ -3,30 +3,26 @@ or an MoA checkpoint (with routing), plus per-domain perplexity."""
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from moa.base import DEFAULT_BASE
-from moa.data import IGNORE_INDEX, Example, collate
+from moa.data import Example, collate
 from moa.errors import MoAError
+from moa.losses import label_nll, per_row_sums
 
 
 def response_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(label) of every position and which positions are label tokens.
+    """log p(label) of every position and which positions are label tokens (from `label_nll`).
 
     logits (B,T,V), labels (B,T) -> (B, T-1) float32 log-probabilities (0 off the labels), (B, T-1) bool.
     """
-    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-    shift_labels = labels[:, 1:]  # (B, T-1)
-    mask = shift_labels != IGNORE_INDEX
-    lp = torch.log_softmax(shift_logits, dim=-1)
-    picked = lp.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return picked.masked_fill(~mask, 0.0), mask
+    nll, keep = label_nll(labels, logits=logits)  # (N,), (B, T-1)
+    picked = torch.zeros(keep.shape, dtype=torch.float32, device=nll.device)
+    picked[keep] = -nll
+    return picked, keep
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,8 +30,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
     logits (B,T,V), labels (B,T) -> (B,) float64 sums, (B,) long counts.
     """
-    picked, mask = response_token_logprobs(logits, labels)
-    return picked.double().sum(-1), mask.sum(-1)
+    nll, keep = label_nll(labels, logits=logits)
+    return -per_row_sums(nll, keep), keep.sum(-1)
 
 
 def causal_lm_forward(model) -> Callable[[dict], tuple[torch.Tensor, list[dict]]]:

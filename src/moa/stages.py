@@ -6,7 +6,6 @@ is trained and what is written.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -143,9 +142,9 @@ def train_expert(
     }
     seed = None
     if init_adapter is not None:
-        from moa.model import _read_adapter
+        from moa.checkpoint import read_adapter
 
-        seed = _read_adapter(init_adapter)  # fail before anything is written
+        seed = read_adapter(init_adapter)  # fail before anything is written
         if seed.r != rank or float(seed.alpha) != float(alpha):
             raise MoAError(f"--init-adapter {init_adapter} has rank {seed.r} and alpha {seed.alpha}; this run "
                            f"asks for rank {rank} and alpha {alpha} (pass the same --rank and --alpha)")
@@ -235,7 +234,7 @@ def train_expert(
 
 
 def load_lora_init(peft_model, src) -> None:
-    """Copy the LoRA weights of `src` (a PEFT adapter read by `moa.model._read_adapter`, of the
+    """Copy the LoRA weights of `src` (a PEFT adapter read by `moa.checkpoint.read_adapter`, of the
     same rank and alpha) into `peft_model`'s fresh, trainable 'default' adapter; the two must
     adapt exactly the same modules with the same shapes, otherwise a MoAError says what differs."""
     adapter_dir = src.where
@@ -278,17 +277,6 @@ def _cfg_dict(cfg) -> dict:
 # --------------------------------------------------------------------------- stage 2
 
 
-def router_loss_terms(router_logits, domain_ids, global_rows: int):
-    """Mean over layers of the routers' cross-entropy against the domain label, summed over
-    rows and divided by the global batch's row count; plus per-layer correct counts."""
-    import torch.nn.functional as F
-
-    L = len(router_logits)
-    ce = sum(F.cross_entropy(lg.float(), domain_ids, reduction="sum") for lg in router_logits) / L
-    correct = [(lg.argmax(-1) == domain_ids).sum() for lg in router_logits]
-    return ce / global_rows, correct
-
-
 def stage2_loss(m, batch: dict, *, eta: float, train_routers: bool = True,
                 router_loss_to_experts: bool = True) -> tuple[torch.Tensor, dict]:
     """The stage-2 loss of one micro-batch: LM loss + eta * router loss, and the metrics logged.
@@ -296,7 +284,8 @@ def stage2_loss(m, batch: dict, *, eta: float, train_routers: bool = True,
     `m` is the MoAModel (possibly wrapped for data parallelism); every row uses its label's
     expert (explicit routing). Sums are divided by the global batch's token / row counts.
     """
-    from moa.trainer import label_loss_sum
+    from moa.losses import label_nll
+    from moa.router import router_hits, router_loss
 
     dom = batch["domain_ids"]
     # The vocabulary projection runs on the label positions only, as in stage 1 (logits_to_keep=1
@@ -305,15 +294,18 @@ def stage2_loss(m, batch: dict, *, eta: float, train_routers: bool = True,
           prompt_mask=batch["prompt_mask"], routing="explicit", return_router_logits=train_routers,
           router_loss_to_experts=router_loss_to_experts, output_hidden_states=True, logits_to_keep=1)
     head = getattr(m, "module", m).base_model.get_output_embeddings()
-    lm = label_loss_sum(head, o.hidden_states[-1], batch["labels"]) / batch["global_tokens"]
+    lm = label_nll(batch["labels"], hidden=o.hidden_states[-1], head=head)[0].sum() / batch["global_tokens"]
     if not train_routers:
         return lm, {"loss": lm.detach(), "lm_loss": lm.detach()}
-    rl, correct = router_loss_terms(o.router_logits, dom, batch["global_rows"])
+    # The router loss of the rows whose whole prompt the routers saw, over the global batch's count.
+    target, n = batch["router_ids"], batch["global_router_rows"]
+    rl = router_loss(o.router_logits, target, reduction="sum") / n
+    correct = router_hits(o.router_logits, target)
     loss = lm + eta * rl if eta > 0 else lm + 0.0 * rl
     metrics = {"loss": loss.detach(), "lm_loss": lm.detach(), "router_loss": rl.detach(),
-               "router_acc": sum(correct).float() / (len(correct) * batch["global_rows"])}
+               "router_acc": sum(correct).float() / (len(correct) * n)}
     for i, c in enumerate(correct):
-        metrics[f"router_acc_l{i}"] = c.float() / batch["global_rows"]
+        metrics[f"router_acc_l{i}"] = c.float() / n
     return loss, metrics
 
 

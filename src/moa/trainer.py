@@ -28,6 +28,7 @@ import torch
 
 from moa.data import IGNORE_INDEX, Example, collate
 from moa.errors import MoAError
+from moa.losses import label_nll
 from moa.io import atomic_dir, atomic_write_json, atomic_write_text, load_tensors, save_tensors
 
 
@@ -196,32 +197,13 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over label tokens. logits (B,T,V), labels (B,T)."""
-    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
-    shift_labels = labels[:, 1:]  # (B, T-1)
-    return torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
-
-
 def causal_lm_loss_sum(model, batch: dict) -> torch.Tensor:
     """LM loss sum for a transformers CausalLM (or PEFT model), computing the vocabulary
     projection only at positions that have a label (most tokens are prompt or padding)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
                 output_hidden_states=True, use_cache=False)
     head = getattr(model, "module", model).get_output_embeddings()  # frozen head, outside DDP's forward
-    return label_loss_sum(head, out.hidden_states[-1], batch["labels"])
-
-
-def label_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the label tokens, with the vocabulary projection
-    `head` run only at the positions that have a label. hidden (B,T,H) after the final norm,
-    labels (B,T) with -100 on ignored tokens."""
-    keep = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
-    logits = head(hidden[:, :-1][keep]).float()  # (N, V)
-    return torch.nn.functional.cross_entropy(logits, labels[:, 1:][keep], reduction="sum")
+    return label_nll(batch["labels"], hidden=out.hidden_states[-1], head=head)[0].sum()
 
 
 class Trainer:
@@ -366,6 +348,7 @@ class Trainer:
             b = {key: v.to(self.acc.device) for key, v in b.items()}
             b["global_tokens"] = max(1, global_tokens)
             b["global_rows"] = len(global_idx)
+            b["global_router_rows"] = max(1, sum(not self.examples[i].prompt_cut for i in global_idx))
             micro.append(b)
         n_tok = sum(int(b["attention_mask"].sum()) for b in micro)
         return micro, n_tok

@@ -68,12 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from moa.errors import MoAError
 
     try:
-        args = parser.parse_args(argv)
-        if getattr(args, "config", None):
-            from moa.cli.options import apply_config
-
-            apply_config(args._parser, args.config)  # the file's values become the defaults
-            args = parser.parse_args(argv)  # so the flags given override them
+        args = _parse(parser, argv)
     except MoAError as e:
         print(f"moa: error: {e}", file=sys.stderr)
         return 2
@@ -96,6 +91,40 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"moa: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse `argv`; with `--config FILE.yaml` the file's values become the defaults and the flags
+    given override them. Options required on the command line may come from the file instead, so
+    the first pass (which only finds the command and the file) requires nothing."""
+    if not any(_is_config_flag(a) for a in argv):
+        return parser.parse_args(argv)
+    relaxed = [x for p in _all_parsers(parser) for x in (*p._actions, *p._mutually_exclusive_groups) if x.required]
+    for x in relaxed:
+        x.required = False
+    try:
+        args = parser.parse_args(argv)
+    finally:
+        for x in relaxed:
+            x.required = True
+    if getattr(args, "config", None):
+        from moa.cli.options import apply_config
+
+        apply_config(args._parser, args.config)  # the file's values become the defaults
+    return parser.parse_args(argv)  # so the flags given override them
+
+
+def _is_config_flag(arg: str) -> bool:
+    flag = arg.split("=", 1)[0]
+    return len(flag) > 3 and "--config".startswith(flag)  # argparse accepts unambiguous prefixes
+
+
+def _all_parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for p in a.choices.values():
+                yield from _all_parsers(p)
 
 
 def _quiet_libraries() -> None:

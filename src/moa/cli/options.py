@@ -93,6 +93,9 @@ def apply_config(parser: argparse.ArgumentParser, path: str | Path) -> None:
             value = action.const
         values[action.dest] = _convert(path, key, action, value)
         action.required = False  # given by the file
+    for group in parser._mutually_exclusive_groups:  # e.g. add-expert's --adapter | --train-data
+        if group.required and any(a.dest in values for a in group._group_actions):
+            group.required = False
     parser.set_defaults(**values)
 
 
