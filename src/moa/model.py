@@ -30,7 +30,7 @@ from moa.base import DEFAULT_BASE, base_reference, base_signature, load_base, re
 from moa.errors import MoAError
 from moa.io import atomic_dir, atomic_write_json, load_tensors, save_tensors
 from moa.layers import MoLoRALinear, RoutingSlot
-from moa.router import LayerRouter, RoutingState, decide, router_loss, routing_hooks
+from moa.router import LayerRouter, RoutingState, decide, layer_probs, router_loss, routing_hooks
 
 FORMAT_VERSION = 1
 ROUTINGS = ("explicit", "vote", "last", "layer")
@@ -75,6 +75,9 @@ class GenerationResult:
     """Generated tokens, the end-of-turn token included."""
     finish_reason: str
     """"stop" (end-of-turn token or stop string) or "length" (max_new_tokens reached)."""
+    layer_probs: list[list[float]] | None = None
+    """(L, E) every layer's router probabilities on the prompt (routed generation, or explicit
+    with return_layer_probs); None when the routers did not run."""
 
 
 @dataclass
@@ -443,7 +446,7 @@ class MoAModel(nn.Module):
         Args:
             input_ids: (B, T).
             attention_mask: (B, T), 1 for real tokens (default: all ones).
-            domains / domain_ids: the expert of each row, by name or index (B,) (-1: base only);
+            domains / domain_ids: the expert of each row, by name or index (B,) (None / -1: base only);
                 they imply routing="explicit".
             routing: "explicit", "vote", "last" or "layer"; default: explicit if domains are
                 given, else the model's routing_default.
@@ -567,7 +570,7 @@ class MoAModel(nn.Module):
                 domains = [domains] * B
             if len(domains) != B:
                 raise MoAError(f"{len(domains)} domains for a batch of {B} rows")
-            ids = torch.tensor([self.domain_index(d) for d in domains], dtype=torch.long)
+            ids = torch.tensor([-1 if d is None else self.domain_index(d) for d in domains], dtype=torch.long)
         else:
             ids = torch.as_tensor(domain_ids, dtype=torch.long).reshape(-1)
             if ids.shape[0] != B:
@@ -600,13 +603,19 @@ class MoAModel(nn.Module):
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
+        return_layer_probs: bool = False,
     ) -> list[GenerationResult]:
         """Generate one completion per prompt with the KV cache.
 
         Each prompt (one user turn as a string, or a list of chat messages) is rendered with the
         chat template. The expert of each row is decided once on its prompt (routing as in
         `forward`: default explicit if domains are given, else the model's routing_default)
-        and kept for every generated token; one batch may mix experts.
+        and kept for every generated token; one batch may mix experts. With explicit routing a
+        domain of None runs that row on the base model alone.
+
+        return_layer_probs: explicit routing also runs the routers on the prompts (a routing
+            pass that does not change the completions) to report what they would have chosen in
+            `layer_probs`; routed generation always reports them.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -621,10 +630,12 @@ class MoAModel(nn.Module):
         input_ids, attention_mask = self._encode_prompts(prompts)  # (B, T) left padded
         B = input_ids.shape[0]
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        probs, first = None, None
+        probs, first, per_layer = None, None, None
         if routing == "explicit":
             per_row = self._expert_ids(domains, None, B)  # (B,)
             fixed = per_row
+            if return_layer_probs:
+                per_layer = self._route(input_ids, attention_mask, attention_mask.bool(), position_ids, "vote")[2]
         else:
             # One prefill routes (every layer's router reads the prompt, each layer uses its own
             # top-1) and fills the KV cache. Where every layer chose the row's final expert, as
@@ -635,6 +646,7 @@ class MoAModel(nn.Module):
             with self.routing(state):
                 out = self.base_model(**self._step_kwargs(input_ids, attention_mask, position_ids, None))
             per_row, probs = decide(state.logits, routing)
+            per_layer = state.logits
             layer_choice = torch.stack(state.decisions)  # (L, B): each layer's own choice
             # layer: each layer keeps its own router's choice on the prompt
             fixed = layer_choice if routing == "layer" else per_row
@@ -644,6 +656,7 @@ class MoAModel(nn.Module):
                                                 do_sample, temperature, top_p, seed, stops, first)
         names = self._names(per_row)
         prompt_lens = attention_mask.sum(1).tolist()
+        by_row = None if per_layer is None else layer_probs(per_layer).transpose(0, 1).tolist()  # (B, L, E)
         results = []
         for i in range(B):
             n = lengths[i]
@@ -658,6 +671,7 @@ class MoAModel(nn.Module):
                 text=text, domain=names[i],
                 router_probs=None if probs is None else dict(zip(self._domains, probs[i].tolist())),
                 prompt_tokens=int(prompt_lens[i]), completion_tokens=n, finish_reason=reason,
+                layer_probs=None if by_row is None else by_row[i],
             ))
         return results
 
