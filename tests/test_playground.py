@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +14,7 @@ import pytest
 from conftest import ROUTED_DOMAINS, ROUTED_PROMPTS, serving
 from moa.model import MoAModel
 from moa.serve import create_app
+from moa.testing import NoBrowser, headless_chromium
 
 KEY = "playground-key"
 LAYERS = 2  # of the tiny base
@@ -54,24 +53,10 @@ def test_the_page_and_its_assets_load_without_the_key_but_the_api_does_not(url):
 
 
 def _chromium():
-    """A headless Chromium WebDriver, or skip saying what is missing."""
     try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.skip("selenium is not installed (pip install -e '.[dev]')")
-    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
-    driver = shutil.which("chromedriver")
-    if browser is None or driver is None:
-        pytest.skip("no headless browser: apt-get install chromium chromium-driver "
-                    f"(chromium: {browser or 'missing'}, chromedriver: {driver or 'missing'})")
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1000", "--disable-extensions", "--no-first-run"):
-        options.add_argument(arg)
-    # An explicit driver path: selenium must not look for (or download) one.
-    return webdriver.Chrome(service=Service(driver), options=options)
+        return headless_chromium()
+    except NoBrowser as e:
+        pytest.skip(str(e))
 
 
 def _send(browser, wait, prompt: str, turns: int) -> None:
@@ -154,3 +139,9 @@ def test_the_playground_shows_the_routers_at_work(url, tmp_path):
             Path(os.environ[SCREENSHOT_ENV]).write_bytes(shot.read_bytes())
     finally:
         browser.quit()
+
+
+def test_without_a_browser_the_reason_is_given(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no chromium, no chromedriver
+    with pytest.raises(NoBrowser, match="chromium: missing, chromedriver: missing"):
+        headless_chromium()
