@@ -381,6 +381,7 @@ class GatedModel:
         self.tokenizer = make_tokenizer()
         self.gate, self.running = threading.Event(), threading.Event()
         self.calls: list[tuple[list[str], list[str] | None, int]] = []
+        self.layer_probs_asked: list[bool] = []
         if open_gate:
             self.gate.set()
 
@@ -391,6 +392,7 @@ class GatedModel:
         if "bad" in texts:
             raise MoAError("bad prompt")
         self.calls.append((texts, None if domains is None else list(domains), max_new_tokens))
+        self.layer_probs_asked.append(kw.get("return_layer_probs", False))
         return [GenerationResult(text=f"re: {t}", domain=domains[i] if domains else "a",
                                  router_probs=None if domains else {"a": 1.0, "b": 0.0}, prompt_tokens=3,
                                  completion_tokens=2, finish_reason="stop") for i, t in enumerate(texts)]
@@ -488,6 +490,22 @@ def test_worker_batches_compatible_requests_with_mixed_experts():
         (["8"], ["a"], 16),
     ]
     assert out["5"].text == "re: 5" and "dropped" not in out
+
+
+def test_base_rows_batch_with_forced_ones_and_only_forced_rows_that_ask_pay_a_routing_pass():
+    fake = GatedModel(open_gate=True)
+    batcher = Batcher(fake, max_batch_size=8, max_queue=16, batch_wait_ms=0)
+    out: dict = {}
+    jobs = [_job("1", "a", out=out), _job("2", None, out=out), _job("3", "b", out=out), _job("4", None, out=out),
+            _job("5", "a", out=out), _job("6", None, out=out)]
+    jobs[1].base = jobs[5].base = True  # 2 and 6: the base model; 4: routed
+    jobs[4].layer_probs = True
+    batcher.submit(jobs)
+    batcher.start()
+    _wait_until(lambda: len(out) == 6)
+    batcher.close()
+    assert fake.calls == [(["1", "2", "3", "6"], ["a", None, "b", None], 16), (["4"], None, 16), (["5"], ["a"], 16)]
+    assert fake.layer_probs_asked == [False, False, True]
 
 
 def test_a_failing_row_does_not_fail_its_batch():

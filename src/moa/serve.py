@@ -226,7 +226,7 @@ class Batcher:
     def _generate(self, batch: list[Job]):
         d = batch[0].decoding
         explicit = batch[0].routing != "vote"
-        # Only when asked: stand-in models (and older MoAModels) need not know the argument.
+        # Passed only when asked: a model whose generate lacks it still serves every other request.
         extra = {"return_layer_probs": True} if explicit and batch[0].layer_probs else {}
         return self.model.generate(
             [job.messages for job in batch],
