@@ -62,14 +62,15 @@ function modelFor(choice) {
 }
 
 // POST a streamed chat completion; calls onChunk(chunk) for every server-sent event.
-async function streamChat(model, messages, onChunk) {
+// layerProbs: ask for the routers' per-layer probabilities (a forced answer pays a routing pass).
+async function streamChat(model, messages, layerProbs, onChunk) {
   const body = {
     model, messages, stream: true,
     temperature: Number($("temperature").value),
     top_p: Number($("top-p").value),
     max_tokens: Math.round(Number($("max-tokens").value)),
-    moa: { return_layer_probs: true },
   };
+  if (layerProbs) body.moa = { return_layer_probs: true };
   const response = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body) });
   if (!response.ok) throw await apiError(response);
   const reader = response.body.getReader();
@@ -152,7 +153,7 @@ async function runAnswer(view, model, messages, isPrimary) {
   let text = "";
   let seenMoa = false;
   try {
-    await streamChat(model, messages, (chunk) => {
+    await streamChat(model, messages, isPrimary, (chunk) => {
       if (chunk.moa && !seenMoa) {
         seenMoa = true;
         showMoa(view, chunk.moa, isPrimary);
