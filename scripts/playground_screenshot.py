@@ -3,8 +3,9 @@
     python scripts/playground_screenshot.py --moa runs/demo/moa --out docs/playground.png
 
 Serves the checkpoint on a loopback port, opens the page in headless Chromium, asks the first
-test prompt of each --ask domain (the routers choose the expert), then the first of --compare
-with the routed answer beside the base model's, and saves the page as PNG. Needs chromium and
+test prompt of each --ask domain (the routers choose the expert; each prompt on its own, not
+as one conversation), then the first of --compare with the routed answer beside the base
+model's, and saves the page as PNG. Needs chromium and
 chromium-driver (apt) and selenium (the dev extra).
 """
 
@@ -84,6 +85,7 @@ def main() -> int:
         tokens = browser.find_element(By.ID, "max-tokens")
         tokens.clear()
         tokens.send_keys(str(args.max_tokens))
+        browser.find_element(By.ID, "history").click()  # route each prompt on its own
         turns = 0
         for domain in args.ask:
             turns += 1

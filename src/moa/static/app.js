@@ -191,7 +191,8 @@ async function send() {
   // Compare: the routers' answer beside the forced one (the base model's when nothing is forced).
   const other = compare ? (choice === "auto" ? "base" : choice) : null;
   const primaryModel = compare ? "moa" : modelFor(choice);
-  const messages = [...state.history, { role: "user", content: prompt }];
+  const history = $("history").checked ? state.history : [];
+  const messages = [...history, { role: "user", content: prompt }];
 
   const turn = el("div", "turn");
   turn.append(el("div", "user", prompt));
