@@ -1,9 +1,13 @@
-"""Shared fixtures: tiny random base models (no downloads) and small multi-domain data."""
+"""Shared fixtures: tiny random base models (no downloads), small multi-domain data, and a
+tiny MoA whose routers tell the synthetic domains apart, served over loopback HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +63,86 @@ def synthetic_records(n_per_domain: int = 8, seed: int = 0) -> list[dict]:
 @pytest.fixture
 def toy_data(tmp_path) -> Path:
     return write_jsonl(tmp_path / "toy.jsonl", synthetic_records())
+
+
+# --------------------------------------------------------------------------- a routed MoA to serve
+
+ROUTED_DOMAINS = ["math", "echo", "json"]
+# Held out from the routers' training prompts (other numbers and words).
+ROUTED_PROMPTS = {
+    "math": ["Add 3 and 4.", "Add 17 and 29.", "Add 8 and 31."],
+    "echo": ["REPEAT: apple apple", "REPEAT: tiger tiger", "REPEAT: cloud cloud"],
+    "json": ["json key=k7", "json key=k2", "json key=k5"],
+}
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Run `app` with uvicorn in a background thread on a free loopback port; yield its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def fit_routers(model, steps: int = 10, lr: float = 0.2) -> None:
+    """Train only the routers (router loss of explicit routing) on the synthetic prompt kinds."""
+    import torch
+
+    records = synthetic_records(16)
+    prompts = [r.get("prompt") or r["messages"][0]["content"] for r in records]
+    tok = model.tokenizer
+    rows = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False)["input_ids"] for p in prompts]
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), tok.pad_token_id)  # (B, T) left padded, as generate pads
+    mask = torch.zeros(len(rows), T, dtype=torch.long)  # (B, T)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = torch.tensor(r), 1
+    model.set_trainable(experts=False, routers=True)
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=lr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-wide model: more threads only spin against the other tests on the CPU
+    try:
+        for _ in range(steps):
+            out = model(input_ids=ids, attention_mask=mask, domains=[r["domain"] for r in records],
+                        return_router_logits=True)
+            opt.zero_grad()
+            out.router_loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.set_trainable(experts=False, routers=False)
+
+
+@pytest.fixture(scope="session")
+def routed_moa_dir(tmp_path_factory, tiny_base) -> Path:
+    """A saved 3-expert MoA (random q/v LoRAs, routers fitted to ROUTED_DOMAINS) on the tiny base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from moa.base import load_base
+    from moa.model import MoAModel
+
+    root = tmp_path_factory.mktemp("routed_moa")
+    dirs = []
+    for seed, domain in enumerate(ROUTED_DOMAINS, start=1):
+        base, _ = load_base(tiny_base)
+        torch.manual_seed(seed)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(base, config).save_pretrained(root / domain)
+        dirs.append(root / domain)
+    model = MoAModel.from_adapters(dirs, domains=ROUTED_DOMAINS, base=tiny_base)
+    fit_routers(model)
+    return model.save_pretrained(root / "moa")

@@ -153,6 +153,34 @@ def test_vote_generation_equals_explicit_generation_token_for_token(moa_dir):
     assert alone[0].text == explicit[0].text
 
 
+def test_layer_probs_and_base_rows_in_generation(moa_dir, tiny_base):
+    model = MoAModel.from_pretrained(moa_dir)
+    scramble_routers(model)
+    voted = model.generate(PROMPTS, routing="vote", max_new_tokens=4)
+    probs = torch.tensor([r.layer_probs for r in voted])  # (B, L, E)
+    assert probs.shape == (len(PROMPTS), model.num_layers, 2)
+    assert torch.allclose(probs.sum(-1), torch.ones(len(PROMPTS), model.num_layers), atol=1e-5)
+    for r, p in zip(voted, probs):  # the vote's probabilities are the layers' mean
+        assert torch.allclose(p.mean(0), torch.tensor([r.router_probs["fin"], r.router_probs["med"]]), atol=1e-5)
+    # Forced rows (None: the base model) report the routers' view of the prompt only when asked,
+    # and asking does not change the completion.
+    domains = ["med", None, "fin", None, "med", "fin"]
+    plain = model.generate(PROMPTS, domains=domains, max_new_tokens=4)
+    asked = model.generate(PROMPTS, domains=domains, max_new_tokens=4, return_layer_probs=True)
+    assert all(r.layer_probs is None for r in plain)
+    assert [r.text for r in asked] == [r.text for r in plain]
+    assert torch.allclose(torch.tensor([r.layer_probs for r in asked]), probs, atol=1e-5)
+    assert [r.domain for r in plain] == domains
+    # A None row is exactly the base model's greedy continuation.
+    base, tok = load_base(tiny_base)
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPTS[1]}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out = base.generate(ids, max_new_tokens=plain[1].completion_tokens, do_sample=False,
+                        pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    assert plain[1].text == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
 def test_generation_with_the_kv_cache_equals_full_recomputation(moa):
     result = moa.generate(["Add 3 and 4."], domains=["med"], max_new_tokens=6)[0]
     ids, _ = batch(moa.tokenizer, [moa.tokenizer.apply_chat_template(

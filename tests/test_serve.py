@@ -7,33 +7,24 @@ stand-in model whose `generate` waits on a gate, which makes the worker's state 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import synthetic_records
+from conftest import ROUTED_DOMAINS, ROUTED_PROMPTS, serving
 from moa.errors import MoAError
 from moa.model import GenerationResult, MoAModel
 from moa.serve import Batcher, Decoding, Job, _pieces, create_app
 from moa.testing import make_tokenizer
 
-DOMAINS = ["math", "echo", "json"]
-# Held out from the router's training prompts (other numbers and words).
-PROMPTS = {
-    "math": ["Add 3 and 4.", "Add 17 and 29.", "Add 8 and 31."],
-    "echo": ["REPEAT: apple apple", "REPEAT: tiger tiger", "REPEAT: cloud cloud"],
-    "json": ["json key=k7", "json key=k2", "json key=k5"],
-}
+DOMAINS, PROMPTS = ROUTED_DOMAINS, ROUTED_PROMPTS
 MAX_TOKENS_LIMIT = 32
 MAX_PROMPT_TOKENS = 64
 
@@ -41,78 +32,10 @@ MAX_PROMPT_TOKENS = 64
 # --------------------------------------------------------------------------- fixtures
 
 
-@contextlib.contextmanager
-def serving(app):
-    """Run `app` with uvicorn in a background thread on a free loopback port; yield its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def fit_routers(model: MoAModel, steps: int = 10, lr: float = 0.2) -> None:
-    """Train only the routers (router loss of explicit routing) on the synthetic prompt kinds."""
-    records = synthetic_records(16)
-    prompts = [r.get("prompt") or r["messages"][0]["content"] for r in records]
-    tok = model.tokenizer
-    rows = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True),
-                add_special_tokens=False)["input_ids"] for p in prompts]
-    T = max(map(len, rows))
-    ids = torch.full((len(rows), T), tok.pad_token_id)  # (B, T) left padded, as generate pads
-    mask = torch.zeros(len(rows), T, dtype=torch.long)  # (B, T)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):], mask[i, T - len(r):] = torch.tensor(r), 1
-    model.set_trainable(experts=False, routers=True)
-    opt = torch.optim.Adam(model.trainable_parameters(), lr=lr)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 64-wide model: more threads only spin against the other tests on the CPU
-    try:
-        for _ in range(steps):
-            out = model(input_ids=ids, attention_mask=mask, domains=[r["domain"] for r in records],
-                        return_router_logits=True)
-            opt.zero_grad()
-            out.router_loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    model.set_trainable(experts=False, routers=False)
-
-
 @pytest.fixture(scope="session")
-def moa_dir(tmp_path_factory, tiny_base) -> Path:
-    """A saved 3-expert MoA (random q/v LoRAs, fitted routers) on the tiny base."""
-    from peft import LoraConfig, get_peft_model
-
-    from moa.base import load_base
-
-    root = tmp_path_factory.mktemp("serve")
-    dirs = []
-    for seed, domain in enumerate(DOMAINS, start=1):
-        base, _ = load_base(tiny_base)
-        torch.manual_seed(seed)
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-        get_peft_model(base, config).save_pretrained(root / domain)
-        dirs.append(root / domain)
-    model = MoAModel.from_adapters(dirs, domains=DOMAINS, base=tiny_base)
-    fit_routers(model)
-    return model.save_pretrained(root / "moa")
-
-
-@pytest.fixture(scope="session")
-def served(moa_dir):
+def served(routed_moa_dir):
     """(base URL, app) of the real server on the tiny MoA."""
-    model = MoAModel.from_pretrained(moa_dir)
+    model = MoAModel.from_pretrained(routed_moa_dir)
     app = create_app(model, max_batch_size=8, max_queue=64, max_new_tokens_limit=MAX_TOKENS_LIMIT,
                      max_prompt_tokens=MAX_PROMPT_TOKENS)
     with serving(app) as url:
@@ -152,7 +75,7 @@ def assert_error_body(response: httpx.Response) -> dict:
 
 
 def test_models_and_health(client, url):
-    assert [m.id for m in client.models.list().data] == ["moa", "moa:math", "moa:echo", "moa:json"]
+    assert [m.id for m in client.models.list().data] == ["moa", "moa:math", "moa:echo", "moa:json", "base"]
     assert client.models.retrieve("moa:echo").id == "moa:echo"
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["domains"] == DOMAINS
@@ -198,6 +121,61 @@ def test_streamed_chat_equals_the_non_streamed_reply(client, url):
         events = [line for line in r.iter_lines() if line]
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
     assert "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1]) == text
+
+
+def _layer_probs_ok(probs) -> bool:
+    """One row per layer of the tiny base (2), E probabilities each, summing to 1."""
+    return (len(probs) == 2 and all(len(row) == len(DOMAINS) for row in probs)
+            and all(abs(sum(row) - 1) < 1e-5 and min(row) >= 0 for row in probs))
+
+
+def _flat(rows):
+    return [p for row in rows for p in row]
+
+
+def test_return_layer_probs_adds_one_row_per_layer(client, http):
+    prompt = PROMPTS["echo"][2]
+    asked = chat(client, prompt, extra_body={"moa": {"return_layer_probs": True}})
+    moa = asked.model_extra["moa"]
+    assert moa["routing"] == "vote" and moa["domain"] == "echo" and _layer_probs_ok(moa["layer_probs"])
+    # the vote's probabilities are the mean of the layers'
+    means = [sum(row[e] for row in moa["layer_probs"]) / 2 for e in range(len(DOMAINS))]
+    assert means == pytest.approx([moa["router_probs"][d] for d in DOMAINS], abs=1e-5)
+    # a forced expert answers as it does without the field, and the routers' view comes along
+    forced = chat(client, prompt, model="moa:json", extra_body={"moa": {"return_layer_probs": True}})
+    assert forced.choices[0].message.content == chat(client, prompt, model="moa:json").choices[0].message.content
+    assert forced.model_extra["moa"]["router_probs"] is None
+    assert _flat(forced.model_extra["moa"]["layer_probs"]) == pytest.approx(_flat(moa["layer_probs"]), abs=1e-5)
+    # streamed: the first chunk carries them, the others stay small
+    chunks = list(chat(client, prompt, stream=True, extra_body={"moa": {"return_layer_probs": True}}))
+    assert _flat(chunks[0].model_extra["moa"]["layer_probs"]) == pytest.approx(_flat(moa["layer_probs"]), abs=1e-5)
+    assert all("layer_probs" not in c.model_extra["moa"] for c in chunks[1:])
+    # /v1/completions too, streamed or not
+    body = {"model": "moa", "prompt": prompt, "max_tokens": 3, "temperature": 0, "moa": {"return_layer_probs": True}}
+    assert _layer_probs_ok(http.post("/v1/completions", json=body).json()["moa"]["layer_probs"])
+    first = next(line for line in http.post("/v1/completions", json={**body, "stream": True}).text.splitlines()
+                 if line.startswith("data: "))
+    assert _layer_probs_ok(json.loads(first[6:])["moa"]["layer_probs"])
+
+
+def test_clients_that_do_not_ask_see_no_new_field(client):
+    prompt = PROMPTS["math"][2]
+    for extra in ({}, {"extra_body": {"moa": {"return_layer_probs": False}}}, {"extra_body": {"moa": {}}}):
+        assert set(chat(client, prompt, **extra).model_extra["moa"]) == {"domain", "router_probs", "routing"}
+        for c in chat(client, prompt, stream=True, **extra):
+            assert set(c.model_extra["moa"]) == {"domain", "router_probs", "routing"}
+
+
+def test_the_base_model_answers_without_an_expert(client, routed_moa_dir):
+    prompt = PROMPTS["math"][0]
+    r = chat(client, prompt, model="base", max_tokens=8)
+    assert r.model == "base" and r.model_extra["moa"] == {"domain": None, "router_probs": None, "routing": "base"}
+    want = MoAModel.from_pretrained(routed_moa_dir).generate([prompt], domains=[None], max_new_tokens=8)[0]
+    assert r.choices[0].message.content == want.text
+    # not what any expert says (the experts are random, non-zero LoRAs)
+    experts = {chat(client, prompt, model=f"moa:{d}", max_tokens=8).choices[0].message.content for d in DOMAINS}
+    assert r.choices[0].message.content not in experts
+    assert client.models.retrieve("base").id == "base"
 
 
 def test_completions_render_the_prompt_as_one_user_turn(client):
@@ -281,6 +259,14 @@ MALFORMED = [
     ("completion-two-prompts", "/v1/completions", {"model": "moa", "prompt": ["a", "b"], "max_tokens": 2}, 400,
      "prompt"),
     ("completion-missing-prompt", "/v1/completions", {"model": "moa", "max_tokens": 2}, 400, "prompt"),
+    ("moa-unknown-key", "/v1/chat/completions", _chat_body(moa={"return_layer_prob": True}), 400,
+     "moa.return_layer_prob"),
+    ("moa-not-bool", "/v1/chat/completions", _chat_body(moa={"return_layer_probs": "yes"}), 400,
+     "moa.return_layer_probs"),
+    ("moa-int", "/v1/chat/completions", _chat_body(moa={"return_layer_probs": 1}), 400, "moa.return_layer_probs"),
+    ("moa-not-object", "/v1/chat/completions", _chat_body(moa=True), 400, "moa"),
+    ("moa-list", "/v1/completions", {"model": "moa", "prompt": "x", "max_tokens": 2, "moa": []}, 400, "moa"),
+    ("base-is-no-domain", "/v1/chat/completions", _chat_body(model="moa:base"), 404, "model"),
 ]
 
 
@@ -294,6 +280,13 @@ def test_malformed_requests_get_an_openai_error(http, path, body, status, param)
     error = assert_error_body(r)
     if param is not None:
         assert error["param"] == param, error
+
+
+def test_a_bad_moa_field_says_what_it_accepts(http):
+    r = http.post("/v1/chat/completions", json=_chat_body(moa={"return_layer_probs": True, "layers": [0]}))
+    error = assert_error_body(r)
+    assert r.status_code == 400 and error["param"] == "moa.layers"
+    assert "moa.layers" in error["message"] and '{"return_layer_probs": true}' in error["message"]
 
 
 def test_unknown_routes_answer_in_the_openai_shape(http):
@@ -335,6 +328,7 @@ _OPTIONAL = {
     "n": st.just(1),
     "user": _text,
     "extra_field": _junk,
+    "moa": st.fixed_dictionaries({}, optional={"return_layer_probs": st.booleans()}),
 }
 _FIELDS = ["model", "max_tokens", "messages", "prompt", *_OPTIONAL]
 
@@ -342,7 +336,7 @@ _FIELDS = ["model", "max_tokens", "messages", "prompt", *_OPTIONAL]
 @st.composite
 def _requests(draw):
     path = draw(st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
-    payload = {"model": draw(st.sampled_from(["moa", "moa:math", "moa:echo", "moa:json"])),
+    payload = {"model": draw(st.sampled_from(["moa", "moa:math", "moa:echo", "moa:json", "base"])),
                "max_tokens": draw(st.integers(1, 3))}  # small: a missing max_tokens means a long reply
     if path == "/v1/chat/completions":
         payload["messages"] = draw(st.lists(_message, min_size=1, max_size=3))
@@ -384,6 +378,7 @@ class GatedModel:
         self.tokenizer = make_tokenizer()
         self.gate, self.running = threading.Event(), threading.Event()
         self.calls: list[tuple[list[str], list[str] | None, int]] = []
+        self.layer_probs_asked: list[bool] = []
         if open_gate:
             self.gate.set()
 
@@ -394,6 +389,7 @@ class GatedModel:
         if "bad" in texts:
             raise MoAError("bad prompt")
         self.calls.append((texts, None if domains is None else list(domains), max_new_tokens))
+        self.layer_probs_asked.append(kw.get("return_layer_probs", False))
         return [GenerationResult(text=f"re: {t}", domain=domains[i] if domains else "a",
                                  router_probs=None if domains else {"a": 1.0, "b": 0.0}, prompt_tokens=3,
                                  completion_tokens=2, finish_reason="stop") for i, t in enumerate(texts)]
@@ -491,6 +487,22 @@ def test_worker_batches_compatible_requests_with_mixed_experts():
         (["8"], ["a"], 16),
     ]
     assert out["5"].text == "re: 5" and "dropped" not in out
+
+
+def test_base_rows_batch_with_forced_ones_and_only_forced_rows_that_ask_pay_a_routing_pass():
+    fake = GatedModel(open_gate=True)
+    batcher = Batcher(fake, max_batch_size=8, max_queue=16, batch_wait_ms=0)
+    out: dict = {}
+    jobs = [_job("1", "a", out=out), _job("2", None, out=out), _job("3", "b", out=out), _job("4", None, out=out),
+            _job("5", "a", out=out), _job("6", None, out=out)]
+    jobs[1].base = jobs[5].base = True  # 2 and 6: the base model; 4: routed
+    jobs[4].layer_probs = True
+    batcher.submit(jobs)
+    batcher.start()
+    _wait_until(lambda: len(out) == 6)
+    batcher.close()
+    assert fake.calls == [(["1", "2", "3", "6"], ["a", None, "b", None], 16), (["4"], None, 16), (["5"], ["a"], 16)]
+    assert fake.layer_probs_asked == [False, False, True]
 
 
 def test_a_failing_row_does_not_fail_its_batch():

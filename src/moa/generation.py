@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from moa.errors import MoAError
-from moa.router import RoutingState, check_pool_mask, decide
+from moa.router import RoutingState, check_pool_mask, decide, layer_probs
 
 if TYPE_CHECKING:
     from moa.model import MoAModel
@@ -32,6 +32,9 @@ class GenerationResult:
     """Generated tokens, the end-of-turn token included."""
     finish_reason: str
     """"stop" (end-of-turn token or stop string) or "length" (max_new_tokens reached)."""
+    layer_probs: list[list[float]] | None = None
+    """(L, E) every layer's router probabilities on the prompt (routed generation, or explicit
+    with return_layer_probs); None when the routers did not run."""
 
 
 @torch.inference_mode()  # lighter than no_grad on every op of every decoded token
@@ -46,13 +49,19 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     stop: Sequence[str] | str | None = None,
+    return_layer_probs: bool = False,
 ) -> list[GenerationResult]:
     """Generate one completion per prompt with the KV cache.
 
     Each prompt (one user turn as a string, or a list of chat messages) is rendered with the
     chat template. The expert of each row is decided once on its prompt (routing as in
     `forward`: default explicit if domains are given, else the model's routing_default)
-    and kept for every generated token; one batch may mix experts.
+    and kept for every generated token; one batch may mix experts. With explicit routing a
+    domain of None runs that row on the base model alone.
+
+    return_layer_probs: explicit routing also runs the routers on the prompts (a routing
+        pass that does not change the completions) to report what they would have chosen in
+        `layer_probs`; routed generation always reports them.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -67,10 +76,12 @@ def generate(
     input_ids, attention_mask = encode_prompts(model, prompts)  # (B, T) left padded
     B = input_ids.shape[0]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    probs, first = None, None
+    probs, first, per_layer = None, None, None
     if routing == "explicit":
         per_row = model.expert_ids_for(domains, None, B)  # (B,)
         fixed = per_row
+        if return_layer_probs:
+            per_layer = model._route(input_ids, attention_mask, attention_mask.bool(), position_ids, "vote")[2]
     else:
         # One prefill routes (every layer's router reads the prompt, each layer uses its own
         # top-1) and fills the KV cache. Where every layer chose the row's final expert, as
@@ -81,6 +92,7 @@ def generate(
         with model.routing(state):
             out = model.base_model(**_step_kwargs(model, input_ids, attention_mask, position_ids, None))
         per_row, probs = decide(state.logits, routing)
+        per_layer = state.logits
         layer_choice = torch.stack(state.decisions)  # (L, B): each layer's own choice
         # layer: each layer keeps its own router's choice on the prompt
         fixed = layer_choice if routing == "layer" else per_row
@@ -90,6 +102,7 @@ def generate(
                                             do_sample, temperature, top_p, seed, stops, first)
     names = model.domain_names(per_row)
     prompt_lens = attention_mask.sum(1).tolist()
+    by_row = None if per_layer is None else layer_probs(per_layer).transpose(0, 1).tolist()  # (B, L, E)
     results = []
     for i in range(B):
         n = lengths[i]
@@ -104,6 +117,7 @@ def generate(
             text=text, domain=names[i],
             router_probs=None if probs is None else dict(zip(model._domains, probs[i].tolist())),
             prompt_tokens=int(prompt_lens[i]), completion_tokens=n, finish_reason=reason,
+            layer_probs=None if by_row is None else by_row[i],
         ))
     return results
 

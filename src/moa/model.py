@@ -329,7 +329,7 @@ class MoAModel(nn.Module):
         Args:
             input_ids: (B, T).
             attention_mask: (B, T), 1 for real tokens (default: all ones).
-            domains / domain_ids: the expert of each row, by name or index (B,) (-1: base only);
+            domains / domain_ids: the expert of each row, by name or index (B,) (None / -1: base only);
                 they imply routing="explicit".
             routing: "explicit", "vote", "last" or "layer"; default: explicit if domains are
                 given, else the model's routing_default.
@@ -452,7 +452,7 @@ class MoAModel(nn.Module):
                 domains = [domains] * B
             if len(domains) != B:
                 raise MoAError(f"{len(domains)} domains for a batch of {B} rows")
-            ids = torch.tensor([self.domain_index(d) for d in domains], dtype=torch.long)
+            ids = torch.tensor([-1 if d is None else self.domain_index(d) for d in domains], dtype=torch.long)
         else:
             ids = torch.as_tensor(domain_ids, dtype=torch.long).reshape(-1)
             if ids.shape[0] != B:

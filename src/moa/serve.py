@@ -5,7 +5,24 @@
         -d '{"model": "moa", "messages": [{"role": "user", "content": "What is an ETF?"}]}'
 
 `model: "moa"` lets the routers pick the expert (vote of all layer routers); `"moa:<domain>"`
-forces one. Every response carries the OpenAI fields plus `moa: {domain, router_probs, routing}`.
+forces one; `"base"` answers with the base model alone (no expert). Every response carries the
+OpenAI fields plus `moa: {domain, router_probs, routing}` (routing: "vote", "explicit" or "base";
+domain is null for the base model).
+
+An optional request field asks for more (strictly checked: unknown keys or wrong types -> 400):
+
+    "moa": {"return_layer_probs": true}
+
+adds `moa.layer_probs`: every layer's router probabilities on the prompt, a list of L lists of
+E floats (one per layer, experts in the order of /v1/models), each summing to 1. With a forced
+expert or the base model the routers still read the prompt, to show what they would have chosen;
+the answer does not change. When streaming, the first chunk carries it. Clients that do not
+ask get exactly the fields above.
+
+`GET /` is the playground: a page (shipped in moa/static, no external resources) to chat with
+the model, see which expert answered and each layer's router probabilities as a heatmap, force
+an expert or the base model, and compare two answers side by side. The page and its assets need
+no API key; the API calls it makes do.
 
 One worker thread owns the model. Requests are validated and tokenised on the event loop,
 then wait in a bounded queue; the worker takes the oldest request and every queued request
@@ -21,11 +38,11 @@ import copy
 import json
 import re
 import secrets
-import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 from moa.errors import MoAError
@@ -37,6 +54,10 @@ DISCONNECT_POLL_S = 0.05
 RETRY_AFTER_S = 1
 MAX_STOP = 4
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+BASE_MODEL = "base"
+"""The model id of the base model with no expert (domains are addressed as moa:<domain>, so no clash)."""
+STATIC = Path(__file__).parent / "static"
+"""The playground page and its assets."""
 
 
 # --------------------------------------------------------------------------- batching
@@ -60,18 +81,28 @@ class Job:
 
     messages: list[dict]
     domain: str | None
-    """The forced expert; None: routed by the routers (vote)."""
+    """The forced expert; None: routed by the routers (vote), or the base model if `base`."""
     decoding: Decoding
     done: Callable[[Any, BaseException | None], None]
     cancelled: bool = False
+    base: bool = False
+    """No expert at all (domain is None)."""
+    layer_probs: bool = False
+    """Report the routers' per-layer probabilities even when the expert is forced."""
+
+    @property
+    def routing(self) -> str:
+        return "base" if self.base else "vote" if self.domain is None else "explicit"
 
     @property
     def key(self) -> tuple:
-        # Explicit and routed rows need different generate calls; the experts themselves may differ
-        # within a batch. A seeded sampled request runs alone: one generator serves a whole batch, so
-        # its sample would otherwise depend on its neighbours.
+        # Explicit (and base) rows and routed rows need different generate calls; the experts
+        # themselves may differ within a batch. A seeded sampled request runs alone: one generator
+        # serves a whole batch, so its sample would otherwise depend on its neighbours. Routed
+        # generation reports layer probabilities anyway; forced rows pay a routing pass for them.
         alone = self if self.decoding.do_sample and self.decoding.seed is not None else None
-        return (self.domain is None, self.decoding, alone)
+        routed = self.routing == "vote"
+        return (routed, self.decoding, alone, self.layer_probs and not routed)
 
 
 class QueueFull(Exception):
@@ -193,13 +224,15 @@ class Batcher:
 
     def _generate(self, batch: list[Job]):
         d = batch[0].decoding
-        explicit = batch[0].domain is not None
+        explicit = batch[0].routing != "vote"
+        # Passed only when asked: a model whose generate lacks it still serves every other request.
+        extra = {"return_layer_probs": True} if explicit and batch[0].layer_probs else {}
         return self.model.generate(
             [job.messages for job in batch],
             routing="explicit" if explicit else "vote",
-            domains=[job.domain for job in batch] if explicit else None,
+            domains=[job.domain for job in batch] if explicit else None,  # None: the base model
             max_new_tokens=d.max_new_tokens, do_sample=d.do_sample, temperature=d.temperature, top_p=d.top_p,
-            seed=d.seed, stop=list(d.stop) or None,
+            seed=d.seed, stop=list(d.stop) or None, **extra,
         )
 
     @staticmethod
@@ -232,6 +265,12 @@ def _schema():
     class StreamOptions(_Strict):
         include_usage: bool = False
 
+    class MoAOptions(_Strict):
+        # Our own field: unlike the OpenAI ones, an unknown key here is a mistake worth reporting.
+        model_config = ConfigDict(strict=True, extra="forbid")
+
+        return_layer_probs: bool = False
+
     class _Common(_Strict):
         model: str
         max_tokens: int | None = Field(None, ge=1)
@@ -242,6 +281,7 @@ def _schema():
         stream: bool = False
         stream_options: StreamOptions | None = None
         user: str | None = None
+        moa: MoAOptions | None = None
         # Read only to refuse what this server does not do (see _refuse_unsupported).
         n: int | None = None
         frequency_penalty: float | None = None
@@ -314,6 +354,8 @@ def _validation_error(exc) -> APIError:
     message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
     if first.get("type") == "missing" and not where:
         message = "the body must be a JSON object with the request's fields"
+    if common[:1] == ["moa"]:
+        message += ' (moa is an object whose only key is return_layer_probs, e.g. {"return_layer_probs": true})'
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
     return APIError(400, message, param=param, code=str(first.get("type")))
@@ -344,14 +386,17 @@ class _Server:
         self.created = int(time.time())
 
     def model_ids(self) -> list[str]:
-        return ["moa"] + [f"moa:{d}" for d in self.domains]
+        return ["moa"] + [f"moa:{d}" for d in self.domains] + [BASE_MODEL]
 
-    def resolve_model(self, name: str) -> str | None:
-        """'moa' -> None (routed); 'moa:<domain>' -> domain."""
+    def resolve_model(self, name: str) -> tuple[str | None, bool]:
+        """(forced domain, base): 'moa' -> (None, False) routed; 'moa:<domain>' -> (domain, False);
+        'base' -> (None, True), no expert."""
         if name == "moa":
-            return None
+            return None, False
+        if name == BASE_MODEL:
+            return None, True
         if name.startswith("moa:") and name[4:] in self.domains:
-            return name[4:]
+            return name[4:], False
         raise APIError(404, f"the model '{name}' does not exist; available: {', '.join(self.model_ids())}",
                        param="model", code="model_not_found")
 
@@ -432,7 +477,9 @@ class _Server:
             results.append(f.result())
         return results
 
-    def job(self, messages: list[dict], domain: str | None, decoding: Decoding) -> tuple[Job, asyncio.Future]:
+    def job(self, messages: list[dict], model: tuple[str | None, bool], decoding: Decoding,
+            layer_probs: bool = False) -> tuple[Job, asyncio.Future]:
+        """A job for `model` (what resolve_model returned) and the future its result arrives in."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 
@@ -444,7 +491,8 @@ class _Server:
             with contextlib.suppress(RuntimeError):  # the loop is gone (server stopped)
                 loop.call_soon_threadsafe(resolve, result, error)
 
-        return Job(messages, domain, decoding, done), future
+        domain, base = model
+        return Job(messages, domain, decoding, done, base=base, layer_probs=layer_probs), future
 
 
 _UNSUPPORTED = {
@@ -481,9 +529,15 @@ def _chat_messages(messages) -> list[dict]:
     return out
 
 
-def _moa_info(result, domain: str | None) -> dict:
-    return {"domain": result.domain, "router_probs": result.router_probs,
-            "routing": "explicit" if domain is not None else "vote"}
+def _moa_info(result, job: Job) -> dict:
+    info = {"domain": result.domain, "router_probs": result.router_probs, "routing": job.routing}
+    if job.layer_probs:
+        info["layer_probs"] = result.layer_probs
+    return info
+
+
+def _wants_layer_probs(body) -> bool:
+    return bool(body.moa and body.moa.return_layer_probs)
 
 
 def _usage(result) -> dict:
@@ -532,7 +586,8 @@ def create_app(model, *, api_key: str | None = None, max_batch_size: int = 8, ma
     """The FastAPI app serving `model` (a MoAModel, or anything with its domains/tokenizer/generate).
 
     Args:
-        api_key: if set, /v1/* requires `Authorization: Bearer <api_key>` (/health stays open).
+        api_key: if set, /v1/* requires `Authorization: Bearer <api_key>` (/health, the playground
+            page at / and its assets under /static stay open).
         max_batch_size: most requests decoded together.
         max_queue: most requests waiting; more are answered 503 with Retry-After.
         max_new_tokens_limit: largest max_tokens accepted (and the chat default).
@@ -585,6 +640,17 @@ def create_app(model, *, api_key: str | None = None, max_batch_size: int = 8, ma
 
         return Response(status_code=499)  # nobody reads it
 
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        from starlette.responses import FileResponse
+
+        # Everything the page loads comes from this server; model text is only ever set as text.
+        csp = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": csp,
+                                                            "Cache-Control": "no-cache"})
+
+    app.mount("/static", _static_files(), name="static")
+
     @app.get("/health")
     async def health():
         b = server.batcher
@@ -603,17 +669,17 @@ def create_app(model, *, api_key: str | None = None, max_batch_size: int = 8, ma
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _refuse_unsupported(body)
-        domain = server.resolve_model(body.model)
+        model = server.resolve_model(body.model)
         messages = _chat_messages(body.messages)
         n_prompt = server.prompt_tokens(messages, "messages")
         tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         decoding = server.decoding(body, n_prompt, getattr(body, tokens_param), server.max_new_tokens_limit,
                                    "messages", tokens_param)
-        job, future = server.job(messages, domain, decoding)
+        job, future = server.job(messages, model, decoding, _wants_layer_probs(body))
         (result,) = await server.run(request, [job], [future])
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
                 "system_fingerprint": None}
-        moa = _moa_info(result, domain)
+        moa = _moa_info(result, job)
         if not body.stream:
             return _json_response({
                 **head, "object": "chat.completion",
@@ -624,23 +690,26 @@ def create_app(model, *, api_key: str | None = None, max_batch_size: int = 8, ma
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
 
-        def chunk(delta, finish=None):
+        # L x E floats are sent once, in the first chunk (a page draws them before the text arrives).
+        brief = {k: v for k, v in moa.items() if k != "layer_probs"}
+
+        def chunk(delta, finish=None, info=brief):
             return {**head, "object": "chat.completion.chunk",
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                    **extra, "moa": moa}
+                    **extra, "moa": info}
 
-        chunks = [chunk({"role": "assistant", "content": ""})]
+        chunks = [chunk({"role": "assistant", "content": ""}, info=moa)]
         chunks += [chunk({"content": p}) for p in _pieces(result.text)]
         chunks.append(chunk({}, result.finish_reason))
         if include_usage:
             chunks.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(result),
-                           "moa": moa})
+                           "moa": brief})
         return _sse(chunks)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         _refuse_unsupported(body)
-        domain = server.resolve_model(body.model)
+        model = server.resolve_model(body.model)
         if isinstance(body.prompt, list) and len(body.prompt) != 1:
             raise APIError(400, "send one prompt per request (the server batches concurrent requests)",
                            param="prompt", code="invalid_value")
@@ -649,11 +718,11 @@ def create_app(model, *, api_key: str | None = None, max_batch_size: int = 8, ma
         messages = [{"role": "user", "content": prompt}]
         n_prompt = server.prompt_tokens(messages, "prompt")
         decoding = server.decoding(body, n_prompt, body.max_tokens, 16, "prompt")
-        job, future = server.job(messages, domain, decoding)
+        job, future = server.job(messages, model, decoding, _wants_layer_probs(body))
         (result,) = await server.run(request, [job], [future])
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model, "system_fingerprint": None}
-        moa = _moa_info(result, domain)
+        moa = _moa_info(result, job)
         if not body.stream:
             return _json_response({
                 **head, "choices": [{"index": 0, "text": result.text, "logprobs": None,
@@ -663,17 +732,26 @@ def create_app(model, *, api_key: str | None = None, max_batch_size: int = 8, ma
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
 
-        def chunk(text, finish=None):
-            return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-                    **extra, "moa": moa}
+        brief = {k: v for k, v in moa.items() if k != "layer_probs"}
 
-        chunks = [chunk(p) for p in _pieces(result.text)]
-        chunks.append(chunk("", result.finish_reason))
+        def chunk(text, finish=None, info=brief):
+            return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                    **extra, "moa": info}
+
+        pieces = _pieces(result.text)
+        chunks = [chunk(p, info=moa if i == 0 else brief) for i, p in enumerate(pieces)]
+        chunks.append(chunk("", result.finish_reason, info=brief if pieces else moa))
         if include_usage:
-            chunks.append({**head, "choices": [], "usage": _usage(result), "moa": moa})
+            chunks.append({**head, "choices": [], "usage": _usage(result), "moa": brief})
         return _sse(chunks)
 
     return app
+
+
+def _static_files():
+    from starlette.staticfiles import StaticFiles
+
+    return StaticFiles(directory=STATIC)
 
 
 def _model_card(model_id: str, created: int) -> dict:

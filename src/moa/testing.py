@@ -77,3 +77,33 @@ def make_tiny_base(
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+class NoBrowser(Exception):
+    """No headless browser here; the message says what is missing."""
+
+
+def headless_chromium(width: int = 1400, height: int = 1000):
+    """A selenium WebDriver on a headless Chromium (Debian's `chromium` + `chromium-driver`).
+
+    Raises NoBrowser, saying what is missing, when selenium, chromium or chromedriver is not installed.
+    """
+    import shutil
+
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        raise NoBrowser("selenium is not installed (pip install -e '.[dev]')") from None
+    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        raise NoBrowser("no headless browser: apt-get install chromium chromium-driver "
+                        f"(chromium: {browser or 'missing'}, chromedriver: {driver or 'missing'})")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                f"--window-size={width},{height}", "--disable-extensions", "--no-first-run"):
+        options.add_argument(arg)
+    # Explicit paths: selenium must not look for, or download, a browser or a driver.
+    return webdriver.Chrome(service=Service(driver), options=options)

@@ -13,7 +13,8 @@ def register(sub) -> None:
         help="OpenAI-compatible HTTP server with dynamic batching",
         description="Serve an MoA checkpoint over HTTP with the OpenAI API: POST /v1/chat/completions "
                     "(stream: true for server-sent events), POST /v1/completions, GET /v1/models, GET /health. "
-                    "Model 'moa' routes each request automatically; 'moa:<domain>' forces that expert. "
+                    "Model 'moa' routes each request automatically; 'moa:<domain>' forces that expert; 'base' "
+                    "answers without any expert. GET / is a playground page showing the routers at work. "
                     "Concurrent requests with the same decoding parameters are decoded together.",
     )
     p.add_argument("--moa", required=True, help="MoA checkpoint directory")
@@ -63,6 +64,7 @@ def _cmd_serve(args) -> int:
         print(f"moa serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     print(f"moa serve: {args.moa} on {device} ({', '.join(model.domains)}); "
-          f"http://{args.host}:{args.port}/v1 (models: moa, moa:<domain>)", file=sys.stderr)
+          f"http://{args.host}:{args.port}/v1 (models: moa, moa:<domain>, base); "
+          f"playground: http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
