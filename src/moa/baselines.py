@@ -109,7 +109,7 @@ def train_moe_lora(*, moa_dir, records, out, cfg, balance_coef: float = 0.01, to
     from moa.data import DomainBalancedSampler
     from moa.model import MoAModel
     from moa.train import encode_for_training
-    from moa.trainer import Trainer, lm_loss_sum, start_run, write_run_files
+    from moa.trainer import Trainer, lm_loss_sum, load_eval_examples, start_run, write_run_files
 
     out = Path(out)
     run_config = {"stage": "moe_lora", "moa": str(Path(moa_dir).resolve()), "top_k": top_k,
@@ -137,13 +137,15 @@ def train_moe_lora(*, moa_dir, records, out, cfg, balance_coef: float = 0.01, to
                       out=out, pad_id=moa.tokenizer.pad_token_id,
                       state_fn=lambda: {n: p.detach().clone() for n, p in named.items()},
                       load_state_fn=lambda t: [p.data.copy_(t[n]) for n, p in named.items()],
-                      desc="moe_lora", log_prefix="moe_lora: ")
+                      desc="moe_lora", log_prefix="moe_lora: ",
+                      eval_examples=load_eval_examples(cfg, moa.tokenizer, list(moa.domains)))
     result = trainer.train()
     moa.set_trainable(experts=False, routers=False)
     model.eval()
     model.save(out, {"train": run_config})
     write_run_files(out, run_config, result.log, "MoE-LoRA (token top-k, no labels)")
-    return {"steps": result.steps, "seconds": round(result.seconds, 1)}
+    return {"steps": result.steps, "seconds": round(result.seconds, 1),
+            **({"best": result.best} if result.best is not None else {})}
 
 
 # --------------------------------------------------------------------------- classifier + LoRAs

@@ -36,7 +36,9 @@ def _replay_records(path, domains: list[str], extra=None, skip_invalid: bool = F
 def add_expert(*, moa_dir, domain: str, out, adapter=None, train_data=None, data=None, max_steps: int = 100,
                tune_new_expert: bool = False, seed: int = 0, batch_size: int = 8, router_lr: float = 3e-3,
                lr: float = 1e-4, expert_steps: int = 40, base=None, overwrite: bool = False,
-               bf16: bool | None = None) -> dict:
+               bf16: bool | None = None, validation: dict | None = None) -> dict:
+    """`validation`: TrainConfig's validation and tracking fields (eval_data, eval_every, keep_best,
+    early_stopping_patience, report_to) for both trainings."""
     from moa.model import MoAModel
     from moa.train import load_training_records, train_expert, train_mixture
     from moa.trainer import TrainConfig
@@ -58,13 +60,13 @@ def add_expert(*, moa_dir, domain: str, out, adapter=None, train_data=None, data
                      rank=int(spec.get("r", 8)), alpha=float(spec.get("alpha", 16)),
                      targets=list(model.target_modules),
                      cfg=TrainConfig(max_steps=expert_steps, batch_size=batch_size, lr=1e-3 if lr == 1e-4 else lr,
-                                     seed=seed, bf16=bf16),
+                                     seed=seed, bf16=bf16, **(validation or {})),
                      overwrite=overwrite, records=new_records)
     before = {d: _copy(model.expert_state_dict(d)) for d in model.domains}
     model.add_expert(domain, adapter)
     domains = list(model.domains)
     replay = _replay_records(data, domains, extra=new_records)
-    cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16)
+    cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16, **(validation or {}))
     summary = train_mixture(moa_dir=moa_dir, data=data or train_data, out=out, model=model, records=replay,
                             router_only=not tune_new_expert, experts_trainable=[domain] if tune_new_expert else False,
                             router_lr=router_lr, cfg=cfg, overwrite=overwrite, eta=model.eta or 1.0,
@@ -92,7 +94,7 @@ def remove_expert(*, moa_dir, domain: str, out, overwrite: bool = False) -> dict
 
 def retrain_expert(*, moa_dir, domain: str, data, out, max_steps: int = 60, router_steps: int = 30, seed: int = 0,
                    batch_size: int = 8, lr: float = 2e-4, router_lr: float = 3e-3, overwrite: bool = False,
-                   bf16: bool | None = None) -> dict:
+                   bf16: bool | None = None, validation: dict | None = None) -> dict:
     """Phase 1: train only `domain`'s expert on its records (routers and other experts frozen).
     Phase 2: re-fit the routers briefly on a balanced replay, if `data` holds every domain."""
     from moa.model import MoAModel
@@ -111,13 +113,14 @@ def retrain_expert(*, moa_dir, domain: str, data, out, max_steps: int = 60, rout
         raise MoAError(f"--out {out} is not empty; pass --overwrite to replace it")
     overwrite = True  # both phases below write into the directory checked just now
     others = {d: _copy(model.expert_state_dict(d)) for d in model.domains if d != domain}
-    cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16)
+    cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16, **(validation or {}))
     s1 = train_mixture(moa_dir=moa_dir, data=data, out=out / "retrain", model=model, records=own, eta=0.0,
                        experts_trainable=[domain], train_routers=False, cfg=cfg, overwrite=overwrite,
                        desc=f"retrain {domain}")
     present = {r.domain for r in records}
     if set(model.domains) <= present:
-        cfg2 = TrainConfig(max_steps=router_steps, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16)
+        cfg2 = TrainConfig(max_steps=router_steps, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16,
+                           **(validation or {}))
         s2 = train_mixture(moa_dir=moa_dir, data=data, out=out, model=model,
                            records=[r for r in records if r.domain in model.domains], router_only=True,
                            experts_trainable=False, router_lr=router_lr, cfg=cfg2, overwrite=overwrite,
@@ -151,6 +154,8 @@ def _equal(a: dict, b: dict) -> bool:
 
 
 def register(sub) -> None:
+    from moa.trainer import add_validation_args
+
     p = sub.add_parser("add-expert", help="add a domain: import or train its LoRA, grow and re-fit the routers",
                        description="Add a new domain expert to an MoA checkpoint without touching the others: "
                                    "--adapter imports an existing PEFT LoRA (any rank/alpha, any subset of the "
@@ -169,6 +174,7 @@ def register(sub) -> None:
     p.add_argument("--router-lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    add_validation_args(p)
     p.set_defaults(func=_cmd_add)
 
     p = sub.add_parser("remove-expert", help="drop one domain's expert and its router row",
@@ -194,6 +200,7 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    add_validation_args(p)
     p.set_defaults(func=_cmd_retrain)
 
 
@@ -201,9 +208,15 @@ def _cmd_add(args) -> int:
     s = add_expert(moa_dir=args.moa, domain=args.domain, out=args.out, adapter=args.adapter,
                    train_data=args.train_data, data=args.data, max_steps=args.max_steps,
                    tune_new_expert=args.tune_new_expert, seed=args.seed, batch_size=args.batch_size,
-                   router_lr=args.router_lr, overwrite=args.overwrite)
+                   router_lr=args.router_lr, overwrite=args.overwrite, validation=_validation(args))
     print(json.dumps(s))
     return 0
+
+
+def _validation(args) -> dict:
+    from moa.trainer import validation_from_args
+
+    return validation_from_args(args)
 
 
 def _cmd_remove(args) -> int:
@@ -214,6 +227,6 @@ def _cmd_remove(args) -> int:
 def _cmd_retrain(args) -> int:
     s = retrain_expert(moa_dir=args.moa, domain=args.domain, data=args.data, out=args.out, max_steps=args.max_steps,
                        router_steps=args.router_steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, validation=_validation(args))
     print(json.dumps(s))
     return 0
