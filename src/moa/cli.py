@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "moa.incremental",
     "moa.serve",
     "moa.export",
+    "moa.judge_cli",
 ]
 
 
