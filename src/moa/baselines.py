@@ -161,11 +161,15 @@ def pooled_features(base_model, input_ids, attention_mask, pool_mask) -> torch.T
 
 
 @torch.no_grad()
-def prompt_features(base_model, tokenizer, prompts: Sequence[list], batch_size: int = 16) -> torch.Tensor:
+def prompt_features(base_model, tokenizer, prompts: Sequence[list], batch_size: int = 16,
+                    progress: bool = False) -> torch.Tensor:
     """Features of rendered chat prompts (generation prompt included): (N, H)."""
+    from tqdm.auto import tqdm
+
     feats = []
     tokenizer.padding_side = "right"
-    for s in range(0, len(prompts), batch_size):
+    for s in tqdm(range(0, len(prompts), batch_size), desc="classifier features", disable=not progress,
+                  dynamic_ncols=True, mininterval=1.0):
         chunk = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                  for p in prompts[s : s + batch_size]]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -187,12 +191,14 @@ def train_classifier(*, moa_dir, records, out, per_domain: int = 200, steps: int
         idx = torch.randperm(len(rs), generator=g)[:per_domain].tolist()
         chosen += [rs[i] for i in idx]
     with moa.routing(RoutingState("base")):
-        x = prompt_features(moa.base_model, moa.tokenizer, [r.prompt_messages for r in chosen])
+        x = prompt_features(moa.base_model, moa.tokenizer, [r.prompt_messages for r in chosen], progress=True)
     y = torch.tensor([domains.index(r.domain) for r in chosen])
     mu, sd = x.mean(0), x.std(0).clamp(min=1e-4)
     clf = nn.Linear(x.shape[1], len(domains))
     opt = torch.optim.Adam(clf.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(steps):
+    from tqdm.auto import trange
+
+    for _ in trange(steps, desc="classifier", dynamic_ncols=True, mininterval=1.0):
         opt.zero_grad()
         loss = F.cross_entropy(clf((x - mu) / sd), y)
         loss.backward()
