@@ -32,15 +32,15 @@ def add_endpoint_args(p, prefix: str = "") -> None:
     g.add_argument(f"--{prefix}template", dest=f"{dest}template", default=None, metavar="FILE",
                    help="prompt template with {question} {reference} {domain} and {answer_a} {answer_b} "
                         "(pairwise) or {answer} (single); default: the ones shipped in moa/judge_templates/")
-    g.add_argument(f"--{prefix}concurrency", dest=f"{dest}concurrency", type=int, default=4,
+    g.add_argument(f"--{prefix}concurrency", dest=f"{dest}concurrency", type=int, default=4, metavar="N",
                    help="requests in flight at once (default: 4)")
-    g.add_argument(f"--{prefix}max-retries", dest=f"{dest}max_retries", type=int, default=5,
+    g.add_argument(f"--{prefix}max-retries", dest=f"{dest}max_retries", type=int, default=5, metavar="N",
                    help="retries of a request answered 429 or 5xx, with exponential backoff (default: 5)")
-    g.add_argument(f"--{prefix}retry-backoff", dest=f"{dest}retry_backoff", type=float, default=1.0,
+    g.add_argument(f"--{prefix}retry-backoff", dest=f"{dest}retry_backoff", type=float, default=1.0, metavar="S",
                    help="seconds before the first retry, doubled each time (default: 1)")
-    g.add_argument(f"--{prefix}max-tokens", dest=f"{dest}max_tokens", type=int, default=512,
+    g.add_argument(f"--{prefix}max-tokens", dest=f"{dest}max_tokens", type=int, default=512, metavar="N",
                    help="longest verdict, in tokens (default: 512)")
-    g.add_argument(f"--{prefix}timeout", dest=f"{dest}timeout", type=float, default=120.0,
+    g.add_argument(f"--{prefix}timeout", dest=f"{dest}timeout", type=float, default=120.0, metavar="S",
                    help="seconds to wait for one answer (default: 120)")
 
 

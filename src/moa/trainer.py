@@ -249,7 +249,9 @@ def start_run(out: Path, run_config: dict, *, resume: bool, overwrite: bool) -> 
 
 def _comparable(cfg: dict) -> dict:
     # Options that may change between an interrupted run and its resume.
-    skip = {"save_every", "resume", "overwrite", "world_size", "debug", "keep_checkpoints"}
+    # Validation and tracking do not change the training trajectory either.
+    skip = {"save_every", "resume", "overwrite", "world_size", "debug", "keep_checkpoints", "eval_data", "eval_every",
+            "keep_best", "early_stopping_patience", "report_to"}
     out = {k: v for k, v in cfg.items() if k not in skip}
     if isinstance(out.get("train"), dict):
         out["train"] = {k: v for k, v in out["train"].items() if k not in skip}
