@@ -136,9 +136,16 @@ def test_stage2_logs_validation_router_accuracy(tiny_base, tmp_path, split):
     assert run(["assemble", "--experts", *experts, "--out", tmp_path / "moa"]) == 0
     out = tmp_path / "stage2"
     assert run(["train", "--moa", tmp_path / "moa", "--data", train, "--out", out, "--max-steps", "2",
-                "--batch-size", "6", "--no-bf16", "--eval-data", valid, "--eval-every", "2"]) == 0
+                "--batch-size", "6", "--no-bf16", "--eval-data", valid, "--eval-every", "2",
+                "--report-to", "tensorboard"]) == 0
     row = read_log(out)[-1]
     assert 0.0 <= row["val_router_acc"] <= 1.0 and row["val_loss"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert {"train/lm_loss", "train/router_loss", "train/router_acc", "val/router_acc"} <= set(acc.Tags()["scalars"])
+    assert [e.value for e in acc.Scalars("val/router_acc")] == pytest.approx([row["val_router_acc"]])
 
 
 def test_validation_options_need_eval_data(tiny_base, tmp_path, split, capsys):
