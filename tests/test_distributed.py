@@ -168,8 +168,11 @@ def test_stage2_two_processes_with_grad_accum_equal_one(tiny_base, tmp_path):
     moa = MoAModel.from_adapters(adapters).save_pretrained(tmp_path / "moa")
     data = write_jsonl(tmp_path / "two_domains.jsonl", [r for r in synthetic_records() if r["domain"] != "json"])
 
+    # 5 validation records: the ranks validate 3 and 2 of them, in different numbers of batches.
+    valid = write_jsonl(tmp_path / "valid.jsonl", [r for r in synthetic_records(4, seed=1) if r["domain"] != "json"][:5])
     # 2 processes x 2 micro-batches of 2 rows == 1 process x 1 batch of 8 rows.
-    args = ["train", "--moa", moa, "--data", data, "--batch-size", "8", *COMMON]
+    args = ["train", "--moa", moa, "--data", data, "--batch-size", "8", *COMMON, "--eval-data", valid,
+            "--eval-every", "2"]
     two, one = tmp_path / "two", tmp_path / "one"
     out, audits = torchrun(tmp_path, [*args, "--grad-accum", "2", "--out", two])
     check_run(out, audits, two)
@@ -185,3 +188,6 @@ def test_stage2_two_processes_with_grad_accum_equal_one(tiny_base, tmp_path):
     l1 = [json.loads(l) for l in open(one / "train_log.jsonl")]
     for key in ("lm_loss", "router_loss", "router_acc"):
         assert [r[key] for r in l2] == pytest.approx([r[key] for r in l1], abs=1e-5), key
+    for key in ("val_loss", "val_router_acc"):  # summed over both ranks' shares of the validation set
+        assert [r.get(key) for r in l2] == pytest.approx([r.get(key) for r in l1], abs=1e-5), key
+        assert [key in r for r in l1] == [False, True, False, True]

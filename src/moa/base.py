@@ -49,13 +49,21 @@ def _embedded_gguf(alias: str) -> Path:
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize the GGUF file to a float32 transformers checkpoint directory at `out`."""
     import torch
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moa.io import atomic_dir
 
     print(f"moa: converting {gguf.name} to a float32 transformers checkpoint in {out} (once)", flush=True)
+    # transformers' own bars are silenced (cli._quiet_libraries): show the three stages instead
+    bar = tqdm(total=3, desc="convert base", unit="stage", dynamic_ncols=True)
+    bar.set_postfix_str("tokenizer")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    bar.update(1)
+    bar.set_postfix_str("dequantize weights")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    bar.update(1)
+    bar.set_postfix_str("save")
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights
     # are already dequantized to float32, so drop the marker.
     model.hf_quantizer = None
@@ -72,6 +80,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "moa_source.json").write_text(json.dumps({"gguf": str(gguf), "dtype": "float32"}) + "\n")
+    bar.update(1)
+    bar.close()
 
 
 def resolve_base(name: str | os.PathLike | None = None) -> Path:

@@ -108,9 +108,9 @@ def train_moe_lora(*, moa_dir, records, out, cfg, balance_coef: float = 0.01, to
     """Train gates + experts (no domain labels) on the same balanced batches as stage 2."""
     from moa.data import DomainBalancedSampler
     from moa.model import MoAModel
-    from moa.stages import encode_for_training
     from moa.losses import label_nll
-    from moa.trainer import Trainer, start_run, write_run_files
+    from moa.stages import encode_for_training
+    from moa.trainer import Trainer, load_eval_examples, start_run, write_run_files
 
     out = Path(out)
     run_config = {"stage": "moe_lora", "moa": str(Path(moa_dir).resolve()), "top_k": top_k,
@@ -138,13 +138,15 @@ def train_moe_lora(*, moa_dir, records, out, cfg, balance_coef: float = 0.01, to
                       out=out, pad_id=moa.tokenizer.pad_token_id,
                       state_fn=lambda: {n: p.detach().clone() for n, p in named.items()},
                       load_state_fn=lambda t: [p.data.copy_(t[n]) for n, p in named.items()],
-                      desc="moe_lora", log_prefix="moe_lora: ")
+                      desc="moe_lora", log_prefix="moe_lora: ",
+                      eval_examples=load_eval_examples(cfg, moa.tokenizer, list(moa.domains)))
     result = trainer.train()
     moa.set_trainable(experts=False, routers=False)
     model.eval()
     model.save(out, {"train": run_config})
     write_run_files(out, run_config, result.log, "MoE-LoRA (token top-k, no labels)")
-    return {"steps": result.steps, "seconds": round(result.seconds, 1)}
+    return {"steps": result.steps, "seconds": round(result.seconds, 1),
+            **({"best": result.best} if result.best is not None else {})}
 
 
 # --------------------------------------------------------------------------- classifier + LoRAs
@@ -160,11 +162,15 @@ def pooled_features(base_model, input_ids, attention_mask, pool_mask) -> torch.T
 
 
 @torch.no_grad()
-def prompt_features(base_model, tokenizer, prompts: Sequence[list], batch_size: int = 16) -> torch.Tensor:
+def prompt_features(base_model, tokenizer, prompts: Sequence[list], batch_size: int = 16,
+                    progress: bool = False) -> torch.Tensor:
     """Features of rendered chat prompts (generation prompt included): (N, H)."""
+    from tqdm.auto import tqdm
+
     feats = []
     tokenizer.padding_side = "right"
-    for s in range(0, len(prompts), batch_size):
+    for s in tqdm(range(0, len(prompts), batch_size), desc="classifier features", disable=not progress,
+                  dynamic_ncols=True, mininterval=1.0):
         chunk = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                  for p in prompts[s : s + batch_size]]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -191,12 +197,14 @@ def train_classifier(*, moa_dir, records, out, per_domain: int = 200, steps: int
         idx = torch.randperm(len(rs), generator=g)[:per_domain].tolist()
         chosen += [rs[i] for i in idx]
     with moa.routing(RoutingState("base")):
-        x = prompt_features(moa.base_model, moa.tokenizer, [r.prompt_messages for r in chosen])
+        x = prompt_features(moa.base_model, moa.tokenizer, [r.prompt_messages for r in chosen], progress=True)
     y = torch.tensor([domains.index(r.domain) for r in chosen])
     mu, sd = x.mean(0), x.std(0).clamp(min=1e-4)
     clf = nn.Linear(x.shape[1], len(domains))
     opt = torch.optim.Adam(clf.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(steps):
+    from tqdm.auto import trange
+
+    for _ in trange(steps, desc="classifier", dynamic_ncols=True, mininterval=1.0):
         opt.zero_grad()
         loss = F.cross_entropy(clf((x - mu) / sd), y)
         loss.backward()

@@ -233,9 +233,15 @@ def evaluate_system(system: System, records, tok, *, batch_size: int = 8, max_le
         chosen = first_per_domain(records, generate_limit)
         prompts = [records[i].prompt_messages for i in chosen]
         doms = [records[i].domain for i in chosen]
-        if progress:
-            print(f"moa: {system.name}: generating {len(prompts)} replies", file=sys.stderr, flush=True)
-        gens = dict(zip(chosen, system.generate(prompts, doms)))
+        from tqdm.auto import tqdm
+
+        replies = []
+        with tqdm(total=len(prompts), desc=f"{system.name} generate", disable=not progress, dynamic_ncols=True,
+                  mininterval=1.0) as bar:
+            for s in range(0, len(prompts), batch_size):  # in batches, for the progress bar
+                replies += system.generate(prompts[s : s + batch_size], doms[s : s + batch_size])
+                bar.update(len(prompts[s : s + batch_size]))
+        gens = dict(zip(chosen, replies))
     for d in sorted({r.domain for r in records}, key=[r.domain for r in records].index):
         m = {"ppl": round(ppl[d]["ppl"], 4)}
         idx = [i for i in gens if records[i].domain == d]
@@ -250,8 +256,10 @@ def evaluate_system(system: System, records, tok, *, batch_size: int = 8, max_le
         result["routing_accuracy"] = round(sum(routed_right) / max(1, len(routed_right)), 4)
     else:
         result["routing_accuracy"] = None
-    result["_generations"] = [{"domain": records[i].domain, "reference": records[i].response, "output": g[0],
-                               "routed": g[1]} for i, g in sorted(gens.items())]
+    # index and prompt: `moa judge` pairs the systems' answers by record and shows the judge the question
+    result["_generations"] = [{"index": i, "domain": records[i].domain, "prompt": records[i].prompt_messages,
+                               "reference": records[i].response, "output": g[0], "routed": g[1]}
+                              for i, g in sorted(gens.items())]
     return result
 
 

@@ -122,7 +122,7 @@ def train_expert(
 
     from moa.base import load_base
     from moa.data import ShuffledSampler
-    from moa.trainer import Trainer, TrainConfig, causal_lm_loss_sum, start_run, write_run_files
+    from moa.trainer import Trainer, TrainConfig, causal_lm_loss_sum, load_eval_examples, start_run, write_run_files
 
     cfg = cfg or TrainConfig()
     targets = targets or parse_targets(DEFAULT_TARGETS)
@@ -216,11 +216,14 @@ def train_expert(
         sampler=ShuffledSampler(len(examples), cfg.batch_size, cfg.seed), loss_fn=loss_fn, cfg=cfg, out=out,
         pad_id=tok.pad_token_id, state_fn=state_fn, load_state_fn=load_state_fn, desc=f"expert {domain or 'mixed'}",
         log_prefix=f"train-expert {domain or 'mixed'}: {len(examples)} records, ",
+        eval_examples=load_eval_examples(cfg, tok, [domain] if domain else None),
     )
     result = trainer.train(resume=resume)
     summary = {"domain": domain, "steps": result.steps, "interrupted": result.interrupted,
                "seconds": round(result.seconds, 1), "records": len(examples),
                "final_loss": result.log[-1]["loss"] if result.log else None}
+    if result.best is not None:
+        summary["best"] = result.best
     if result.interrupted:
         return summary
     if trainer.acc.is_main_process:
@@ -347,7 +350,7 @@ def train_mixture(
     """
     from moa.data import DomainBalancedSampler
     from moa.model import MoAModel
-    from moa.trainer import Trainer, TrainConfig, start_run, write_run_files
+    from moa.trainer import Trainer, TrainConfig, load_eval_examples, start_run, write_run_files
 
     cfg = cfg or TrainConfig(lr=1e-4)
     if init not in ("experts", "random"):
@@ -433,10 +436,14 @@ def train_mixture(
         pad_id=tok.pad_token_id, domains=domains, state_fn=state_fn, load_state_fn=load_state_fn, desc=desc,
         update_scales=update_scales,
         log_prefix=f"{desc}: {len(domains)} domains, {len(examples)} records, ",
+        # validated on the domains it trains on (retrain-expert trains one)
+        eval_examples=load_eval_examples(cfg, tok, [d for d in domains if any(e.domain == d for e in examples)]),
     )
     result = trainer.train(resume=resume)
     summary = {"steps": result.steps, "interrupted": result.interrupted, "seconds": round(result.seconds, 1),
                "domains": domains}
+    if result.best is not None:
+        summary["best"] = result.best
     if result.log:
         last = result.log[-min(10, len(result.log)):]
         summary["final_lm_loss"] = round(sum(r["lm_loss"] for r in last) / len(last), 4)

@@ -56,6 +56,16 @@ class TrainConfig:
     """Checkpoint every N steps under OUT/checkpoints (0 = only at the end / on Ctrl-C)."""
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = False
+    eval_data: str | None = None
+    """Validation JSONL: its mean NLL per label token (and stage 2's router accuracy) is logged."""
+    eval_every: int = 0
+    """Validate every N steps (0: only after the last step). Needs eval_data."""
+    keep_best: bool = False
+    """The run's output is the weights of the validation with the lowest loss, not the last step's."""
+    early_stopping_patience: int = 0
+    """Stop after this many validations without a lower validation loss (0: never)."""
+    report_to: str = "none"
+    """Experiment tracker for the scalars: 'none' or 'tensorboard' (events under OUT/tensorboard)."""
 
     def __post_init__(self):
         if self.max_steps is not None and self.max_steps <= 0:
@@ -72,12 +82,25 @@ class TrainConfig:
             raise MoAError(f"--max-length must be at least 8, got {self.max_length}")
         if self.save_every < 0:
             raise MoAError(f"--save-every must be >= 0, got {self.save_every}")
+        if self.eval_every < 0:
+            raise MoAError(f"--eval-every must be >= 0, got {self.eval_every}")
+        if self.early_stopping_patience < 0:
+            raise MoAError(f"--early-stopping-patience must be >= 0, got {self.early_stopping_patience}")
+        if (self.keep_best or self.early_stopping_patience or self.eval_every) and not self.eval_data:
+            raise MoAError("--eval-every, --keep-best and --early-stopping-patience need --eval-data FILE")
+        if self.eval_data and not Path(self.eval_data).is_file():
+            raise MoAError(f"--eval-data {self.eval_data}: no such file")
+        if self.report_to not in REPORT_TO:
+            raise MoAError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         resolve_bf16(self.bf16)  # a bad $MOA_BF16 fails here, before a run writes anything
 
     def total_steps(self, steps_per_epoch: int) -> int:
         if self.max_steps is not None:
             return self.max_steps
         return max(1, math.ceil((self.epochs or 1.0) * steps_per_epoch))
+
+
+REPORT_TO = ("none", "tensorboard")
 
 
 def bf16_supported() -> bool:
@@ -107,6 +130,24 @@ def resolve_bf16(flag: bool | None) -> bool:
     if policy in ("0", "false", "no", "off"):
         return False
     raise MoAError(f"${BF16_ENV} must be auto, 1 or 0, got {os.environ[BF16_ENV]!r}")
+
+
+def load_eval_examples(cfg: TrainConfig, tok, domains: Sequence[str] | None) -> list[Example] | None:
+    """cfg.eval_data encoded like the training data, restricted to `domains` (None: all)."""
+    if not cfg.eval_data:
+        return None
+    from moa.data import encode_records, read_records
+
+    records, _ = read_records(cfg.eval_data)
+    if domains is not None:
+        records = [r for r in records if r.domain in set(domains)]
+    if not records:
+        raise MoAError(f"--eval-data {cfg.eval_data}: no record of domain(s) {', '.join(domains or [])}")
+    examples, _ = encode_records(tok, records, cfg.max_length)
+    if not any(l != IGNORE_INDEX for e in examples for l in e.labels[1:]):
+        raise MoAError(f"--eval-data {cfg.eval_data}: no response token left after truncation to "
+                       f"--max-length {cfg.max_length}")
+    return examples
 
 
 # --------------------------------------------------------------------------- output dir / checkpoints
@@ -155,7 +196,9 @@ def start_run(out: Path, run_config: dict, *, resume: bool, overwrite: bool) -> 
 
 def _comparable(cfg: dict) -> dict:
     # Options that may change between an interrupted run and its resume.
-    skip = {"save_every", "resume", "overwrite", "world_size", "debug", "keep_checkpoints"}
+    # Validation and tracking do not change the training trajectory either.
+    skip = {"save_every", "resume", "overwrite", "world_size", "debug", "keep_checkpoints", "eval_data", "eval_every",
+            "keep_best", "early_stopping_patience", "report_to"}
     out = {k: v for k, v in cfg.items() if k not in skip}
     if isinstance(out.get("train"), dict):
         out["train"] = {k: v for k, v in out["train"].items() if k not in skip}
@@ -195,6 +238,9 @@ class TrainResult:
     log: list[dict]
     interrupted: bool = False
     seconds: float = 0.0
+    best: dict | None = None
+    """{"step", "val_loss", "kept"} of the lowest validation loss (None without --eval-data)."""
+    stopped_early: bool = False
 
 
 def causal_lm_loss_sum(model, batch: dict) -> torch.Tensor:
@@ -227,6 +273,7 @@ class Trainer:
         log_prefix: str = "",
         accelerator=None,
         update_scales: Sequence[tuple[torch.nn.Parameter, torch.Tensor]] = (),
+        eval_examples: Sequence[Example] | None = None,
     ):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
@@ -240,6 +287,11 @@ class Trainer:
         self.domains = domains
         self.state_fn = state_fn
         self.load_state_fn = load_state_fn
+        # Validation reuses `loss_fn` on batches whose global counts are 1, so that it returns sums.
+        self.eval_examples = list(eval_examples or [])
+        self.best: dict | None = None  # {"step", "val_loss"} of the lowest validation loss so far
+        self.best_state: dict[str, torch.Tensor] | None = None  # its weights, with --keep-best
+        self.evals_without_improvement = 0
         self.desc = desc
         self.log_prefix = log_prefix
         # (parameter, scale broadcastable to it): each optimizer update of the parameter is
@@ -250,10 +302,13 @@ class Trainer:
         # two trainings of different precisions in one process (a notebook, `moa demo`) would
         # collide. accelerate therefore always runs in "no" mixed precision, and the autocast is
         # ours, per Trainer (`self.autocast`). bf16 needs no gradient scaler: it has fp32's range.
+        self.tracking = cfg.report_to != "none"
         self.acc = accelerator or Accelerator(
             mixed_precision="no",
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            log_with=cfg.report_to if self.tracking else None,
+            project_dir=str(self.out) if self.tracking else None,
         )
         if self.acc.mixed_precision != "no":
             raise MoAError(f"the Trainer does its own autocast; pass an Accelerator with mixed_precision='no' "
@@ -307,9 +362,12 @@ class Trainer:
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 save_tensors(tmp / "rng.safetensors", _rng_tensors())
                 (tmp / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.log))
+                if self.best_state is not None:
+                    save_tensors(tmp / "best.safetensors", self.best_state)
                 (tmp / "state.json").write_text(json.dumps({
                     "step": self.step, "total_steps": self.total, "sampler_position": self.step,
                     "seed": self.cfg.seed, "world_size": self.world, "bf16": self.bf16,
+                    "best": self.best, "evals_without_improvement": self.evals_without_improvement,
                 }) + "\n")
         except OSError as e:
             prev = newest_checkpoint(self.out)
@@ -332,6 +390,10 @@ class Trainer:
         _set_rng(load_tensors(path / "rng.safetensors"))
         self.log = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines() if line.strip()]
         self.step = int(state["sampler_position"])
+        self.best = state.get("best")
+        self.evals_without_improvement = int(state.get("evals_without_improvement", 0))
+        if (path / "best.safetensors").is_file():
+            self.best_state = {k: v.to(self.acc.device) for k, v in load_tensors(path / "best.safetensors").items()}
 
     # ---------------------------------------------------------------- batches
 
@@ -353,6 +415,62 @@ class Trainer:
         n_tok = sum(int(b["attention_mask"].sum()) for b in micro)
         return micro, n_tok
 
+    # ---------------------------------------------------------------- validation
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean NLL per label token over the eval records (and router accuracy where `loss_fn`
+        reports one), in eval mode without gradient. The RNG state is restored afterwards, so a
+        run with validation follows the same training trajectory as one without."""
+        rng = _rng_tensors()
+        model = self.raw_model  # not the DDP wrapper: its forward syncs buffers, and ranks may differ in batches
+        model.eval()
+        try:
+            mine = self.eval_examples[self.acc.process_index :: self.world]
+            per = max(1, self.cfg.batch_size // (self.world * self.cfg.grad_accum))
+            nll = tokens = correct = rows = routed = 0.0
+            for s in range(0, len(mine), per):
+                b = collate(mine[s : s + per], self.pad_id, self.domains, padding_side="right")
+                b = {key: v.to(self.acc.device) for key, v in b.items()}
+                b["global_tokens"] = b["global_rows"] = b["global_router_rows"] = 1
+                with self.autocast():
+                    _, m = self.loss_fn(model, b)
+                nll += float(m.get("lm_loss", m["loss"]))
+                tokens += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+                if "router_acc" in m:  # with global_rows 1: the mean over layers of the rows routed right
+                    correct += float(m["router_acc"])
+                    routed = 1.0
+                # the rows the routers were scored on (a prompt cut by --max-length is not)
+                rows += int((b["router_ids"] >= 0).sum()) if "router_ids" in b else len(b["input_ids"])
+            t = torch.tensor([nll, tokens, correct, rows, routed], dtype=torch.float64, device=self.acc.device)
+            if self.world > 1:
+                t = self.acc.reduce(t, reduction="sum")
+            nll, tokens, correct, rows, routed = t.tolist()
+        finally:
+            model.train()
+            _set_rng(rng)
+        out = {"val_loss": round(nll / max(1.0, tokens), 6)}
+        if routed:
+            out["val_router_acc"] = round(correct / max(1.0, rows), 6)
+        return out
+
+    def _record_validation(self, val: dict[str, float]) -> None:
+        if self.best is None or val["val_loss"] < self.best["val_loss"]:
+            self.best = {"step": self.step, "val_loss": val["val_loss"]}
+            self.evals_without_improvement = 0
+            if self.cfg.keep_best:
+                self.best_state = self.state_fn()
+        else:
+            self.evals_without_improvement += 1
+
+    def _track(self, row: dict) -> None:
+        names = {"loss": "train/loss", "lm_loss": "train/lm_loss", "router_loss": "train/router_loss",
+                 "router_acc": "train/router_acc", "balance_loss": "train/balance_loss", "lr": "train/lr",
+                 "tokens_per_s": "train/tokens_per_s", "grad_norm": "train/grad_norm",
+                 "val_loss": "val/loss", "val_router_acc": "val/router_acc"}
+        values = {names[k]: float(v) for k, v in row.items() if k in names and v is not None}
+        self.acc.log(values, step=self.step)
+
     # ---------------------------------------------------------------- run
 
     def train(self, resume: bool = False) -> TrainResult:
@@ -368,11 +486,13 @@ class Trainer:
         self.print(f"{self.log_prefix}world_size={self.world} global_batch={self.cfg.batch_size} "
                    f"micro_batch={self.cfg.batch_size // (self.world * self.cfg.grad_accum)} "
                    f"grad_accum={self.cfg.grad_accum} steps={self.total} bf16={self.bf16} device={self.acc.device}")
+        if self.tracking:
+            self.acc.init_trackers("tensorboard" if self.cfg.report_to == "tensorboard" else "moa")
         self.model.train()
         t_start = time.time()
         bar = tqdm(total=self.total, initial=self.step, desc=self.desc, disable=not self.acc.is_main_process,
                    dynamic_ncols=True, mininterval=1.0)
-        interrupted = False
+        interrupted = stopped_early = False
         # Ctrl-C / SIGTERM ask for a stop at the end of the current step, where the state is
         # consistent (a KeyboardInterrupt raised at an arbitrary point can land in a destructor,
         # where Python ignores it). A second signal stops at once.
@@ -423,11 +543,23 @@ class Trainer:
                 row = {"step": self.step, **{k: round(v, 6) for k, v in sums.items()},
                        "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(n_tok / dt, 1),
                        "grad_norm": round(float(gnorm), 4) if gnorm is not None else None}
+                every = self.cfg.eval_every
+                if self.eval_examples and (self.step == self.total or (every and self.step % every == 0)):
+                    row.update(self.validate())
+                    self._record_validation(row)
                 self.log.append(row)
+                if self.tracking:
+                    self._track(row)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if k in ("loss", "lm_loss", "router_loss", "router_acc")} | {"tok/s": f"{n_tok / dt:.0f}"}, refresh=False)
                 bar.update(1)
                 if requested:
                     raise KeyboardInterrupt
+                patience = self.cfg.early_stopping_patience
+                if patience and "val_loss" in row and self.evals_without_improvement >= patience:
+                    stopped_early = True
+                    self.print(f"early stopping at step {self.step}/{self.total}: no lower val_loss in "
+                               f"{patience} validations (best {self.best['val_loss']:.4f} at step {self.best['step']})")
+                    break
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total:
                     self.save_checkpoint()
         except KeyboardInterrupt:
@@ -441,8 +573,20 @@ class Trainer:
             bar.close()
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
+            if self.tracking:
+                self.acc.end_training()
+        best = None
+        if self.best is not None:
+            best = {**self.best, "kept": bool(self.cfg.keep_best), "last_step": self.step}
+            if not interrupted:
+                if self.cfg.keep_best and self.best_state is not None and self.best["step"] != self.step:
+                    self.load_state_fn(self.best_state)
+                    self.print(f"--keep-best: the output holds step {self.best['step']} "
+                               f"(val_loss {self.best['val_loss']:.4f}), not step {self.step}")
+                if self.acc.is_main_process:
+                    atomic_write_json(self.out / "val_best.json", {**best, "stopped_early": stopped_early})
         self.model.eval()
-        return TrainResult(self.step, self.log, interrupted, time.time() - t_start)
+        return TrainResult(self.step, self.log, interrupted, time.time() - t_start, best, stopped_early)
 
     def autocast(self):
         """bf16 autocast on this run's device when `bf16` is on, else a no-op."""

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "moa.cli.model",
     "moa.cli.score",
     "moa.cli.eval",
+    "moa.cli.judge",
     "moa.cli.experts",
     "moa.cli.serve",
     "moa.cli.export",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from moa.errors import MoAError
+from moa.cli.judge import add_eval_judge_args
 from moa.evaluate import DEFAULT_SYSTEMS
 from moa.router import ROUTINGS
 
@@ -29,10 +31,17 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per record")
     p.add_argument("--batch-size", type=int, default=8, help="records scored / generated together")
     p.add_argument("--no-generate", action="store_true", help="skip generation (PPL and routing only)")
+    add_eval_judge_args(p)
     p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args) -> int:
+    from moa.cli.judge import check_eval_judge_args, judge_after_eval
+    from moa.evaluate import format_table, run_eval
+
+    check_eval_judge_args(args)
+    if args.judge_url and args.no_generate:
+        raise MoAError("--judge-url judges the generations; it cannot be used with --no-generate")
     systems, extra = [], {}
     for s in args.systems:
         if "=" in s:
@@ -41,11 +50,10 @@ def _cmd_eval(args) -> int:
             systems.append(name)
         else:
             systems.append(s)
-    from moa.evaluate import format_table, run_eval
-
     metrics = run_eval(args.moa, args.data, args.out, systems, routing=args.routing, mixed_lora=args.mixed_lora,
                        single_lora=args.single_lora, extra=extra, limit_per_domain=args.limit,
                        generate_limit_per_domain=args.generate_limit, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, generate=not args.no_generate)
     print(format_table(metrics))
+    judge_after_eval(args, metrics)
     return 0

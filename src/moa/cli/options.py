@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from moa.errors import MoAError
-from moa.trainer import TrainConfig
+from moa.trainer import REPORT_TO, TrainConfig
 
 
 def add_train_args(p, *, lr: float = 2e-4, batch_size: int = 8, steps_help: str = "optimizer steps",
@@ -33,16 +33,41 @@ def add_train_args(p, *, lr: float = 2e-4, batch_size: int = 8, steps_help: str 
     g.add_argument("--overwrite", action="store_true", help="replace an OUT that holds a different run")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (large bases)")
     g.add_argument("--skip-invalid", action="store_true", help="skip bad JSONL lines instead of stopping")
+    add_validation_args(p)
 
 
 def config_from_args(args, **overrides) -> TrainConfig:
     values = dict(
         max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, max_length=args.max_length, seed=args.seed, bf16=args.bf16, save_every=args.save_every,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, **validation_from_args(args),
     )
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def add_validation_args(p) -> None:
+    """Validation while training and experiment tracking (every training command has them)."""
+    g = p.add_argument_group("validation and tracking")
+    g.add_argument("--eval-data", default=None, metavar="FILE",
+                   help="validation JSONL: mean NLL per label token logged as val_loss in train_log.jsonl "
+                        "(and val_router_acc in stage 2)")
+    g.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="validate every N steps (default 0: only after the last step)")
+    g.add_argument("--keep-best", action="store_true",
+                   help="write the weights of the validation with the lowest val_loss instead of the last step's "
+                        "(the step is recorded in OUT/val_best.json)")
+    g.add_argument("--early-stopping-patience", type=int, default=0, metavar="K",
+                   help="stop after K validations without a lower val_loss (default 0: never)")
+    g.add_argument("--report-to", choices=list(REPORT_TO), default="none",
+                   help="log scalars (losses, lr, router accuracy, tokens/s, validation) to TensorBoard "
+                        "under OUT/tensorboard")
+
+
+def validation_from_args(args) -> dict:
+    """The TrainConfig fields of add_validation_args."""
+    return {"eval_data": args.eval_data, "eval_every": args.eval_every, "keep_best": args.keep_best,
+            "early_stopping_patience": args.early_stopping_patience, "report_to": args.report_to}
 
 
 # --------------------------------------------------------------------------- --config
