@@ -134,7 +134,7 @@ def fit_routers(moa, input_ids, attention_mask, domain_ids) -> None:
     from moa.router import LayerRouter, RoutingState
 
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad(), moa.routing(RoutingState("fixed", domain_ids)):
+    with torch.no_grad(), moa.routing(RoutingState("explicit", domain_ids)):
         out = moa.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              output_hidden_states=True, use_cache=False)
     target = torch.nn.functional.one_hot(domain_ids, moa.num_experts).double() * 8.0 - 4.0  # (B, E)

@@ -164,7 +164,7 @@ def fit_routers(model: MoAModel, prompts, domain_ids: torch.Tensor) -> None:
 
     ids, mask = encode_prompts(model, prompts)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad(), model.routing(RoutingState("fixed", domain_ids)):
+    with torch.no_grad(), model.routing(RoutingState("explicit", domain_ids)):
         out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
     target = torch.nn.functional.one_hot(domain_ids, model.num_experts).double() * 8 - 4
     for i, router in enumerate(model.routers):

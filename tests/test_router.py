@@ -115,7 +115,7 @@ def run(layers, x):
 
 def test_hooks_are_removed_and_slots_cleared_when_the_forward_raises():
     layers, routers, slots = toy_stack()
-    state = RoutingState("fixed", torch.tensor([0, 1]))
+    state = RoutingState("explicit", torch.tensor([0, 1]))
     with pytest.raises(RuntimeError):
         with routing_hooks(layers, routers, slots, state):
             run(layers, torch.randn(2, 3, H + 1))  # wrong width: the first linear raises
@@ -126,7 +126,7 @@ def test_hooks_are_removed_and_slots_cleared_when_the_forward_raises():
 def test_fixed_routing_sets_every_layer_and_collects_router_logits():
     layers, routers, slots = toy_stack()
     x, mask = torch.randn(2, 3, H), torch.ones(2, 3)
-    state = RoutingState("fixed", torch.tensor([1, 0]), pool_mask=mask, run_routers=True)
+    state = RoutingState("explicit", torch.tensor([1, 0]), pool_mask=mask, run_routers=True)
     with routing_hooks(layers, routers, slots, state):
         seen = []
         layers[1].register_forward_pre_hook(lambda m, a: seen.append(slots[1].choice.index.tolist()))
@@ -160,7 +160,7 @@ def test_per_layer_fixed_index_and_soft_gates():
     layers, routers, slots = toy_stack()
     x = torch.randn(2, 3, H)
     per_layer = torch.tensor([[0, 1], [1, 1], [-1, 0]])  # (L, B)
-    state = RoutingState("fixed", per_layer)
+    state = RoutingState("explicit", per_layer)
     with routing_hooks(layers, routers, slots, state):
         y = run(layers, x)
     assert [d.tolist() for d in state.decisions] == per_layer.tolist()

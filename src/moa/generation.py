@@ -180,7 +180,7 @@ def _decode(model, input_ids, attention_mask, position_ids, fixed, max_new_token
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=model.device)  # (B,)
     out_tokens: list[Tensor] = []
     step_ids, step_pos, mask, cache = input_ids, position_ids, attention_mask, None
-    with model.routing(RoutingState("fixed", fixed)):
+    with model.routing(RoutingState("explicit", fixed)):
         for step in range(max_new_tokens):
             if step == 0 and first is not None:
                 last_logits, cache = first

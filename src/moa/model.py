@@ -361,7 +361,7 @@ class MoAModel(nn.Module):
         probs, logits_per_layer, targets = None, None, None
         if routing == "explicit":
             expert_ids = self.expert_ids_for(domains, domain_ids, B)  # (B,)
-            state = RoutingState("fixed", expert_ids, pool_mask if return_router_logits else None,
+            state = RoutingState("explicit", expert_ids, pool_mask if return_router_logits else None,
                                  run_routers=return_router_logits, detach_router_inputs=not router_loss_to_experts)
             out = self._run(state, base_kwargs)
             if return_router_logits:
@@ -377,7 +377,7 @@ class MoAModel(nn.Module):
         else:  # vote / last: one expert per row, then exactly the explicit computation
             expert_ids, probs, logits_per_layer = self._route(input_ids, attention_mask, pool_mask,
                                                               kwargs.get("position_ids"), routing)
-            out = self._run(RoutingState("fixed", expert_ids), base_kwargs)
+            out = self._run(RoutingState("explicit", expert_ids), base_kwargs)
 
         logits = out.logits  # (B, T, V)
         loss = None if labels is None else label_nll(labels, logits=logits)[0].mean()

@@ -2,7 +2,7 @@
 
 One `LayerRouter` sits before every decoder layer: it pools that layer's input hidden
 states over the prompt tokens (masked mean, float32) and maps them to expert logits with
-one linear layer. A `RoutingState` describes one forward (the mode, the fixed experts or
+one linear layer. A `RoutingState` describes one forward (the mode, the explicit experts or
 the pool mask, and what the routers said); `routing_hooks` installs forward pre-hooks on the
 decoder layers that read it, run the routers when needed and fill each layer's
 `RoutingSlot`, and always removes them.
@@ -155,14 +155,14 @@ class RoutingState:
     """How one forward is routed, and what the routers said.
 
     Modes:
-        "fixed": every row uses `expert_index` -- (B,) the same expert in every layer, or
+        "explicit": every row uses `expert_index` -- (B,) the same expert in every layer, or
             (L, B) one per layer; -1 = base only. Routers run only if `run_routers`.
         "layer": each layer uses its own router's top-1 on the pooled prompt (`pool_mask`).
         "soft": each layer's slot gets `gates(layer, hidden (B, T, H)) -> weights (B, T, E)`.
         "base": no expert anywhere.
     """
 
-    mode: str = "fixed"
+    mode: str = "explicit"
     expert_index: Tensor | None = None
     pool_mask: Tensor | None = None
     """(B, T) bool: the tokens the routers pool over (prompt tokens, no padding)."""
@@ -176,15 +176,15 @@ class RoutingState:
     logits: list[Tensor] = field(default_factory=list)
     """Per layer, in order: router logits (B, E), when the routers ran."""
     decisions: list[Tensor] = field(default_factory=list)
-    """Per layer, in order: the expert index (B,) that layer used (fixed and layer modes)."""
+    """Per layer, in order: the expert index (B,) that layer used (explicit and layer modes)."""
     _choices: list[ExpertChoice] | ExpertChoice | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("fixed", "layer", "soft", "base"):
+        if self.mode not in ("explicit", "layer", "soft", "base"):
             raise ValueError(f"unknown routing mode {self.mode!r}")
-        if self.mode == "fixed":
+        if self.mode == "explicit":
             if self.expert_index is None:
-                raise ValueError("fixed routing needs expert_index")
+                raise ValueError("explicit routing needs expert_index")
             if self.expert_index.ndim == 1:
                 self._choices = ExpertChoice.of(self.expert_index)
             else:
@@ -210,7 +210,7 @@ class RoutingState:
             self.logits.append(logits)
             if self.stop_after == i:
                 raise RoutingDone
-        if self.mode == "fixed":
+        if self.mode == "explicit":
             choice = self._choices if isinstance(self._choices, ExpertChoice) else self._choices[i]
             slot.set_choice(choice)
             self.decisions.append(choice.index)
@@ -233,7 +233,7 @@ def routing_hooks(
 ) -> Iterator[RoutingState]:
     """Route every forward run inside the block by `state`; hooks and slots are always cleared.
 
-    Fixed experts (or none) without routers need no hook: the slots are filled on entry.
+    Explicit experts (or none) without routers need no hook: the slots are filled on entry.
 
     A forward that ends early with RoutingDone (a routing pass) is swallowed here.
     """
@@ -247,7 +247,7 @@ def routing_hooks(
         return hook
 
     try:
-        if state.mode in ("fixed", "base") and not state.routers_run():
+        if state.mode in ("explicit", "base") and not state.routers_run():
             # Nothing is decided inside the forward: fill the slots once, without per-layer hooks
             # (they would cost a Python call per layer on every forward, i.e. every decoded token).
             for i, slot in enumerate(slots):
