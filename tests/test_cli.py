@@ -283,3 +283,27 @@ def test_stage2_lora_dropout_is_recorded_and_changes_training(moa0, tmp_path, ca
     assert cli("train", "--moa", moa0["dir"], "--data", moa0["train"], "--out", tmp_path / "bad",
                "--lora-dropout", "1.5", "--max-steps", "1", *FAST) == 2
     assert "--lora-dropout" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_one_output_directory_policy(moa0, tmp_path, capsys):
+    """assemble, remove-expert and training runs share one rule: a non-empty OUT needs --overwrite
+    (or --resume for a run), and OUT may never swallow an input it reads."""
+    root = moa0["dir"].parent
+    experts = [str(root / "experts" / d) for d in ("math", "echo")]
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    assert cli("assemble", "--experts", *experts, "--out", busy) == 2
+    assert "already holds files; pass --overwrite" in capsys.readouterr().err
+    assert (busy / "notes.txt").read_text() == "keep me"
+    assert cli("remove-expert", "--moa", moa0["dir"], "--domain", "echo", "--out", busy) == 2
+    assert (busy / "notes.txt").read_text() == "keep me"
+    capsys.readouterr()
+    assert cli("assemble", "--experts", *experts, "--out", root / "experts") == 2  # would delete its inputs
+    assert "would replace" in capsys.readouterr().err
+    assert (root / "experts" / "math" / "adapter_model.safetensors").is_file()
+    assert cli("assemble", "--experts", *experts, "--out", busy, "--overwrite") == 0
+    assert (busy / "moa_config.json").is_file() and not (busy / "notes.txt").exists()
+    (tmp_path / "a_file").write_text("x")
+    assert cli("assemble", "--experts", *experts, "--out", tmp_path / "a_file") == 2
+    assert "is a file" in capsys.readouterr().err

@@ -188,7 +188,7 @@ def test_export_errors_are_one_line_exit_2(moa_dir, tmp_path, capsys):
          "unknown domain 'nope' (known domains: fin, med, law)"),
         (["--format", "merged", "--out", tmp_path / "o"], "pass --domain (one of: fin, med, law)"),
         (["--format", "vllm", "--domain", "nope", "--out", tmp_path / "o"], "unknown domain 'nope'"),
-        (["--format", "peft", "--out", busy], "already exists and is not empty; pass --overwrite"),
+        (["--format", "peft", "--out", busy], "already holds files; pass --overwrite"),
         (["--format", "peft", "--out", moa_dir], "would replace"),
         (["--format", "peft", "--out", moa_dir.parent], "would replace"),
     ]

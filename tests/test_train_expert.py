@@ -101,7 +101,7 @@ def test_same_seed_same_weights_and_out_dir_guard(tiny_base, tmp_path, toy_data,
     assert all(torch.equal(a[k], b[k]) for k in a)
     capsys.readouterr()
     assert run_cli([*args, "--out", tmp_path / "a"]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds files; pass --resume" in capsys.readouterr().err
     assert run_cli([*args, "--out", tmp_path / "a", "--overwrite"]) == 0
 
 

@@ -24,6 +24,7 @@ from typing import Sequence
 
 from moa.checkpoint import CONFIG_FILE, DOMAIN_NAME, MoAConfig, lora_pairs
 from moa.errors import MoAError
+from moa.io import check_out_dir
 
 FORMATS = ("peft", "merged", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -92,7 +93,7 @@ def export_peft(moa_dir: str | Path, out: str | Path, domain: str | None = None,
     ckpt = read_checkpoint(moa_dir, base)
     domains = ckpt.select(domain)
     out = Path(out)
-    _check_out(out, ckpt, overwrite)
+    check_out_dir(out, overwrite=overwrite, protect=[ckpt.path])
     base_path = _base_path(ckpt.base)
     with atomic_dir(out) as tmp:
         _write_adapters(ckpt, domains, tmp, base_path or ckpt.base)
@@ -149,7 +150,7 @@ def export_merged(moa_dir: str | Path, out: str | Path, domain: str | None, *, b
         raise MoAError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
     base_path = _base_path(ckpt.base)
-    _check_out(out, ckpt, overwrite, also=[base_path])
+    check_out_dir(out, overwrite=overwrite, protect=[ckpt.path, base_path])
     adapter_dir = ckpt.expert_dir(domain)
     acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     r, alpha = acfg["r"], acfg["lora_alpha"]
@@ -218,7 +219,7 @@ def export_vllm(moa_dir: str | Path, out: str | Path, domain: str | None = None,
     ckpt = read_checkpoint(moa_dir, base)
     domains = ckpt.select(domain)
     out = Path(out)
-    _check_out(out, ckpt, overwrite)
+    check_out_dir(out, overwrite=overwrite, protect=[ckpt.path])
     base_path = _base_path(ckpt.base)
     ranks = {d: json.loads((ckpt.expert_dir(d) / "adapter_config.json").read_text())["r"] for d in domains}
     max_rank = max(ranks.values())
@@ -315,18 +316,6 @@ vLLM ignores it. (`"model": "moa:<domain>"` forces an expert in `moa serve`.)
 # --------------------------------------------------------------------------- shared
 
 
-def _check_out(out: Path, ckpt: Checkpoint, overwrite: bool, also: Sequence[str | None] = ()) -> None:
-    """Refuse an OUT that holds other files (unless --overwrite) or that would swallow the
-    checkpoint (or the base) when it is replaced."""
-    if out.is_file():
-        raise MoAError(f"--out {out} is a file, expected a directory")
-    target = out.resolve()
-    for p in [ckpt.path, *[a for a in also if a]]:
-        p = Path(p).resolve()
-        if p == target or target in p.parents:
-            raise MoAError(f"--out {out} would replace {p}; choose another directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MoAError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
 
 
 def _usual_modes(root: Path) -> None:

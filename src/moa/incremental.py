@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from moa.errors import MoAError
+from moa.io import check_out_dir
 
 
 def _replay_records(path, domains: list[str], extra=None, skip_invalid: bool = False):
@@ -92,7 +93,7 @@ def remove_expert(*, moa_dir, domain: str, out, overwrite: bool = False) -> dict
         raise MoAError(f"unknown domain '{domain}' (domains: {', '.join(model.domains)})")
     if len(model.domains) == 1:
         raise MoAError("cannot remove the only expert")
-    _check_out(out, overwrite, moa_dir)
+    check_out_dir(out, overwrite=overwrite)  # the model is in memory: replacing --moa itself is allowed
     model.remove_expert(domain)
     model.save_pretrained(out, provenance={"removed": domain, "from": str(Path(moa_dir).resolve())})
     return {"out": str(out), "domains": list(model.domains)}
@@ -150,12 +151,6 @@ def retrain_expert(*, moa_dir, domain: str, data, out, cfg=None, router_steps: i
     if not all(_equal(others[d], model.expert_state_dict(d)) for d in others):
         raise RuntimeError("an untouched expert changed during retrain-expert")
     return {"retrain": s1, "router_refit": s2, "out": str(out), "eta": eta}
-
-
-def _check_out(out, overwrite: bool, moa_dir) -> None:
-    out = Path(out)
-    if (out / "moa_config.json").exists() and not overwrite and out.resolve() != Path(moa_dir).resolve():
-        raise MoAError(f"--out {out} already holds an MoA checkpoint; pass --overwrite to replace it")
 
 
 def _copy(t: dict):

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -133,3 +133,27 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_out_dir(out: str | os.PathLike, *, overwrite: bool, protect: Iterable = (), resumable: bool = False,
+                  flag: str = "--out") -> Path:
+    """The one output-directory policy of every command that writes a directory.
+
+    OUT may be absent or empty; one that holds files needs `overwrite` (or, for a training run,
+    --resume: `resumable`); OUT must never be, or contain, one of `protect` (inputs the command
+    still reads while it writes, which replacing OUT would destroy). A file is never an OUT.
+    """
+    out = Path(out)
+    if out.is_file():
+        raise MoAError(f"{flag} {out} is a file, expected a directory")
+    target = out.resolve()
+    for p in protect:
+        if p is None:
+            continue
+        p = Path(p).resolve()
+        if p == target or target in p.parents:
+            raise MoAError(f"{flag} {out} would replace {p}, which this command reads; choose another directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        how = "--resume to continue its run or --overwrite to replace it" if resumable else "--overwrite to replace it"
+        raise MoAError(f"{flag} {out} already holds files; pass {how}")
+    return out

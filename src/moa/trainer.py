@@ -29,7 +29,7 @@ import torch
 from moa.data import IGNORE_INDEX, Example, collate
 from moa.errors import MoAError
 from moa.losses import label_nll
-from moa.io import atomic_dir, atomic_write_json, atomic_write_text, load_tensors, save_tensors
+from moa.io import atomic_dir, atomic_write_json, atomic_write_text, check_out_dir, load_tensors, save_tensors
 
 
 @dataclass
@@ -156,28 +156,25 @@ _CKPT = re.compile(r"^step-(\d+)$")
 
 
 def prepare_out_dir(out: Path, run_config: dict, *, resume: bool, overwrite: bool, is_main: bool = True) -> None:
-    """Refuse to mix two different runs in one directory (unless --overwrite)."""
-    cfg_path = out / "train_config.json"
-    if out.is_file():
-        raise MoAError(f"--out {out} is a file, expected a directory")
-    if not out.exists() or not any(out.iterdir()):
+    """Refuse to mix two different runs in one directory (the policy of `moa.io.check_out_dir`, plus
+    --resume: only into a run with the same train_config.json)."""
+    out = check_out_dir(out, overwrite=overwrite or resume, resumable=True)
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if overwrite:
+        if is_main and not resume:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
         return
     old = None
+    cfg_path = out / "train_config.json"
     if cfg_path.is_file():
         try:
             old = json.loads(cfg_path.read_text())
         except (OSError, json.JSONDecodeError):
             old = None
-    same = old is not None and _comparable(old) == _comparable(run_config)
-    if overwrite:
-        if is_main and not resume:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    elif resume:
-        if old is None or not same:
-            raise MoAError(f"--resume: {out} holds a different run (its train_config.json differs); "
-                           "use a new --out or --overwrite")
-    else:
-        raise MoAError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if old is None or _comparable(old) != _comparable(run_config):
+        raise MoAError(f"--resume: {out} holds a different run (its train_config.json differs); "
+                       "use a new --out or --overwrite")
 
 
 def start_run(out: Path, run_config: dict, *, resume: bool, overwrite: bool) -> bool:

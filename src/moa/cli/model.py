@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output MoA checkpoint directory")
     p.add_argument("--base", default=None, help="base model (default: the one recorded in the adapters)")
     p.add_argument("--domains", default=None, help="comma-separated domain names (default: the directory names)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing MoA checkpoint at --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_cmd_assemble)
 
     p = sub.add_parser(
@@ -93,9 +93,9 @@ def _cmd_assemble(args) -> int:
         raise MoAError(f"--domains names {len(domains)} domains for {len(dirs)} adapter directories")
     if len(set(domains)) != len(domains) or not all(domains):
         raise MoAError(f"domain names must be distinct and non-empty: {', '.join(domains)}")
-    out = Path(args.out)
-    if (out / "moa_config.json").exists() and not args.overwrite:
-        raise MoAError(f"--out {out} already holds an MoA checkpoint; pass --overwrite to replace it")
+    from moa.io import check_out_dir
+
+    out = check_out_dir(args.out, overwrite=args.overwrite, protect=dirs)
     model = MoAModel.from_adapters(dirs, domains=domains, base=args.base)
     model.save_pretrained(out, provenance={"assembled_from": {d: str(p.resolve()) for d, p in zip(domains, dirs)}})
     print(json.dumps({"out": str(out), "domains": domains}))
