@@ -6,7 +6,7 @@
     vllm    the adapters + OUT/serve_vllm.sh + OUT/README.md for vLLM's multi-LoRA server, where
             the client names the domain (`"model": "<domain>"`): no router runs there
 
-The experts are read from the checkpoint's files (DESIGN.md section 3: `experts/<domain>/` is
+The experts are read from the checkpoint's files (`moa.checkpoint`: `experts/<domain>/` is
 already a PEFT adapter), so `peft` and `vllm` never load the base model; `merged` loads it once.
 The routers are not exported: outside `moa serve`, whoever sends the request picks the domain.
 """
@@ -140,6 +140,7 @@ def export_merged(moa_dir: str | Path, out: str | Path, domain: str | None, *, b
 
     from moa.base import base_signature, load_base
     from moa.io import atomic_dir, atomic_write_json, load_tensors
+    from moa.scoring import load_peft_adapter
 
     ckpt = read_checkpoint(moa_dir, base)
     if domain is None:
@@ -155,7 +156,7 @@ def export_merged(moa_dir: str | Path, out: str | Path, domain: str | None, *, b
     acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     r, alpha = acfg["r"], acfg["lora_alpha"]
     scaling = alpha / (math.sqrt(r) if acfg.get("use_rslora") else r)
-    pairs = lora_pairs(load_tensors(adapter_dir / "adapter_model.safetensors"), adapter_dir)
+    modules = len(lora_pairs(load_tensors(adapter_dir / "adapter_model.safetensors"), adapter_dir))
 
     # Load in float32 unless the base is stored in `dtype` already (then that is lossless and
     # halves the memory): the merge must round once, not twice.
@@ -165,17 +166,16 @@ def export_merged(moa_dir: str | Path, out: str | Path, domain: str | None, *, b
     if recorded and base_signature(model.config) != recorded:
         raise MoAError(f"base model {ckpt.base} does not match the checkpoint's base: it is "
                        f"{base_signature(model.config)}, the checkpoint was built on {recorded}")
-    with torch.no_grad():
-        for path, (A, B) in pairs.items():
-            W = _linear_weight(model, path, A, B, adapter_dir)  # (out, in)
-            W.copy_((W.float() + scaling * (B.float() @ A.float())).to(W.dtype))  # (out, r) @ (r, in)
+    # PEFT's own merge (W + scaling * B @ A, in float32 on the CPU even for a 16-bit base) on the
+    # expert directory, which is a standard PEFT adapter already.
+    model = load_peft_adapter(model, adapter_dir).merge_and_unload(safe_merge=True)
     model.to(getattr(torch, dtype))
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         atomic_write_json(tmp / "moa_export.json", {
             "format": "merged", "domain": domain, "moa": str(ckpt.path.resolve()), "base": ckpt.base,
-            "r": r, "lora_alpha": alpha, "scaling": scaling, "modules": len(pairs), "dtype": dtype,
+            "r": r, "lora_alpha": alpha, "scaling": scaling, "modules": modules, "dtype": dtype,
         })
         _usual_modes(tmp)
     return out
@@ -189,23 +189,6 @@ def _stored_dtype(base_dir: str) -> str | None:
         return None
     dtype = cfg.get("dtype") or cfg.get("torch_dtype")
     return dtype if isinstance(dtype, str) else None
-
-
-
-
-def _linear_weight(model, path: str, A, B, where: Path):
-    import torch
-
-    try:
-        mod = model.get_submodule(path)
-    except AttributeError:
-        raise MoAError(f"{where}: module {path} does not exist in the base model (wrong base?)") from None
-    if not isinstance(mod, torch.nn.Linear):
-        raise MoAError(f"{where}: {path} is a {type(mod).__name__}, not a linear layer")
-    if tuple(mod.weight.shape) != (B.shape[0], A.shape[1]):
-        raise MoAError(f"{where}: {path} is {mod.in_features} -> {mod.out_features}, but the expert has "
-                       f"lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} (adapter for another base?)")
-    return mod.weight
 
 
 # --------------------------------------------------------------------------- vllm
@@ -314,8 +297,6 @@ vLLM ignores it. (`"model": "moa:<domain>"` forces an expert in `moa serve`.)
 
 
 # --------------------------------------------------------------------------- shared
-
-
 
 
 def _usual_modes(root: Path) -> None:

@@ -7,9 +7,9 @@
 
 Every targeted linear module of every decoder layer becomes a `MoLoRALinear` holding all
 experts; all modules of one layer share a `RoutingSlot` that the routing hooks
-(`moa.router.routing_hooks`) fill before the layer runs. On disk (DESIGN.md section 3): a
-`moa_config.json`, one standard PEFT LoRA adapter per domain under `experts/<domain>/`, and
-`router.safetensors`.
+(`moa.router.routing_hooks`) fill before the layer runs. The class holds the experts, the
+routers and the forward pass; checkpoint I/O is `moa.checkpoint` (on-disk layout documented
+there), generation `moa.generation`, routing decisions and hooks `moa.router`.
 """
 
 from __future__ import annotations
