@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from moa.data import domains_of, read_records
-from moa.demo import allocate_steps, bundled_data_dir
+from moa.demo import bundled_data_dir
+from moa.fit import allocate_steps
 from moa.evaluate import run_eval
 from moa.model import MoAModel
 from moa.stages import train_expert, train_mixture

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from conftest import synthetic_records, write_jsonl
-from moa.demo import Profile, allocate_steps, run_demo
+from moa.demo import Profile, run_demo
+from moa.fit import allocate_steps
 from moa.errors import MoAError
 from moa.evaluate import normalize, text_metrics
 
@@ -57,7 +58,9 @@ def test_full_pipeline_with_baselines_writes_report_metrics_and_plots(tiny_base,
     gens = [json.loads(l) for l in (out / "eval" / "generations.jsonl").read_text().splitlines()]
     assert len(gens) == 6 * len(SYSTEMS)
     assert sorted(g["domain"] for g in gens if g["system"] == "moa") == ["echo"] * 2 + ["json"] * 2 + ["math"] * 2
-    assert sum(saved["profile"]["expert_steps_per_domain"].values()) == 2 * 3
+    assert sum(metrics["fit"]["steps"]["experts"].values()) == 2 * 3
+    fit = json.loads((out / "fit.json").read_text())
+    assert {"expert:math", "assemble", "stage2", "mixed_lora", "moe_lora", "eta_sweep"} <= set(fit["stages"])
 
 
 def test_seed_lora_and_lr_rule_in_the_demo(tiny_base, tmp_path):
@@ -72,11 +75,11 @@ def test_seed_lora_and_lr_rule_in_the_demo(tiny_base, tmp_path):
         cfg = json.loads((out / "experts" / d / "train_config.json").read_text())
         assert cfg["init_adapter"] == str(seed.resolve()) and cfg["lr_scaling"] == "tokens", d
     assert json.loads((out / "moa" / "train_config.json").read_text())["expert_lr_scaling"] == "tokens"
-    assert saved["profile"]["mixed_lora_steps"] == 3 + 2 * 3 + 2
-    mixed_log = (out / "mixed_lora" / "train_log.jsonl").read_text().splitlines()
+    assert saved["fit"]["steps"]["mixed_lora"] == 3 + 2 * 3 + 2
+    mixed_log = (out / "baselines" / "mixed_lora" / "train_log.jsonl").read_text().splitlines()
     assert len(mixed_log) == 3 + 2 * 3 + 2
     assert "seed LoRA 3 + stage 1 6 + stage 2 2 = 11; mixed-data LoRA 11" in (out / "report.md").read_text()
-    assert "seed" in saved["timings_s"]
+    assert saved["fit"]["stages"]["seed"]["steps"] == 3
 
 
 def test_allocate_steps_splits_the_budget_by_size_to_the_power_alpha():

@@ -224,6 +224,7 @@ def train_expert(
                "final_loss": result.log[-1]["loss"] if result.log else None}
     if result.best is not None:
         summary["best"] = result.best
+        summary["stopped_early"] = result.stopped_early
     if result.interrupted:
         return summary
     if trainer.acc.is_main_process:
@@ -444,6 +445,7 @@ def train_mixture(
                "domains": domains}
     if result.best is not None:
         summary["best"] = result.best
+        summary["stopped_early"] = result.stopped_early
     if result.log:
         last = result.log[-min(10, len(result.log)):]
         summary["final_lm_loss"] = round(sum(r["lm_loss"] for r in last) / len(last), 4)

@@ -1,8 +1,9 @@
-"""`moa demo` (the whole pipeline on the bundled data) and `moa data build-demo`."""
+"""`moa fit` (the whole method on a user's data), `moa demo` (it, on the bundled data) and `moa data build-demo`."""
 
 from __future__ import annotations
 
 from moa.demo import PROFILES
+from moa.fit import BASELINES, BUDGETS, FitConfig
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -19,6 +20,98 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.set_defaults(func=_cmd_demo)
     _register_data(sub)
+    _register_fit(sub)
+
+
+def _register_fit(sub) -> None:
+    d = FitConfig()
+    p = sub.add_parser(
+        "fit",
+        help="the whole method on your labelled JSONL: experts, routers, baselines, evaluation, report",
+        description="Stage 1 for every domain of --data, assemble, stage 2, and the baselines under one budget "
+                    "policy; with --test, the routing report and evaluation (RUN/metrics.json in the schema of "
+                    "`moa eval`) and RUN/report.md, which says which model to deploy. Writes RUN/moa (the "
+                    "checkpoint), RUN/experts/<domain>, RUN/baselines/<name>. Re-running the same command "
+                    "continues where it stopped.",
+    )
+    p.add_argument("--data", required=True, help="labelled training JSONL with records of every domain")
+    v = p.add_mutually_exclusive_group()
+    v.add_argument("--valid", default=None, metavar="FILE", help="validation JSONL (default: none)")
+    v.add_argument("--valid-fraction", type=float, default=None, metavar="F",
+                   help="hold out this fraction of each domain's records for validation (default: none)")
+    p.add_argument("--test", default=None, metavar="FILE", help="test JSONL: evaluate every system on it "
+                   "(default: none, no evaluation)")
+    p.add_argument("--out", required=True, metavar="RUN", help="output directory of the fit")
+    p.add_argument("--base", default=None, help="base model (default: smollm2-135m)")
+    p.add_argument("--budget", choices=BUDGETS, default=d.budget,
+                   help="equal: MoA and the baselines get the same optimizer steps; converge: each trains to its "
+                        "best validation loss (needs validation data)")
+    p.add_argument("--baselines", default=",".join(d.baselines),
+                   help=f"comma-separated baselines to train: {', '.join(BASELINES)}")
+    p.add_argument("--epochs", type=float, default=d.epochs, help="equal budget: stage-1 passes over each "
+                   "domain's records")
+    p.add_argument("--expert-steps", type=float, default=None, help="equal budget: mean stage-1 steps per domain "
+                   "instead of --epochs (default: from --epochs)")
+    p.add_argument("--stage2-steps", type=int, default=None, help="stage-2 steps (default: --stage2-ratio x "
+                   "the stage-1 steps)")
+    p.add_argument("--stage2-ratio", type=float, default=d.stage2_ratio, help="stage-2 steps per stage-1 step")
+    p.add_argument("--max-epochs", type=float, default=d.max_epochs, help="converge budget: the most passes a "
+                   "training may take")
+    p.add_argument("--patience", type=int, default=d.patience, help="converge budget: validations without a "
+                   "lower validation loss before a training stops")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size of every training")
+    p.add_argument("--lr", type=float, default=d.lr, help="stage-1 (and baseline) lr: the lr of one LoRA on all "
+                   "the data, scaled per expert by --lr-scaling")
+    p.add_argument("--stage2-lr", type=float, default=d.stage2_lr, help="stage-2 expert lr")
+    p.add_argument("--router-lr", type=float, default=d.router_lr, help="router lr")
+    p.add_argument("--eta", type=float, default=d.eta, help="weight of the router loss")
+    p.add_argument("--lr-scaling", choices=["none", "tokens"], default=d.lr_scaling,
+                   help="tokens: each expert's lr follows the square-root rule for its label tokens per step")
+    p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank of the experts and baselines")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha")
+    p.add_argument("--max-length", type=int, default=d.max_length, help="truncate records to this many tokens")
+    p.add_argument("--seed-steps", type=int, default=d.seed_steps, help="steps of a shared seed LoRA every expert "
+                   "starts from (0: none)")
+    p.add_argument("--validations", type=int, default=d.validations, help="equal budget: validations per training "
+                   "(needs validation data; 0: none)")
+    p.add_argument("--generate-per-domain", type=int, default=d.generate_per_domain,
+                   help="test records per domain with generation (BLEU, ROUGE-L, exact match)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="generation length in the "
+                   "evaluation")
+    p.add_argument("--ablations", action="store_true", help="also the ablations (eta 0, random init, moa_last/layer) "
+                   "and an eta sweep on the validation data")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage and of the validation split")
+    p.add_argument("--overwrite", action="store_true", help="replace a RUN that holds another fit")
+    p.set_defaults(func=_cmd_fit)
+
+
+def _cmd_fit(args) -> int:
+    import json
+
+    from moa.errors import MoAError
+    from moa.fit import run_fit
+
+    if args.expert_steps is not None and args.expert_steps <= 0:
+        raise MoAError(f"--expert-steps must be positive, got {args.expert_steps}")
+    cfg = FitConfig(
+        budget=args.budget, baselines=tuple(b.strip() for b in args.baselines.split(",") if b.strip()),
+        epochs=args.epochs, expert_steps=args.expert_steps, stage2_steps=args.stage2_steps,
+        stage2_ratio=args.stage2_ratio, max_epochs=args.max_epochs, patience=args.patience,
+        batch_size=args.batch_size, lr=args.lr, stage2_lr=args.stage2_lr, router_lr=args.router_lr, eta=args.eta,
+        lr_scaling=args.lr_scaling, rank=args.rank, alpha=args.alpha, max_length=args.max_length,
+        seed_steps=args.seed_steps, validations=args.validations, generate_per_domain=args.generate_per_domain,
+        max_new_tokens=args.max_new_tokens,
+        ablations=args.ablations,
+    )
+    summary = run_fit(args.data, args.out, cfg, valid=args.valid, valid_fraction=args.valid_fraction,
+                      test=args.test, base=args.base, seed=args.seed, overwrite=args.overwrite)
+    brief = {"out": args.out, "steps": summary["steps"], "seconds": summary["seconds"]}
+    if "metrics" in summary:
+        m = summary["metrics"]
+        brief["ppl"] = {s: {d: round(v[d]["ppl"], 4) for d in summary["domains"]} for s, v in m["systems"].items()}
+        brief["routing_accuracy"] = m["routing_full_test"]["accuracy"]
+    print(json.dumps(brief))
+    return 0
 
 
 def _cmd_demo(args) -> int:
