@@ -3,7 +3,7 @@ one domain under an MoA checkpoint (vote routing) and under a PEFT adapter (e.g.
 LoRA), then prints the totals, the token kinds with the largest gap, and the records with the
 largest gap.
 
-    python scripts/token_gap.py --moa runs/demo/moa --adapter runs/demo/mixed_lora \
+    python scripts/token_gap.py --moa runs/demo/moa --adapter runs/demo/baselines/mixed_lora \
         --data data/demo/test.jsonl --domain json
 
 The first response token of each record is counted as `<first>`, whatever it is (it carries the
