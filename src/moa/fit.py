@@ -276,6 +276,13 @@ def _plan(cfg: FitConfig, sizes: dict[str, int]) -> dict:
             "seed": cfg.seed_steps, "eval_every": None}
 
 
+def _resumable(run_dir: Path | None) -> bool:
+    """Whether a training of an earlier, interrupted run left a checkpoint to continue from."""
+    from moa.trainer import newest_checkpoint
+
+    return run_dir is not None and newest_checkpoint(Path(run_dir)) is not None
+
+
 def _record_line(r) -> str:
     return json.dumps({"domain": r.domain, "messages": r.messages}, ensure_ascii=False) + "\n"
 
@@ -327,21 +334,21 @@ class _Runner:
     def run(self, domains: list[str], plan: dict) -> tuple[list[str], dict]:
         from moa.stages import train_expert, train_mixture
 
-        c, out, resume = self.cfg, self.out, True
+        c, out = self.cfg, self.out
         every = plan.get("eval_every") or {}
         seed_dir = None
         if c.seed_steps:
             seed_dir = out / "seed"
             self.stage("seed", lambda: train_expert(
                 data=self.train_path, domain=None, out=seed_dir, base=self.base, rank=c.rank, alpha=c.alpha,
-                cfg=self.train_cfg(c.seed_steps, c.lr), resume=resume, overwrite=True, records=self.records))
+                cfg=self.train_cfg(c.seed_steps, c.lr), resume=_resumable(seed_dir), overwrite=True, records=self.records))
         expert_dirs = {d: out / "experts" / d for d in domains}
         say("stage 1 steps per domain: " + ", ".join(f"{d} {n}" for d, n in plan["experts"].items()))
         for d in domains:
             self.stage(f"expert:{d}", lambda d=d: train_expert(
                 data=self.train_path, domain=d, out=expert_dirs[d], base=self.base, rank=c.rank, alpha=c.alpha,
                 cfg=self.train_cfg(plan["experts"][d], c.lr, (every.get("experts") or {}).get(d)),
-                resume=resume, overwrite=True, records=self.records, init_adapter=seed_dir,
+                resume=_resumable(expert_dirs[d]), overwrite=True, records=self.records, init_adapter=seed_dir,
                 lr_scaling=c.lr_scaling))
 
         def assemble():
@@ -356,7 +363,8 @@ class _Runner:
         stage2_cfg = self.train_cfg(plan["stage2"], c.stage2_lr, every.get("stage2"))
         self.stage("stage2", lambda: train_mixture(
             moa_dir=out / "moa_assembled", data=self.train_path, out=out / "moa", eta=c.eta, router_lr=c.router_lr,
-            cfg=stage2_cfg, resume=resume, overwrite=True, records=self.records, expert_lr_scaling=c.lr_scaling))
+            cfg=stage2_cfg, resume=_resumable(out / "moa"), overwrite=True, records=self.records,
+            expert_lr_scaling=c.lr_scaling))
 
         systems, extra = ["base", "single_lora", "moa"], {}
         wanted = set(c.baselines) | ({"mixed_lora_wide", "moe_lora", "classifier_loras"} if c.ablations else set())
@@ -365,14 +373,14 @@ class _Runner:
             self.stage("mixed_lora", lambda: train_expert(
                 data=self.train_path, domain=None, out=bdir / "mixed_lora", base=self.base, rank=c.rank,
                 alpha=c.alpha, cfg=self.train_cfg(plan["mixed_lora"], c.lr, every.get("mixed_lora")),
-                resume=resume, overwrite=True, records=self.records))
+                resume=_resumable(bdir / "mixed_lora"), overwrite=True, records=self.records))
             systems.insert(2, "mixed_lora")
         if "mixed_lora_wide" in wanted:  # parameter parity: rank x domains, same alpha / r
             wide = c.rank * len(domains)
             self.stage("mixed_lora_wide", lambda: train_expert(
                 data=self.train_path, domain=None, out=bdir / "mixed_lora_wide", base=self.base, rank=wide,
                 alpha=c.alpha / c.rank * wide, cfg=self.train_cfg(plan["mixed_lora"], c.lr, every.get("mixed_lora")),
-                resume=resume, overwrite=True, records=self.records))
+                resume=_resumable(bdir / "mixed_lora_wide"), overwrite=True, records=self.records))
             extra["mixed_lora_wide"] = str(bdir / "mixed_lora_wide")
         if "moe_lora" in wanted:
             from moa.baselines import train_moe_lora
@@ -392,7 +400,8 @@ class _Runner:
                 lr = c.stage2_lr if "init" not in kw else c.lr
                 self.stage(name, lambda name=name, kw=kw, lr=lr: train_mixture(
                     moa_dir=out / "moa_assembled", data=self.train_path, out=out / "ablations" / name,
-                    router_lr=c.router_lr, overwrite=True, resume=resume, records=self.records, desc=name,
+                    router_lr=c.router_lr, overwrite=True, resume=_resumable(out / "ablations" / name),
+                    records=self.records, desc=name,
                     expert_lr_scaling=c.lr_scaling, cfg=self.train_cfg(plan["stage2"], lr),
                     **{"eta": c.eta, **kw}))
                 extra[name] = str(out / "ablations" / name)
@@ -413,7 +422,8 @@ class _Runner:
                 self.stage(f"eta={eta:g}", lambda eta=eta: train_mixture(
                     moa_dir=out / "moa_assembled", data=self.train_path, out=runs[eta], eta=eta,
                     router_lr=c.router_lr, cfg=self.train_cfg(plan["stage2"], c.stage2_lr), overwrite=True,
-                    resume=True, records=self.records, desc=f"eta={eta:g}", expert_lr_scaling=c.lr_scaling))
+                    resume=_resumable(runs[eta]), records=self.records, desc=f"eta={eta:g}",
+                    expert_lr_scaling=c.lr_scaling))
         self.stage("eta_sweep", lambda: sweep_report(runs, self.valid_path))
 
     def evaluate(self, test_path: Path, domains: list[str], systems: list[str], extra: dict) -> dict:
@@ -573,7 +583,7 @@ def render_report(summary: dict, metrics: dict | None, label: str) -> str:
             lines += ["", f"Best: eta = {sw['best_eta']:g} ({sw['criterion']})."]
         lines += ["", "## Plots", "", "![loss curves](loss_curves.png)", "",
                   "![routing confusion](routing_confusion.png)", "", "![PPL per domain](metric_ppl.png)", ""]
-    lines += [f"Total time: {summary['seconds'] / 60:.1f} min.", ""]
+    lines += [f"Training time: {summary['seconds'] / 60:.1f} min.", ""]
     return "\n".join(lines)
 
 
