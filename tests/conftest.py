@@ -60,6 +60,19 @@ def synthetic_records(n_per_domain: int = 8, seed: int = 0) -> list[dict]:
     return rows
 
 
+def two_expert_moa(root: Path, base, *, fast=("--batch-size", "4", "--no-bf16")) -> Path:
+    """Train 1-step math and echo experts on the tiny base and assemble them: root/moa0."""
+    from moa.cli import main
+
+    train = write_jsonl(root / "train.jsonl", [r for r in synthetic_records(4, seed=1) if r["domain"] != "json"])
+    for d in ("math", "echo"):
+        assert main(["train-expert", "--data", str(train), "--domain", d, "--out", str(root / "experts" / d),
+                     "--base", str(base), "--max-steps", "1", "--rank", "4", *fast]) == 0
+    assert main(["assemble", "--experts", str(root / "experts" / "math"), str(root / "experts" / "echo"),
+                 "--out", str(root / "moa0")]) == 0
+    return train
+
+
 @pytest.fixture
 def toy_data(tmp_path) -> Path:
     return write_jsonl(tmp_path / "toy.jsonl", synthetic_records())

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import synthetic_records, write_jsonl
+from conftest import synthetic_records, two_expert_moa, write_jsonl
 from moa.cli import build_parser, main
 
 FAST = ["--batch-size", "4", "--no-bf16"]
@@ -31,12 +31,7 @@ def two_domains(n: int, seed: int) -> list[dict]:
 def moa0(tmp_path_factory, tiny_base):
     """An assembled (not stage-2 trained) MoA of two 1-step experts, math and echo."""
     root = tmp_path_factory.mktemp("cli")
-    train = write_jsonl(root / "train.jsonl", two_domains(4, seed=1))
-    for d in ("math", "echo"):
-        assert cli("train-expert", "--data", train, "--domain", d, "--out", root / "experts" / d, "--base",
-                   tiny_base, "--max-steps", "1", "--rank", "4", *FAST) == 0
-    assert cli("assemble", "--experts", root / "experts" / "math", root / "experts" / "echo",
-               "--out", root / "moa0") == 0
+    train = two_expert_moa(root, tiny_base)
     return {"dir": root / "moa0", "train": train, "base": tiny_base}
 
 

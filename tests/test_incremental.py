@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import synthetic_records, write_jsonl
+from conftest import synthetic_records, two_expert_moa, write_jsonl
 from moa.cli import main
 
 FAST = ["--batch-size", "4", "--no-bf16"]
@@ -33,12 +33,7 @@ def shout_records(n: int = 4) -> list[dict]:
 def moa(tmp_path_factory, tiny_base):
     """A stage-2 checkpoint (math, echo) trained with --eta 0.25."""
     root = tmp_path_factory.mktemp("incr")
-    train = write_jsonl(root / "train.jsonl", two_domains(4, seed=1))
-    for d in ("math", "echo"):
-        assert cli("train-expert", "--data", train, "--domain", d, "--out", root / "experts" / d, "--base",
-                   tiny_base, "--max-steps", "1", "--rank", "4", *FAST) == 0
-    assert cli("assemble", "--experts", root / "experts" / "math", root / "experts" / "echo",
-               "--out", root / "moa0") == 0
+    train = two_expert_moa(root, tiny_base)
     assert cli("train", "--moa", root / "moa0", "--data", train, "--out", root / "moa1", "--eta", ETA,
                "--max-steps", "2", *FAST) == 0
     assert json.loads((root / "moa1" / "moa_config.json").read_text())["eta"] == ETA

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -166,19 +166,22 @@ def parse_prompt(obj, where: str) -> tuple[list[dict], str | None]:
     return messages, (domain.strip() if domain else None)
 
 
-def read_prompts(lines: Iterable[str], name: str) -> list[tuple[list[dict], str | None]]:
-    """Prompts from JSONL lines (see parse_prompt); blank lines are skipped, the first bad one raises
-    DataError("NAME:LINE: what is wrong")."""
-    out = []
+def jsonl_objects(lines: Iterable[str], name: str) -> Iterator[tuple[str, object]]:
+    """(NAME:LINE, decoded value) of every non-blank JSONL line; invalid JSON raises DataError there."""
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{name}:{lineno}"
         try:
-            obj = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        out.append(parse_prompt(obj, where))
+
+
+def read_prompts(lines: Iterable[str], name: str) -> list[tuple[list[dict], str | None]]:
+    """Prompts from JSONL lines (see parse_prompt); blank lines are skipped, the first bad one raises
+    DataError("NAME:LINE: what is wrong")."""
+    out = [parse_prompt(obj, where) for where, obj in jsonl_objects(lines, name)]
     if not out:
         raise DataError(f"{name}: no prompt")
     return out

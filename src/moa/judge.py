@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlparse
 
+from moa.data import jsonl_objects
 from moa.errors import MoAError
 from moa.io import atomic_write_json, atomic_write_text
 
@@ -77,14 +78,7 @@ def read_generations(path: str | Path, systems: list[str]) -> list[Item]:
         raise MoAError(f"--generations {path}: no such file")
     rows: dict[str, list[tuple[str, dict]]] = {}
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MoAError(f"{where}: invalid JSON ({e.msg})") from None
+        for where, obj in jsonl_objects(f, str(path)):
             if not isinstance(obj, dict):
                 raise MoAError(f"{where}: expected a JSON object")
             for field in ("system", "domain", "reference", "output"):
