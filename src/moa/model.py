@@ -115,7 +115,7 @@ class MoAModel(nn.Module):
         self._keep_last = "logits_to_keep" in forward_params  # generation needs the last position only
         self.route_layers = route_layers
         self.routing_only = False
-        """Loaded for routing alone (`moa.checkpoint.load_routing_part`): no experts, no LM head."""
+        """Loaded for routing alone (`moa.checkpoint.load_routing_part`): the first layers, no LM head."""
         self.eval()
 
     # ------------------------------------------------------------------ properties
@@ -462,8 +462,8 @@ class MoAModel(nn.Module):
 
     def _check_full(self, what: str) -> None:
         if self.routing_only:
-            raise MoAError(f"this model was loaded for routing only (embeddings and the first {self.num_layers} "
-                           f"layers, no experts): it cannot {what}; load it with MoAModel.from_pretrained")
+            raise MoAError(f"this model was loaded for routing only (the embeddings and the first {self.num_layers} "
+                           f"layers, no LM head): it cannot {what}; load it with MoAModel.from_pretrained")
 
     def resolve_routing(self, routing: str | None, domains, domain_ids) -> str:
         if self.num_experts == 0:

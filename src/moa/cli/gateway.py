@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--upstream-model-template", default="{domain}",
                    help="the upstream's model name of a domain: '{domain}' for vLLM --lora-modules <domain>=..., "
                         "'moa:{domain}' for moa serve (default: {domain})")
-    p.add_argument("--route-layers", type=int, default=DEFAULT_ROUTE_LAYERS, metavar="K",
+    p.add_argument("--route-layers", type=int, default=None, metavar="K",
                    help=f"decide from the routers of the first K layers; only the embeddings and those layers are "
                         f"loaded and run (0: all layers; default: {DEFAULT_ROUTE_LAYERS}, or all if the model has fewer)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
@@ -76,10 +76,11 @@ def _cmd_gateway(args) -> int:
     upstreams = Upstreams(args.upstream, args.upstream_cooldown)
     total = _num_layers(MoAConfig.read(args.moa))
     K = args.route_layers
+    if K is None:
+        K = DEFAULT_ROUTE_LAYERS if total is None else min(DEFAULT_ROUTE_LAYERS, total)
     if K < 0 or (total is not None and K > total):
         raise MoAError(f"--route-layers must be 0 (all) or 1..{total or 'the number of layers'}, got {K}")
-    if K == 0 or (K == DEFAULT_ROUTE_LAYERS and total is not None and total < K):
-        K = None
+    K = K or None  # 0: all layers
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         device = torch.device(device)
