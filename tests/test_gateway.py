@@ -344,3 +344,20 @@ def test_cli_reports_bad_gateway_options_in_one_line(routed_moa_dir, capsys):
         assert rc == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("moa: error:") and message in err and "\n" not in err, err
+
+
+def test_a_gateway_with_fewer_layers_decides_as_the_model_with_route_layers(routed_moa_dir, full_model):
+    part = load_routing_part(MoAModel, routed_moa_dir, 1)
+    prompts = [p for ps in PROMPTS.values() for p in ps]
+    ids, mask = encode_prompts(full_model, prompts)
+    want_ids, want_probs = full_model.route(ids, mask, route_layers=1)
+    hits = []
+    with serving(stand_in(hits=hits)) as up, serving(create_gateway_app(part, [up], template=TEMPLATE)) as gw:
+        for i, prompt in enumerate(prompts):
+            r = httpx.post(f"{gw}/v1/chat/completions", timeout=60, json={
+                "model": "moa", "messages": [{"role": "user", "content": prompt}],
+                "moa": {"return_layer_probs": True}})
+            moa = r.json()["moa"]
+            assert moa["domain"] == DOMAINS[int(want_ids[i])] and len(moa["layer_probs"]) == 1
+            assert [moa["router_probs"][d] for d in DOMAINS] == pytest.approx(want_probs[i].tolist(), abs=1e-5)
+    assert [model for _, model in hits] == [f"moa:{DOMAINS[int(e)]}" for e in want_ids]
