@@ -302,3 +302,10 @@ def test_one_output_directory_policy(moa0, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     assert cli("assemble", "--experts", *experts, "--out", tmp_path / "a_file") == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_serve_route_layers_outside_the_model_is_a_one_line_error(moa0, capsys):
+    # K is checked against the checkpoint's layers before any server starts
+    assert cli("serve", "--moa", moa0["dir"], "--route-layers", "99", "--port", "0") == 2
+    err = capsys.readouterr().err
+    assert "route_layers" in err and "Traceback" not in err

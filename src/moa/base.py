@@ -158,3 +158,35 @@ def load_base(name: str | os.PathLike | None = None, dtype=None):
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tok
+
+
+def load_base_prefix(name: str | os.PathLike | None, num_layers: int, dtype=None):
+    """(model, tokenizer): the base's embeddings and first `num_layers` decoder layers, without the
+    LM head (a transformers base model, e.g. LlamaModel), for a routing pass that needs no more.
+    The weights of later layers and of the head are never kept. Frozen, eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    path = resolve_base(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise MoAError(f"cannot read the config of base model {path}: {e}") from e
+    text = config.get_text_config()
+    total = text.num_hidden_layers
+    if not 1 <= num_layers <= total:
+        raise MoAError(f"cannot load {num_layers} decoder layers: the base model {path} has {total}")
+    text.num_hidden_layers = num_layers
+    if isinstance(getattr(text, "layer_types", None), list):  # per-layer attention kinds (Qwen2, Gemma...)
+        text.layer_types = text.layer_types[:num_layers]
+    try:
+        model = AutoModel.from_pretrained(path, config=config, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as e:
+        raise MoAError(f"cannot load base model from {path}: {e}") from e
+    tok = load_tokenizer(path)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok

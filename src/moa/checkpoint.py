@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor
 
-from moa.base import DEFAULT_BASE, base_reference, base_signature, load_base, resolve_base
+from moa.base import DEFAULT_BASE, base_reference, base_signature, load_base, load_base_prefix, resolve_base
 from moa.errors import MoAError
 from moa.io import atomic_dir, atomic_write_json, load_tensors, save_tensors
 
@@ -130,6 +130,55 @@ def load_checkpoint(model_cls, moa_dir: str | Path, base: str | Path | None = No
     for name in cfg.domains:
         moa.add_expert(name, read_adapter(moa_dir / "experts" / name), check_base=False)
     moa.load_router_state_dict(load_tensors(moa_dir / "router.safetensors"))
+    return moa
+
+
+def load_routing_part(model_cls, moa_dir: str | Path, route_layers: int | None = None,
+                      base: str | Path | None = None, *, dtype: torch.dtype | None = None,
+                      device: torch.device | str | None = None) -> "MoAModel":
+    """The part of a checkpoint that routes: embeddings, the first K = `route_layers` decoder
+    layers (default: all) with their experts and routers; no LM head, no later layer.
+
+    The result's `route(...)` decides exactly as the full model with `route_layers=K` does: in
+    the routing pass each layer runs the expert its router picked, so router k reads what the
+    routers were trained on (the experts cost ~1% of a layer). `routing_only` is set (forward
+    and generate refuse). Router K reads the input of layer K, so layer K never runs: its
+    weights are released (moved to the meta device), and what stays is the embeddings, K - 1
+    layers, their experts and K small routers. Give the `device` here: a module holding meta
+    tensors cannot be moved with `.to()`.
+    """
+    moa_dir = Path(moa_dir)
+    cfg = MoAConfig.read(moa_dir)
+    base = base or cfg.base
+    total = (cfg.base_signature or {}).get("num_hidden_layers") or cfg.router.get("num_layers")
+    K = total if route_layers is None else route_layers
+    if K is None:  # an old checkpoint that records neither: ask the base
+        from transformers import AutoConfig
+
+        K = AutoConfig.from_pretrained(resolve_base(base)).get_text_config().num_hidden_layers
+    if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= (total or K):
+        raise MoAError(f"route_layers must be an integer from 1 to {total} (the model's layers), got {K!r}")
+    model, tok = load_base_prefix(base, K, dtype)
+    signature = dict(base_signature(model.config), num_hidden_layers=total or K)
+    if cfg.base_signature and signature != cfg.base_signature:
+        raise MoAError(f"base model {base} does not match the checkpoint's base: it is {signature}, "
+                       f"the checkpoint was built on {cfg.base_signature}")
+    moa = model_cls(model, tok, base=base_reference(base), target_modules=cfg.target_modules, eta=cfg.eta,
+                    routing_default=cfg.routing_default, provenance=cfg.provenance)
+    # Adapter paths name modules of the causal LM (model.layers.3.self_attn.q_proj); this is its
+    # inner base model (layers.3.self_attn.q_proj), holding the first K layers only.
+    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
+    for name in cfg.domains:
+        adapter = read_adapter(moa_dir / "experts" / name)
+        inner = {path.removeprefix(prefix): ab for path, ab in adapter.weights.items()}
+        adapter.weights = {path: ab for path, ab in inner.items() if path in moa.lora_modules}
+        moa.add_expert(name, adapter, check_base=False)
+        moa.experts[name] = dict(cfg.experts.get(name) or moa.experts[name])
+    moa.load_router_state_dict(load_tensors(moa_dir / "router.safetensors"))
+    if device is not None:
+        moa.to(device)
+    moa._layers[-1].to("meta")
+    moa.routing_only = True
     return moa
 
 

@@ -81,7 +81,9 @@ def generate(
         per_row = model.expert_ids_for(domains, None, B)  # (B,)
         fixed = per_row
         if return_layer_probs:
-            per_layer = model._route(input_ids, attention_mask, attention_mask.bool(), position_ids, "vote")[2]
+            # every layer's probabilities, as routed requests report them, whatever route_layers is
+            per_layer = model._route(input_ids, attention_mask, attention_mask.bool(), position_ids, "vote",
+                                     model.num_layers)[2]
     else:
         # One prefill routes (every layer's router reads the prompt, each layer uses its own
         # top-1) and fills the KV cache. Where every layer chose the row's final expert, as
@@ -91,7 +93,8 @@ def generate(
         state = RoutingState("layer", pool_mask=attention_mask.bool())
         with model.routing(state):
             out = model.base_model(**_step_kwargs(model, input_ids, attention_mask, position_ids, None))
-        per_row, probs = decide(state.logits, routing)
+        # vote / last: from the first route_layers routers, as the early-exit routing pass decides
+        per_row, probs = decide(state.logits, routing) if routing == "layer" else model.decide(state.logits, routing)
         per_layer = state.logits
         layer_choice = torch.stack(state.decisions)  # (L, B): each layer's own choice
         # layer: each layer keeps its own router's choice on the prompt

@@ -80,11 +80,13 @@ class MoAModel(nn.Module):
         lora_dropout: dropout on the experts' input, training only.
         routing_default: the routing used when neither `routing` nor domains are given.
         seed: seeds the initialisation of new router rows.
+        route_layers: vote / last routing decides from the routers of the first K layers only
+            (early exit: the routing pass stops after layer K's router); None: all layers.
     """
 
     def __init__(self, base_model: nn.Module, tokenizer, *, base: str, target_modules: Sequence[str],
                  eta: float = 1.0, lora_dropout: float = 0.0, routing_default: str = "vote",
-                 provenance: dict | None = None, seed: int = 0) -> None:
+                 provenance: dict | None = None, seed: int = 0, route_layers: int | None = None) -> None:
         super().__init__()
         if routing_default not in ROUTINGS[1:]:
             raise MoAError(f"routing_default must be one of {', '.join(ROUTINGS[1:])}, got {routing_default!r}")
@@ -111,6 +113,9 @@ class MoAModel(nn.Module):
         forward_params = inspect.signature(base_model.forward).parameters
         self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
         self._keep_last = "logits_to_keep" in forward_params  # generation needs the last position only
+        self.route_layers = route_layers
+        self.routing_only = False
+        """Loaded for routing alone (`moa.checkpoint.load_routing_part`): the first layers, no LM head."""
         self.eval()
 
     # ------------------------------------------------------------------ properties
@@ -126,6 +131,21 @@ class MoAModel(nn.Module):
     @property
     def num_layers(self) -> int:
         return len(self._layers)
+
+    @property
+    def route_layers(self) -> int:
+        """K: vote / last routing decides from the routers of layers 1..K (default: all layers)."""
+        return self._route_layers or self.num_layers
+
+    @route_layers.setter
+    def route_layers(self, k: int | None) -> None:
+        self._route_layers = self._check_route_layers(k)
+
+    def _check_route_layers(self, k: int | None) -> int | None:
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_layers):
+            raise MoAError(f"route_layers must be an integer from 1 to {self.num_layers} (the model's layers), "
+                           f"got {k!r}")
+        return k
 
     @property
     def device(self) -> torch.device:
@@ -341,6 +361,7 @@ class MoAModel(nn.Module):
             past_key_values / use_cache: KV cache, passed to the base model; routers cannot run
                 on a continuation, so use explicit routing (domain_ids) with a cache.
         """
+        self._check_full("forward")
         routing = self.resolve_routing(routing, domains, domain_ids)
         check_routed_checkpointing(self._layers)
         B, T = input_ids.shape
@@ -392,15 +413,17 @@ class MoAModel(nn.Module):
             return self.base_model(**base_kwargs)
 
     def _route(self, input_ids: Tensor, attention_mask: Tensor, pool_mask: Tensor, position_ids: Tensor | None,
-               how: str) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """Routing pass (layer mode) over the prompt only; stops once the last router has run.
+               how: str, route_layers: int | None = None) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Routing pass (layer mode) over the prompt only; stops once router K has run
+        (K = route_layers, default the model's `route_layers`).
 
-        Returns (expert per row (B,), decision probs (B, E), per-layer logits [(B, E)] * L).
+        Returns (expert per row (B,), decision probs (B, E), per-layer logits [(B, E)] * K).
         """
         check_pool_mask(pool_mask)
+        K = self._check_route_layers(route_layers) or self.route_layers
         # Causality: the prompt's hidden states do not depend on later tokens, so cut them.
         T = int(pool_mask.any(0).nonzero().max()) + 1
-        state = RoutingState("layer", pool_mask=pool_mask[:, :T], stop_after=self.num_layers - 1)
+        state = RoutingState("layer", pool_mask=pool_mask[:, :T], stop_after=K - 1)
         kwargs = dict(input_ids=input_ids[:, :T], attention_mask=attention_mask[:, :T], use_cache=False)
         if position_ids is not None:
             kwargs["position_ids"] = position_ids[:, :T]
@@ -410,13 +433,15 @@ class MoAModel(nn.Module):
         return expert_ids, probs, state.logits
 
     def route(self, input_ids: Tensor, attention_mask: Tensor | None = None, routing: str = "vote",
-              prompt_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+              prompt_mask: Tensor | None = None, route_layers: int | None = None) -> tuple[Tensor, Tensor]:
         """Decide one expert per row from the prompt alone (the routing pass, no output computed).
 
         Args:
             input_ids / attention_mask: (B, T) prompts (either padding side).
             routing: "vote", "last" or "layer" (the last layer's choice).
             prompt_mask: (B, T) the tokens to pool over (default: attention_mask).
+            route_layers: K, decide from the routers of the first K layers only (the pass stops
+                there); default: the model's `route_layers`.
         Returns:
             (expert_ids (B,), probs (B, E) of the decision).
         """
@@ -427,8 +452,18 @@ class MoAModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         pool_mask = (prompt_mask if prompt_mask is not None else attention_mask).bool()  # (B, T)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        expert_ids, probs, _ = self._route(input_ids, attention_mask, pool_mask, position_ids, routing)
+        expert_ids, probs, _ = self._route(input_ids, attention_mask, pool_mask, position_ids, routing, route_layers)
         return expert_ids, probs
+
+    def decide(self, router_logits: Sequence[Tensor], how: str) -> tuple[Tensor, Tensor]:
+        """`moa.router.decide` over the routers of the first `route_layers` layers only: what a
+        forward that ran every router (a routed prefill) decides, as the early-exit pass would."""
+        return decide(list(router_logits)[: self.route_layers], how)
+
+    def _check_full(self, what: str) -> None:
+        if self.routing_only:
+            raise MoAError(f"this model was loaded for routing only (the embeddings and the first {self.num_layers} "
+                           f"layers, no LM head): it cannot {what}; load it with MoAModel.from_pretrained")
 
     def resolve_routing(self, routing: str | None, domains, domain_ids) -> str:
         if self.num_experts == 0:
@@ -470,6 +505,7 @@ class MoAModel(nn.Module):
         """Generate one completion per prompt (see `moa.generation.generate` for the arguments)."""
         from moa.generation import generate
 
+        self._check_full("generate")
         return generate(self, prompts, routing=routing, domains=domains, **kwargs)
 
 

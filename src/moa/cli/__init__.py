@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "moa.cli.judge",
     "moa.cli.experts",
     "moa.cli.serve",
+    "moa.cli.gateway",
     "moa.cli.export",
     "moa.cli.demo",
 ]

@@ -32,6 +32,8 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda, ...")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights dtype (default auto: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--route-layers", type=int, default=None, metavar="K",
+                   help="routed requests ('moa') are decided by the routers of the first K layers (default: all)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -58,6 +60,8 @@ def _cmd_serve(args) -> int:
     else:
         dtype = getattr(torch, args.dtype)
     model = MoAModel.from_pretrained(args.moa, dtype=dtype).to(device)
+    if args.route_layers is not None:
+        model.route_layers = args.route_layers  # outside 1..L: a one-line error
     app = create_app(model, api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                      max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens)
     if args.host not in LOOPBACK and not args.api_key:
