@@ -1,8 +1,10 @@
 """moa serve: the OpenAI API over real HTTP (uvicorn on a loopback port) on a tiny MoA.
 
 The session server runs a 3-expert tiny MoA whose routers were fitted to separate three prompt
-kinds, so routing can be checked end to end. Queue, auth and disconnect behaviour run against a
-stand-in model whose `generate` waits on a gate, which makes the worker's state controllable.
+kinds, so routing can be checked end to end. Queue, auth and disconnect behaviour of the static
+batcher run against a stand-in model whose `generate` waits on a gate, which makes the worker's state
+controllable; those of the continuous engine, and its token-by-token streaming, hot reload and
+metrics, run on the tiny MoA (tests/test_engine.py).
 """
 
 from __future__ import annotations
@@ -204,7 +206,7 @@ def test_forty_concurrent_requests_are_batched_and_routed_right(client, served):
     app = served[1]
     cases = [(d, p) for d in DOMAINS for p in PROMPTS[d]]
     alone = {p: chat(client, p, max_tokens=3).choices[0].message.content for _, p in cases}  # one at a time
-    before = dict(app.state.batcher.stats)
+    before = dict(app.state.engine.stats)
     jobs = [cases[i % len(cases)] for i in range(40)]
     with ThreadPoolExecutor(40) as pool:
         replies = list(pool.map(lambda job: chat(client, job[1], max_tokens=3), jobs))
@@ -212,9 +214,8 @@ def test_forty_concurrent_requests_are_batched_and_routed_right(client, served):
         assert r.model_extra["moa"]["domain"] == domain, prompt
         # rows of a mixed-expert batch decode exactly as they do alone
         assert r.choices[0].message.content == alone[prompt]
-    stats = app.state.batcher.stats
-    assert stats["requests"] - before["requests"] == 40
-    assert stats["batches"] - before["batches"] < 40 and stats["max_batch"] > 1
+    stats = app.state.engine.stats
+    assert stats["requests"] - before["requests"] == 40 and stats["max_batch"] > 1
 
 
 # --------------------------------------------------------------------------- errors
@@ -413,7 +414,7 @@ def _wait_until(condition, timeout=10.0):
 
 def test_full_queue_answers_503_and_a_departed_client_is_dropped():
     fake = GatedModel()
-    app = create_app(fake, max_batch_size=1, max_queue=2)
+    app = create_app(fake, max_batch_size=1, max_queue=2, scheduler="static")
     depth = lambda: app.state.batcher.depth  # noqa: E731
     with serving(app) as url, ThreadPoolExecutor(4) as pool:
         first = pool.submit(_post, url, "A")
@@ -434,7 +435,7 @@ def test_full_queue_answers_503_and_a_departed_client_is_dropped():
 
 
 def test_api_key_is_required_on_the_api():
-    app = create_app(GatedModel(open_gate=True), api_key="sekret")
+    app = create_app(GatedModel(open_gate=True), api_key="sekret", scheduler="static")
     with serving(app) as url:
         assert httpx.get(f"{url}/health").status_code == 200
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
