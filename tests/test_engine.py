@@ -184,7 +184,8 @@ def test_a_cancelled_row_leaves_at_the_next_step_and_others_go_on(model):
         while engine.running > 1:
             assert time.monotonic() < deadline
             time.sleep(0.001)
-        assert engine.stats["steps"] - at <= 1
+        # the step under way when it was cancelled may still carry it; the next one does not
+        assert engine.stats["steps"] - at <= 2
         rec.wait(1)
     finally:
         engine.close()
@@ -232,3 +233,30 @@ def test_rows_of_different_models_run_side_by_side(model, routed_moa_dir):
     assert rec.results["old"][0].text == _alone(model, prompt, "json", max_new_tokens=12, ignore_eos=True).text
     assert rec.results["new"][0].domain in ("math", "echo")
     assert rec.results["new"][0].text == _alone(other, prompt, max_new_tokens=12, ignore_eos=True).text
+
+
+def test_an_error_in_a_step_fails_its_rows_and_the_engine_goes_on(routed_moa_dir):
+    model = MoAModel.from_pretrained(routed_moa_dir)
+    broken = {"on": False}
+
+    def maybe_fail(module, args, kwargs):
+        if broken["on"] and kwargs["input_ids"].shape[1] == 1:  # decode steps only
+            raise RuntimeError("device lost")
+
+    handle = model.base_model.register_forward_pre_hook(maybe_fail, with_kwargs=True)
+    engine = Engine(model, max_batch_size=4)
+    rec = Recorder(engine)
+    broken["on"] = True
+    engine.submit([rec.job("a", ROUTED_PROMPTS["math"][0], "math", Decoding(8, False, ignore_eos=True)),
+                   rec.job("b", ROUTED_PROMPTS["echo"][0], None, Decoding(8, False, ignore_eos=True))])
+    engine.start()
+    try:
+        rec.wait(2)
+        broken["on"] = False
+        engine.submit([rec.job("c", ROUTED_PROMPTS["json"][0], None, Decoding(8, False, ignore_eos=True))])
+        rec.wait(3)
+    finally:
+        engine.close()
+        handle.remove()
+    assert [str(rec.results[n][1]) for n in "ab"] == ["device lost", "device lost"]
+    assert rec.results["c"][1] is None and rec.results["c"][0].completion_tokens == 8

@@ -601,7 +601,7 @@ def test_a_client_that_leaves_frees_its_row(slow, url):
         for line in r.iter_lines():
             if '"content":"' in line and '"content":""' not in line:
                 break
-        assert engine.running == 1
+        _wait_until(lambda: engine.running == 1)
         steps = engine.stats["steps"]
     _wait_until(lambda: engine.running == 0)
     assert engine.stats["steps"] - steps <= 5  # detected at the next step or so, not after 128 tokens

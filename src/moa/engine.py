@@ -263,6 +263,7 @@ class Engine:
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._running = 0
 
     @property
     def depth(self) -> int:
@@ -270,7 +271,8 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return sum(len(b.rows) for b in list(self._batches.values()))
+        """Rows in the running batches, as of the last step."""
+        return self._running
 
     def start(self) -> None:
         with self._cond:
@@ -320,17 +322,34 @@ class Engine:
                         admitted = self._admit()
                     start = time.perf_counter()
                     for model, jobs in admitted.items():
-                        self._prefill(model, jobs)
+                        self._guarded(self._prefill, model, jobs)
+                    self._running = sum(len(b.rows) for b in self._batches.values())
                     for key, batch in list(self._batches.items()):
-                        self._step(batch)
+                        self._guarded(self._step, batch)
                         if not batch.rows:
                             del self._batches[key]
+                    self._running = sum(len(b.rows) for b in self._batches.values())
                     self.stats["busy_s"] += time.perf_counter() - start
         finally:
             for batch in list(self._batches.values()):
                 for row in batch.rows:
                     self._finish(row.job, None, QueueFull("the server is shutting down"))
             self._batches.clear()
+
+    def _guarded(self, fn, *args) -> None:
+        """Run a prefill or a step; an unexpected error fails the rows it concerns, not the worker."""
+        try:
+            fn(*args)
+        except Exception as e:
+            jobs = args[1] if fn == self._prefill else [row.job for row in args[0].rows]
+            for job in jobs:
+                self._finish(job, None, e)
+            if fn == self._step:
+                args[0].rows = []
+            else:  # a failed merge leaves the model's batch in an unknown state: end it too
+                batch = self._batches.pop(id(args[0]), None)
+                for row in batch.rows if batch is not None else []:
+                    self._finish(row.job, None, e)
 
     def _admit(self) -> dict[Any, list[Job]]:
         """Take the jobs that join this step, oldest first, grouped by model (under the lock)."""

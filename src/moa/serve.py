@@ -947,8 +947,15 @@ def _default_loader(path: str, current) -> Any:
     """Load a checkpoint like the one being served: same device, same dtype."""
     from moa.model import MoAModel
 
-    dtype = next(current.base_model.parameters()).dtype
-    return MoAModel.from_pretrained(path, dtype=dtype).to(current.device)
+    model = MoAModel.from_pretrained(path, dtype=_dtype_of(current))
+    return model.to(current.device) if hasattr(current, "device") else model
+
+
+def _dtype_of(model):
+    try:
+        return next(model.base_model.parameters()).dtype
+    except (AttributeError, StopIteration):
+        return None
 
 
 def _static_files():
