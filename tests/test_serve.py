@@ -80,7 +80,7 @@ def test_models_and_health(client, url):
     assert [m.id for m in client.models.list().data] == ["moa", "moa:math", "moa:echo", "moa:json", "base"]
     assert client.models.retrieve("moa:echo").id == "moa:echo"
     health = httpx.get(f"{url}/health").json()
-    assert health["status"] == "ok" and health["domains"] == DOMAINS
+    assert health["status"] == "ok" and health["domains"] == DOMAINS and health["scheduler"] == "continuous"
 
 
 def test_chat_completion_routes_automatically(client):
@@ -693,7 +693,8 @@ def test_reload_needs_the_key_or_loopback(routed_moa_dir):
     from starlette.testclient import TestClient
 
     model = GatedModel(open_gate=True)
-    with TestClient(create_app(model, scheduler="static")) as remote:  # its client address is not loopback
+    with TestClient(create_app(model)) as remote:  # its client address is not loopback
+        assert remote.get("/health").json()["scheduler"] == "static"  # a stand-in with only generate
         r = remote.post("/v1/admin/reload", json={"path": str(routed_moa_dir)})
         assert r.status_code == 403 and "loopback" in assert_error_body(r)["message"]
     with TestClient(create_app(model, api_key="k", scheduler="static")) as remote:

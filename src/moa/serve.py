@@ -429,13 +429,15 @@ class _Server:
     so an endpoint that reads them without awaiting in between sees one model throughout."""
 
     def __init__(self, model, *, max_batch_size, max_queue, max_new_tokens_limit, max_prompt_tokens,
-                 batch_wait_ms, scheduler="continuous", max_batch_tokens=2048):
+                 batch_wait_ms, scheduler=None, max_batch_tokens=2048):
         for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
                             ("max_new_tokens_limit", max_new_tokens_limit), ("max_batch_tokens", max_batch_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise MoAError(f"{name} must be a positive integer, got {value!r}")
         if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
             raise MoAError(f"max_prompt_tokens must be a positive integer, got {max_prompt_tokens!r}")
+        if scheduler is None:  # a stand-in with only `generate` (tests, stub judges) gets the static batcher
+            scheduler = "continuous" if hasattr(model, "base_model") and hasattr(model, "routing") else "static"
         if scheduler not in SCHEDULERS:
             raise MoAError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
         self.scheduler = scheduler
@@ -716,7 +718,7 @@ class _APIKey:
 
 def create_app(model, *, api_key: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
                max_new_tokens_limit: int = 1024, max_prompt_tokens: int | None = None,
-               batch_wait_ms: float = BATCH_WAIT_MS, scheduler: str = "continuous", max_batch_tokens: int = 2048,
+               batch_wait_ms: float = BATCH_WAIT_MS, scheduler: str | None = None, max_batch_tokens: int = 2048,
                loader: Callable[[str], Any] | None = None):
     """The FastAPI app serving `model` (a MoAModel, or anything with its domains/tokenizer/generate).
 
@@ -731,7 +733,8 @@ def create_app(model, *, api_key: str | None = None, max_batch_size: int = 8, ma
         batch_wait_ms: static scheduler: how long the worker waits for more requests before a batch.
         scheduler: "continuous" (moa.engine: requests join and leave the running batch at every
             decode step, text streams token by token) or "static" (the former batcher: one
-            `generate` call per batch of equal decoding parameters; kept to compare with).
+            `generate` call per batch of equal decoding parameters; kept to compare with). Default:
+            continuous for a MoAModel, static for a stand-in that only has `generate`.
         max_batch_tokens: continuous scheduler: token budget of one step (admitted prompts plus one
             per running row).
         loader: `loader(path, current_model) -> model` for POST /v1/admin/reload (default:
