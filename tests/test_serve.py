@@ -1,8 +1,10 @@
 """moa serve: the OpenAI API over real HTTP (uvicorn on a loopback port) on a tiny MoA.
 
 The session server runs a 3-expert tiny MoA whose routers were fitted to separate three prompt
-kinds, so routing can be checked end to end. Queue, auth and disconnect behaviour run against a
-stand-in model whose `generate` waits on a gate, which makes the worker's state controllable.
+kinds, so routing can be checked end to end. Queue, auth and disconnect behaviour of the static
+batcher run against a stand-in model whose `generate` waits on a gate, which makes the worker's state
+controllable; those of the continuous engine, and its token-by-token streaming, hot reload and
+metrics, run on the tiny MoA (tests/test_engine.py).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def test_models_and_health(client, url):
     assert [m.id for m in client.models.list().data] == ["moa", "moa:math", "moa:echo", "moa:json", "base"]
     assert client.models.retrieve("moa:echo").id == "moa:echo"
     health = httpx.get(f"{url}/health").json()
-    assert health["status"] == "ok" and health["domains"] == DOMAINS
+    assert health["status"] == "ok" and health["domains"] == DOMAINS and health["scheduler"] == "continuous"
 
 
 def test_chat_completion_routes_automatically(client):
@@ -204,7 +206,7 @@ def test_forty_concurrent_requests_are_batched_and_routed_right(client, served):
     app = served[1]
     cases = [(d, p) for d in DOMAINS for p in PROMPTS[d]]
     alone = {p: chat(client, p, max_tokens=3).choices[0].message.content for _, p in cases}  # one at a time
-    before = dict(app.state.batcher.stats)
+    before = dict(app.state.engine.stats)
     jobs = [cases[i % len(cases)] for i in range(40)]
     with ThreadPoolExecutor(40) as pool:
         replies = list(pool.map(lambda job: chat(client, job[1], max_tokens=3), jobs))
@@ -212,9 +214,8 @@ def test_forty_concurrent_requests_are_batched_and_routed_right(client, served):
         assert r.model_extra["moa"]["domain"] == domain, prompt
         # rows of a mixed-expert batch decode exactly as they do alone
         assert r.choices[0].message.content == alone[prompt]
-    stats = app.state.batcher.stats
-    assert stats["requests"] - before["requests"] == 40
-    assert stats["batches"] - before["batches"] < 40 and stats["max_batch"] > 1
+    stats = app.state.engine.stats
+    assert stats["requests"] - before["requests"] == 40 and stats["max_batch"] > 1
 
 
 # --------------------------------------------------------------------------- errors
@@ -413,7 +414,7 @@ def _wait_until(condition, timeout=10.0):
 
 def test_full_queue_answers_503_and_a_departed_client_is_dropped():
     fake = GatedModel()
-    app = create_app(fake, max_batch_size=1, max_queue=2)
+    app = create_app(fake, max_batch_size=1, max_queue=2, scheduler="static")
     depth = lambda: app.state.batcher.depth  # noqa: E731
     with serving(app) as url, ThreadPoolExecutor(4) as pool:
         first = pool.submit(_post, url, "A")
@@ -434,7 +435,7 @@ def test_full_queue_answers_503_and_a_departed_client_is_dropped():
 
 
 def test_api_key_is_required_on_the_api():
-    app = create_app(GatedModel(open_gate=True), api_key="sekret")
+    app = create_app(GatedModel(open_gate=True), api_key="sekret", scheduler="static")
     with serving(app) as url:
         assert httpx.get(f"{url}/health").status_code == 200
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
@@ -523,3 +524,180 @@ def test_cli_reports_user_mistakes_in_one_line(tmp_path, capsys):
     assert main(["serve", "--moa", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "--max-batch-size must be >= 1" in err and "not a MoA checkpoint" in err
+
+
+# --------------------------------------------------------------------------- the continuous engine over HTTP
+
+STEP_S = 0.01
+"""Seconds each forward of the slowed model sleeps: decode steps long enough to see joins and leaves."""
+
+
+def _slowed(model: MoAModel) -> MoAModel:
+    model.base_model.register_forward_pre_hook(lambda module, args: time.sleep(STEP_S))
+    return model
+
+
+@pytest.fixture(scope="module")
+def slow(routed_moa_dir):
+    """(base URL, app, openai client) of a server whose model takes STEP_S per step."""
+    app = create_app(_slowed(MoAModel.from_pretrained(routed_moa_dir)), max_batch_size=16,
+                     max_new_tokens_limit=128)
+    with serving(app) as base:
+        yield base, app, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _timed_stream(client, prompt, max_tokens, model="moa:echo", first=None):
+    """[(perf_counter, chunk)] of a streamed ignore_eos completion; sets `first` at the first text."""
+    out = []
+    for c in chat(client, prompt, model=model, max_tokens=max_tokens, stream=True,
+                  stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+        out.append((time.perf_counter(), c))
+        if first is not None and c.choices and c.choices[0].delta.content:
+            first.set()
+    return out
+
+
+def test_a_streamed_completion_arrives_token_by_token(slow):
+    _, _, client = slow
+    prompt = PROMPTS["math"][0]
+    start = time.perf_counter()
+    timed = _timed_stream(client, prompt, 64, model="moa:math")
+    content = [(t - start, c.choices[0].delta.content) for t, c in timed if c.choices and c.choices[0].delta.content]
+    total = timed[-1][0] - start
+    assert len(content) >= 32 and content[0][0] < total / 3, (len(content), content[0][0], total)
+    assert timed[-1][1].usage.completion_tokens == 64 and not timed[-1][1].choices  # include_usage
+    whole = chat(client, prompt, model="moa:math", max_tokens=64, extra_body={"ignore_eos": True})
+    assert "".join(text for _, text in content) == whole.choices[0].message.content
+    assert whole.choices[0].finish_reason == "length"
+    # without include_usage no chunk carries usage
+    assert all(c.usage is None for c in chat(client, prompt, max_tokens=4, stream=True))
+
+
+def test_short_requests_overtake_a_long_one(slow):
+    _, app, client = slow
+
+    def short(prompt):
+        r = chat(client, prompt, max_tokens=4, extra_body={"ignore_eos": True})
+        return r.usage.completion_tokens, time.perf_counter()
+
+    first = threading.Event()
+    with ThreadPoolExecutor(9) as pool:
+        long = pool.submit(_timed_stream, client, PROMPTS["echo"][0], 96, first=first)
+        assert first.wait(30)
+        shorts = [pool.submit(short, PROMPTS[d][i]) for d in DOMAINS for i in range(3)][:8]
+        ends = [f.result() for f in shorts]
+        long_end = long.result()[-1][0]
+    assert all(n == 4 for n, _ in ends)
+    assert max(t for _, t in ends) < long_end  # all eight finished while the long one was still streaming
+    assert app.state.engine.stats["max_batch"] >= 2
+
+
+def test_a_client_that_leaves_frees_its_row(slow, url):
+    base, app, _ = slow
+    engine = app.state.engine
+    body = {"model": "moa:json", "messages": [{"role": "user", "content": PROMPTS["json"][0]}], "max_tokens": 128,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                break
+        _wait_until(lambda: engine.running == 1)
+        steps = engine.stats["steps"]
+    _wait_until(lambda: engine.running == 0)
+    assert engine.stats["steps"] - steps <= 5  # detected at the next step or so, not after 128 tokens
+
+
+def test_metrics_are_prometheus_text(served, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url, _ = served
+    chat(client, PROMPTS["math"][0], max_tokens=3)
+    chat(client, PROMPTS["math"][0], model="base", max_tokens=3)
+    r = httpx.get(f"{url}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    requests = {s.labels["expert"]: s.value for s in families["moa_requests"].samples if s.name.endswith("_total")}
+    assert requests["math"] >= 1 and requests["base"] >= 1
+    tokens = {s.labels["expert"]: s.value for s in families["moa_generated_tokens"].samples
+              if s.name.endswith("_total")}
+    assert tokens["math"] >= 1
+    for name in ("moa_time_to_first_token_seconds", "moa_e2e_request_latency_seconds"):
+        count = next(s.value for s in families[name].samples if s.name.endswith("_count"))
+        assert families[name].type == "histogram" and count >= 2
+    assert {"moa_queue_depth", "moa_running_batch_size"} <= set(families)
+
+
+BENCH_FIELDS = [
+    ("min-tokens-negative", _chat_body(min_tokens=-1), "min_tokens"),
+    ("min-tokens-string", _chat_body(min_tokens="2"), "min_tokens"),
+    ("min-tokens-over-max", _chat_body(min_tokens=3, max_tokens=2), "min_tokens"),
+    ("ignore-eos-string", _chat_body(ignore_eos="yes"), "ignore_eos"),
+    ("ignore-eos-int", _chat_body(ignore_eos=1), "ignore_eos"),
+]
+
+
+@pytest.mark.parametrize("body, param", [b[1:] for b in BENCH_FIELDS], ids=[b[0] for b in BENCH_FIELDS])
+def test_benchmark_fields_are_validated(http, body, param):
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and assert_error_body(r)["param"] == param
+
+
+def test_ignore_eos_and_min_tokens_reach_the_model(client):
+    r = chat(client, PROMPTS["echo"][0], max_tokens=20, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 20 and r.choices[0].finish_reason == "length"
+    r = client.completions.create(model="moa", prompt=PROMPTS["echo"][0], max_tokens=9, temperature=0,
+                                  extra_body={"min_tokens": 9})
+    assert r.usage.completion_tokens == 9
+
+
+@pytest.fixture
+def four_experts(routed_moa_dir, tmp_path):
+    """The routed MoA with a fourth expert (another copy of math's adapter, as `moa add-expert` makes)."""
+    model = MoAModel.from_pretrained(routed_moa_dir)
+    model.add_expert("code", routed_moa_dir.parent / "math")
+    return model.save_pretrained(tmp_path / "four")
+
+
+def test_hot_reload_swaps_the_model_without_losing_a_request(four_experts, routed_moa_dir, tmp_path):
+    four = MoAModel.from_pretrained(four_experts)
+    prompt = PROMPTS["math"][2]
+    want = four.generate([prompt], domains=["code"], max_new_tokens=64, ignore_eos=True)[0].text
+    app = create_app(_slowed(four), max_new_tokens_limit=64)
+    with serving(app) as base, ThreadPoolExecutor(2) as pool:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["moa", *[f"moa:{d}" for d in DOMAINS + ["code"]], "base"]
+        first = threading.Event()
+        flight = pool.submit(_timed_stream, client, prompt, 64, "moa:code", first)
+        assert first.wait(30)
+        r = httpx.post(f"{base}/v1/admin/reload", json={"path": str(routed_moa_dir)}, timeout=60)
+        assert r.status_code == 200 and r.json()["domains"] == DOMAINS
+        assert not flight.done()  # the reload happened with the request in flight
+        chunks = [c for _, c in flight.result()]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+        assert chunks[-1].usage.completion_tokens == 64
+        assert [m.id for m in client.models.list().data] == ["moa", *[f"moa:{d}" for d in DOMAINS], "base"]
+        with pytest.raises(openai.NotFoundError):
+            chat(client, prompt, model="moa:code")
+        assert chat(client, PROMPTS["echo"][0]).model_extra["moa"]["domain"] == "echo"
+        # a bad checkpoint is refused with the reason, and the model in service stays
+        for body, param in (({"path": str(tmp_path / "missing")}, "path"), ({"path": 5}, "path"), ({}, "path"),
+                            ({"path": str(routed_moa_dir), "extra": 1}, "extra")):
+            r = httpx.post(f"{base}/v1/admin/reload", json=body, timeout=60)
+            assert r.status_code == 400 and assert_error_body(r)["param"] == param, r.text
+        assert "missing" in httpx.post(f"{base}/v1/admin/reload", json={"path": str(tmp_path / "missing")}).text
+        assert [m.id for m in client.models.list().data] == ["moa", *[f"moa:{d}" for d in DOMAINS], "base"]
+        assert app.state.engine.stats["requests"] >= 2
+
+
+def test_reload_needs_the_key_or_loopback(routed_moa_dir):
+    from starlette.testclient import TestClient
+
+    model = GatedModel(open_gate=True)
+    with TestClient(create_app(model)) as remote:  # its client address is not loopback
+        assert remote.get("/health").json()["scheduler"] == "static"  # a stand-in with only generate
+        r = remote.post("/v1/admin/reload", json={"path": str(routed_moa_dir)})
+        assert r.status_code == 403 and "loopback" in assert_error_body(r)["message"]
+    with TestClient(create_app(model, api_key="k", scheduler="static")) as remote:
+        assert remote.post("/v1/admin/reload", json={"path": str(routed_moa_dir)}).status_code == 401
+        r = remote.post("/v1/admin/reload", json={"path": "/nonexistent"}, headers={"Authorization": "Bearer k"})
+        assert r.status_code == 400 and "/nonexistent" in assert_error_body(r)["message"]

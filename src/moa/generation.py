@@ -50,6 +50,8 @@ def generate(
     seed: int | None = None,
     stop: Sequence[str] | str | None = None,
     return_layer_probs: bool = False,
+    ignore_eos: bool = False,
+    min_tokens: int = 0,
 ) -> list[GenerationResult]:
     """Generate one completion per prompt with the KV cache.
 
@@ -62,6 +64,9 @@ def generate(
     return_layer_probs: explicit routing also runs the routers on the prompts (a routing
         pass that does not change the completions) to report what they would have chosen in
         `layer_probs`; routed generation always reports them.
+    ignore_eos: keep generating after the end-of-turn token, up to max_new_tokens (benchmarks).
+    min_tokens: the end-of-turn token cannot come (nor a stop string end the text) before this many
+        tokens.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -69,40 +74,19 @@ def generate(
         return []
     if max_new_tokens < 1:
         raise MoAError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if min_tokens < 0:
+        raise MoAError(f"min_tokens must be >= 0, got {min_tokens}")
     if do_sample and (temperature < 0 or not 0 < top_p <= 1):
         raise MoAError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
     stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
     routing = model.resolve_routing(routing, domains, None)
     input_ids, attention_mask = encode_prompts(model, prompts)  # (B, T) left padded
     B = input_ids.shape[0]
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    probs, first, per_layer = None, None, None
-    if routing == "explicit":
-        per_row = model.expert_ids_for(domains, None, B)  # (B,)
-        fixed = per_row
-        if return_layer_probs:
-            # every layer's probabilities, as routed requests report them, whatever route_layers is
-            per_layer = model._route(input_ids, attention_mask, attention_mask.bool(), position_ids, "vote",
-                                     model.num_layers)[2]
-    else:
-        # One prefill routes (every layer's router reads the prompt, each layer uses its own
-        # top-1) and fills the KV cache. Where every layer chose the row's final expert, as
-        # trained routers nearly always do, it is exactly the prefill of that decision and
-        # decoding continues from it; otherwise the prompt is run again with the decision.
-        check_pool_mask(attention_mask.bool())
-        state = RoutingState("layer", pool_mask=attention_mask.bool())
-        with model.routing(state):
-            out = model.base_model(**_step_kwargs(model, input_ids, attention_mask, position_ids, None))
-        # vote / last: from the first route_layers routers, as the early-exit routing pass decides
-        per_row, probs = decide(state.logits, routing) if routing == "layer" else model.decide(state.logits, routing)
-        per_layer = state.logits
-        layer_choice = torch.stack(state.decisions)  # (L, B): each layer's own choice
-        # layer: each layer keeps its own router's choice on the prompt
-        fixed = layer_choice if routing == "layer" else per_row
-        if routing == "layer" or bool((layer_choice == per_row).all()):
-            first = (out.logits[:, -1], cache_of(out))
-    tokens, lengths, stopped = _decode(model, input_ids, attention_mask, position_ids, fixed, max_new_tokens,
-                                            do_sample, temperature, top_p, seed, stops, first)
+    pre = prefill(model, input_ids, attention_mask, routing, domains, return_layer_probs)
+    per_row, probs, per_layer = pre.per_row, pre.probs, pre.per_layer
+    tokens, lengths, stopped = _decode(model, input_ids, attention_mask, pre.position_ids, pre.experts,
+                                       max_new_tokens, do_sample, temperature, top_p, seed, stops,
+                                       (pre.logits, pre.cache), ignore_eos, min_tokens)
     names = model.domain_names(per_row)
     prompt_lens = attention_mask.sum(1).tolist()
     by_row = None if per_layer is None else layer_probs(per_layer).transpose(0, 1).tolist()  # (B, L, E)
@@ -123,6 +107,65 @@ def generate(
             layer_probs=None if by_row is None else by_row[i],
         ))
     return results
+
+
+@dataclass
+class Prefill:
+    """A prompt batch run through the model once, its experts decided (B rows, T prompt tokens)."""
+
+    logits: Tensor
+    """(B, V) logits of the last prompt position: the first generated token comes from them."""
+    cache: Any
+    """The KV cache of the prompts, computed with exactly `experts`."""
+    position_ids: Tensor
+    """(B, T) positions of the prompt tokens (left padding does not shift them)."""
+    experts: Tensor
+    """(B,) one expert per row (-1: base only), or (L, B) one per layer (`layer` routing)."""
+    per_row: Tensor
+    """(B,) the expert reported per row (`layer`: the last layer's)."""
+    probs: Tensor | None
+    """(B, E) probabilities of the routing decision; None for explicit routing."""
+    per_layer: list[Tensor] | None
+    """Per layer (B, E) router logits on the prompt, when the routers ran."""
+
+
+@torch.inference_mode()
+def prefill(model, input_ids: Tensor, attention_mask: Tensor, routing: str, domains=None,
+            return_layer_probs: bool = False) -> Prefill:
+    """Decide each row's expert on its prompt and fill the KV cache with that decision.
+
+    input_ids / attention_mask: (B, T) left padded (as `encode_prompts` gives them).
+    routing: "explicit" (domains name each row's expert, None = base) or vote/last/layer.
+    """
+    B = input_ids.shape[0]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    probs, per_layer = None, None
+    if routing == "explicit":
+        per_row = experts = model.expert_ids_for(domains, None, B)  # (B,)
+        if return_layer_probs:
+            # every layer's probabilities, as routed requests report them, whatever route_layers is
+            per_layer = model._route(input_ids, attention_mask, attention_mask.bool(), position_ids, "vote",
+                                     model.num_layers)[2]
+    else:
+        # One prefill routes (every layer's router reads the prompt, each layer uses its own
+        # top-1) and fills the KV cache. Where every layer chose the row's final expert, as
+        # trained routers nearly always do, it is exactly the prefill of that decision and
+        # decoding continues from it; otherwise the prompt is run again with the decision.
+        check_pool_mask(attention_mask.bool())
+        state = RoutingState("layer", pool_mask=attention_mask.bool())
+        with model.routing(state):
+            out = model.base_model(**_step_kwargs(model, input_ids, attention_mask, position_ids, None))
+        # vote / last: from the first route_layers routers, as the early-exit routing pass decides
+        per_row, probs = decide(state.logits, routing) if routing == "layer" else model.decide(state.logits, routing)
+        per_layer = state.logits
+        layer_choice = torch.stack(state.decisions)  # (L, B): each layer's own choice
+        # layer: each layer keeps its own router's choice on the prompt
+        experts = layer_choice if routing == "layer" else per_row
+        if routing == "layer" or bool((layer_choice == per_row).all()):
+            return Prefill(out.logits[:, -1], cache_of(out), position_ids, experts, per_row, probs, per_layer)
+    with model.routing(RoutingState("explicit", experts)):
+        out = model.base_model(**_step_kwargs(model, input_ids, attention_mask, position_ids, None))
+    return Prefill(out.logits[:, -1], cache_of(out), position_ids, experts, per_row, probs, per_layer)
 
 
 def encode_prompts(model, prompts) -> tuple[Tensor, Tensor]:
@@ -167,7 +210,7 @@ def _step_kwargs(model, input_ids: Tensor, mask: Tensor, position_ids: Tensor, c
 
 
 def _decode(model, input_ids, attention_mask, position_ids, fixed, max_new_tokens, do_sample, temperature,
-            top_p, seed, stops, first=None) -> tuple[Tensor, list[int], list[bool]]:
+            top_p, seed, stops, first=None, ignore_eos=False, min_tokens=0) -> tuple[Tensor, list[int], list[bool]]:
     """Token-by-token decoding with the experts fixed per row (and per layer for `layer`).
 
     `first`: (last-position logits (B, V), KV cache) of a prefill already run with exactly
@@ -190,11 +233,13 @@ def _decode(model, input_ids, attention_mask, position_ids, fixed, max_new_token
             else:
                 out = model.base_model(**_step_kwargs(model, step_ids, mask, step_pos, cache))
                 last_logits, cache = out.logits[:, -1], cache_of(out)  # (B, V)
+            if step < min_tokens:
+                last_logits = last_logits.index_fill(-1, eos, float("-inf"))  # (B, V)
             nxt = _next_token(last_logits, do_sample, temperature, top_p, generator)  # (B,)
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)  # (B,)
             out_tokens.append(nxt)
-            done = ~finished & torch.isin(nxt, eos)  # (B,)
-            if stops:
+            done = ~finished & torch.isin(nxt, eos) & (not ignore_eos)  # (B,)
+            if stops and step + 1 >= min_tokens:
                 done |= _hit_stop(model, torch.stack(out_tokens, 1), finished | done, stops)
             lengths = torch.where(done, step + 1, lengths)
             finished |= done

@@ -1,4 +1,4 @@
-"""`moa serve`: an OpenAI-compatible HTTP server for an MoA checkpoint, with dynamic batching.
+"""`moa serve`: an OpenAI-compatible HTTP server for an MoA checkpoint, with continuous batching.
 
     moa serve --moa runs/demo/moa --port 8000
     curl localhost:8000/v1/chat/completions -H 'content-type: application/json' \
@@ -24,11 +24,22 @@ the model, see which expert answered and each layer's router probabilities as a 
 an expert or the base model, and compare two answers side by side. The page and its assets need
 no API key; the API calls it makes do.
 
-One worker thread owns the model. Requests are validated and tokenised on the event loop,
-then wait in a bounded queue; the worker takes the oldest request and every queued request
-with the same decoding parameters (up to --max-batch-size, after waiting a few ms for more)
-and decodes them in one `MoAModel.generate` call, whose rows may use different experts.
-Streaming sends the finished text of a request in chunks once its batch is done.
+Each request may also carry vLLM's benchmarking fields `ignore_eos` (bool: keep going after the
+end-of-turn token) and `min_tokens` (int: no end-of-turn token or stop string before that many).
+
+One worker thread owns the model (`moa.engine.Engine`, continuous batching: requests join and
+leave the running batch at every decode step, each row with its own expert and sampling
+parameters); requests are validated and tokenised on the event loop, which never waits on the
+model. Streaming sends each step's new text as it exists (`stream_options.include_usage` adds a
+last chunk with the usage); a client that disconnects frees its row at the next step.
+`--scheduler static` keeps the former batcher (`Batcher`: one `MoAModel.generate` call per batch
+of requests with equal decoding parameters, streamed once done) for comparison.
+
+`POST /v1/admin/reload` with `{"path": DIR}` loads another MoA checkpoint in the background and
+serves it from then on (requests already accepted finish on the model they were accepted for;
+`/v1/models` lists the new domains). It needs the API key if the server has one, else it is
+accepted from loopback only. `GET /metrics` is Prometheus text: requests and generated tokens per
+expert, queue depth, running batch size, time to first token and end-to-end latency histograms.
 """
 
 import asyncio
@@ -41,10 +52,10 @@ import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from moa.engine import Decoding, Engine, Job, QueueFull
 from moa.errors import MoAError
 
 BATCH_WAIT_MS = 5.0
@@ -61,52 +72,6 @@ STATIC = Path(__file__).parent / "static"
 
 
 # --------------------------------------------------------------------------- batching
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """The `generate` parameters that one batch shares (requests batch together iff equal)."""
-
-    max_new_tokens: int
-    do_sample: bool
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass(eq=False)
-class Job:
-    """One prompt waiting for the worker. `done(result, error)` is called from the worker thread."""
-
-    messages: list[dict]
-    domain: str | None
-    """The forced expert; None: routed by the routers (vote), or the base model if `base`."""
-    decoding: Decoding
-    done: Callable[[Any, BaseException | None], None]
-    cancelled: bool = False
-    base: bool = False
-    """No expert at all (domain is None)."""
-    layer_probs: bool = False
-    """Report the routers' per-layer probabilities even when the expert is forced."""
-
-    @property
-    def routing(self) -> str:
-        return "base" if self.base else "vote" if self.domain is None else "explicit"
-
-    @property
-    def key(self) -> tuple:
-        # Explicit (and base) rows and routed rows need different generate calls; the experts
-        # themselves may differ within a batch. A seeded sampled request runs alone: one generator
-        # serves a whole batch, so its sample would otherwise depend on its neighbours. Routed
-        # generation reports layer probabilities anyway; forced rows pay a routing pass for them.
-        alone = self if self.decoding.do_sample and self.decoding.seed is not None else None
-        routed = self.routing == "vote"
-        return (routed, self.decoding, alone, self.layer_probs and not routed)
-
-
-class QueueFull(Exception):
-    pass
 
 
 class Batcher:
@@ -130,10 +95,15 @@ class Batcher:
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._running = 0
 
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return self._running
 
     def start(self) -> None:
         with self._cond:
@@ -202,6 +172,7 @@ class Batcher:
 
     def _run(self, batch: list[Job]) -> None:
         start = time.perf_counter()
+        self._running = len(batch)
         try:
             results = self._generate(batch)
             if len(results) != len(batch):
@@ -212,6 +183,7 @@ class Batcher:
                     if not job.cancelled:
                         self._run([job])
                 return
+            self._running = 0
             self._finish(batch[0], None, e)
             return
         with self._cond:
@@ -219,15 +191,21 @@ class Batcher:
             self.stats["requests"] += len(batch)
             self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
             self.stats["busy_s"] += time.perf_counter() - start
+        self._running = 0
         for job, result in zip(batch, results):
             self._finish(job, result, None)
 
     def _generate(self, batch: list[Job]):
         d = batch[0].decoding
+        model = batch[0].model if batch[0].model is not None else self.model
         explicit = batch[0].routing != "vote"
-        # Passed only when asked: a model whose generate lacks it still serves every other request.
+        # Passed only when asked: a model whose generate lacks them still serves every other request.
         extra = {"return_layer_probs": True} if explicit and batch[0].layer_probs else {}
-        return self.model.generate(
+        if d.ignore_eos:
+            extra["ignore_eos"] = True
+        if d.min_tokens:
+            extra["min_tokens"] = d.min_tokens
+        return model.generate(
             [job.messages for job in batch],
             routing="explicit" if explicit else "vote",
             domains=[job.domain for job in batch] if explicit else None,  # None: the base model
@@ -282,6 +260,9 @@ def _schema():
         stream_options: StreamOptions | None = None
         user: str | None = None
         moa: MoAOptions | None = None
+        # vLLM's benchmarking fields.
+        ignore_eos: bool = False
+        min_tokens: int = Field(0, ge=0)
         # Read only to refuse what this server does not do (see _refuse_unsupported).
         n: int | None = None
         frequency_penalty: float | None = None
@@ -300,7 +281,12 @@ def _schema():
         logprobs: int | None = None
         suffix: str | None = None
 
-    return ChatCompletionRequest, CompletionRequest
+    class ReloadRequest(_Strict):
+        model_config = ConfigDict(strict=True, extra="forbid")
+
+        path: str = Field(min_length=1)
+
+    return ChatCompletionRequest, CompletionRequest, ReloadRequest
 
 
 # --------------------------------------------------------------------------- errors
@@ -364,25 +350,114 @@ def _validation_error(exc) -> APIError:
 # --------------------------------------------------------------------------- the app
 
 
+class _Events:
+    """What the worker says about one job, delivered on the event loop as (kind, value):
+    ("start", routing info), ("text", delta), ("done", GenerationResult) or ("error", exception)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.created = time.perf_counter()
+        self.first: float | None = None
+        """When the first event arrived (the first token exists), perf_counter seconds."""
+        self._get: asyncio.Future | None = None
+
+    def put(self, kind: str, value) -> None:  # on the worker thread
+        with contextlib.suppress(RuntimeError):  # the loop is gone (server stopped)
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+
+    async def next(self, timeout: float | None = None):
+        """The next event, or None after `timeout` seconds (the pending read carries over)."""
+        if self._get is None:
+            self._get = asyncio.ensure_future(self.queue.get())
+        done, _ = await asyncio.wait({self._get}, timeout=timeout)
+        if not done:
+            return None
+        event, self._get = self._get.result(), None
+        if self.first is None:
+            self.first = time.perf_counter()
+        return event
+
+    def close(self) -> None:
+        if self._get is not None:
+            self._get.cancel()
+
+
+class _Metrics:
+    """The Prometheus metrics of one app (its own registry: several apps may live in one process)."""
+
+    def __init__(self, engine) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("moa_requests", "Completed requests, by expert ('base': no expert)", ["expert"],
+                                registry=self.registry)
+        self.tokens = Counter("moa_generated_tokens", "Generated tokens, by expert", ["expert"],
+                              registry=self.registry)
+        Gauge("moa_queue_depth", "Requests waiting to be admitted", registry=self.registry).set_function(
+            lambda: engine.depth)
+        Gauge("moa_running_batch_size", "Requests being decoded", registry=self.registry).set_function(
+            lambda: engine.running)
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+        self.ttft = Histogram("moa_time_to_first_token_seconds", "From a request's arrival to its first token",
+                              buckets=buckets, registry=self.registry)
+        self.latency = Histogram("moa_e2e_request_latency_seconds", "From a request's arrival to its last token",
+                                 buckets=buckets, registry=self.registry)
+
+    def finished(self, result, events: _Events) -> None:
+        expert = result.domain or BASE_MODEL
+        self.requests.labels(expert).inc()
+        self.tokens.labels(expert).inc(result.completion_tokens)
+        now = time.perf_counter()
+        self.ttft.observe((events.first or now) - events.created)
+        self.latency.observe(now - events.created)
+
+    def render(self):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from starlette.responses import Response
+
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+SCHEDULERS = ("continuous", "static")
+
+
 class _Server:
-    """What the endpoints share: the model's names and limits, a tokenizer, the batcher."""
+    """What the endpoints share: the current model, its names and limits, a tokenizer, the engine.
+
+    A reload replaces model, domains, tokenizer and context_length together, on the event loop,
+    so an endpoint that reads them without awaiting in between sees one model throughout."""
 
     def __init__(self, model, *, max_batch_size, max_queue, max_new_tokens_limit, max_prompt_tokens,
-                 batch_wait_ms):
+                 batch_wait_ms, scheduler=None, max_batch_tokens=2048):
         for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
-                            ("max_new_tokens_limit", max_new_tokens_limit)):
+                            ("max_new_tokens_limit", max_new_tokens_limit), ("max_batch_tokens", max_batch_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise MoAError(f"{name} must be a positive integer, got {value!r}")
         if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
             raise MoAError(f"max_prompt_tokens must be a positive integer, got {max_prompt_tokens!r}")
+        if scheduler is None:  # a stand-in with only `generate` (tests, stub judges) gets the static batcher
+            scheduler = "continuous" if hasattr(model, "base_model") and hasattr(model, "routing") else "static"
+        if scheduler not in SCHEDULERS:
+            raise MoAError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+        self.scheduler = scheduler
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.max_prompt_tokens = max_prompt_tokens
+        self.swap(model)
+        if scheduler == "static":
+            self.engine = Batcher(model, max_batch_size, max_queue, batch_wait_ms)
+        else:
+            self.engine = Engine(model, max_batch_size, max_queue, max_batch_tokens)
+        self.metrics = _Metrics(self.engine)
+        self.reloading = False
+
+    def swap(self, model) -> None:
+        """Serve `model` from now on (requests already accepted finish on the model they were accepted for)."""
         self.model = model
         self.domains = list(model.domains)
         # Our own copy: the worker thread uses the model's tokenizer while we count prompt tokens here.
         self.tokenizer = copy.deepcopy(model.tokenizer)
-        self.max_new_tokens_limit = max_new_tokens_limit
-        self.max_prompt_tokens = max_prompt_tokens
         self.context_length = _context_length(model)
-        self.batcher = Batcher(model, max_batch_size, max_queue, batch_wait_ms)
         self.created = int(time.time())
 
     def model_ids(self) -> list[str]:
@@ -439,60 +514,115 @@ class _Server:
             raise APIError(400, f"stop takes at most {MAX_STOP} strings, got {len(stops)}", param="stop",
                            code="invalid_value")
         stop = tuple(dict.fromkeys(s for s in stops if s))
+        if body.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({body.min_tokens}) is more than {tokens_param} ({max_tokens})",
+                           param="min_tokens", code="invalid_value")
+        extra = {"ignore_eos": body.ignore_eos, "min_tokens": body.min_tokens}
         temperature = 1.0 if body.temperature is None else body.temperature
         if temperature == 0:  # greedy: the other sampling parameters do not matter, so do not split batches
-            return Decoding(max_tokens, False, stop=stop)
-        return Decoding(max_tokens, True, temperature, 1.0 if body.top_p is None else body.top_p, body.seed, stop)
+            return Decoding(max_tokens, False, stop=stop, **extra)
+        return Decoding(max_tokens, True, temperature, 1.0 if body.top_p is None else body.top_p, body.seed, stop,
+                        **extra)
 
-    async def run(self, request, jobs: list[Job], futures: list[asyncio.Future]) -> list:
-        """Queue the jobs and wait for their results; drop them if the client disconnects."""
-        self.batcher.start()
+    def job(self, messages: list[dict], model: tuple[str | None, bool], decoding: Decoding, layer_probs: bool,
+            prompt_tokens: int, stream: bool) -> tuple[Job, _Events]:
+        """A job for `model` (what resolve_model returned) on the current model, and its events."""
+        events = _Events(asyncio.get_running_loop())
+        domain, base = model
+        job = Job(messages, domain, decoding, lambda result, error: events.put(
+                      "error" if error is not None else "done", error if error is not None else result),
+                  base=base, layer_probs=layer_probs, model=self.model, prompt_tokens=prompt_tokens,
+                  on_start=lambda info: events.put("start", info),
+                  on_text=(lambda delta: events.put("text", delta)) if stream else None)
+        return job, events
+
+    async def submit(self, request, job: Job, events: _Events):
+        """Queue the job and return its first event (start, or done from the static batcher);
+        drop the job if the client disconnects first. Errors become APIError."""
+        self.engine.start()
         try:
-            self.batcher.submit(jobs)
+            self.engine.submit([job])
         except QueueFull as e:
             raise APIError(503, str(e), type="server_error", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         try:
             while True:
-                _, pending = await asyncio.wait(futures, timeout=DISCONNECT_POLL_S)
-                if not pending:
+                event = await events.next(DISCONNECT_POLL_S)
+                if event is not None:
                     break
                 if await request.is_disconnected():
                     raise _ClientGone()
         except BaseException:  # the client left, or the server is cancelling us
-            for job in jobs:
-                self.batcher.cancel(job)
+            self.engine.cancel(job)
+            events.close()
             raise
-        results = []
-        for f in futures:
-            error = f.exception()
-            if isinstance(error, MoAError):
-                raise APIError(400, str(error), code="invalid_request")
-            if isinstance(error, QueueFull):
-                raise APIError(503, str(error), type="server_error", code="unavailable",
-                               headers={"Retry-After": str(RETRY_AFTER_S)})
-            if error is not None:
-                raise APIError(500, f"internal error while generating: {type(error).__name__}: {error}",
-                               type="server_error", code="internal_error")
-            results.append(f.result())
-        return results
+        self.check(event)
+        return event
 
-    def job(self, messages: list[dict], model: tuple[str | None, bool], decoding: Decoding,
-            layer_probs: bool = False) -> tuple[Job, asyncio.Future]:
-        """A job for `model` (what resolve_model returned) and the future its result arrives in."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+    async def result(self, request, job: Job, events: _Events):
+        """Wait for the job's result (non-streamed requests)."""
+        event = await self.submit(request, job, events)
+        try:
+            while event[0] != "done":
+                nxt = await events.next(DISCONNECT_POLL_S)
+                if nxt is None:
+                    if await request.is_disconnected():
+                        raise _ClientGone()
+                    continue
+                self.check(nxt)
+                event = nxt
+        except BaseException:
+            self.engine.cancel(job)
+            events.close()
+            raise
+        self.metrics.finished(event[1], events)
+        return event[1]
 
-        def resolve(result, error):
-            if not future.done():
-                future.set_exception(error) if error is not None else future.set_result(result)
+    @staticmethod
+    def check(event) -> None:
+        kind, error = event
+        if kind != "error":
+            return
+        if isinstance(error, MoAError):
+            raise APIError(400, str(error), code="invalid_request")
+        if isinstance(error, QueueFull):
+            raise APIError(503, str(error), type="server_error", code="unavailable",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        raise APIError(500, f"internal error while generating: {type(error).__name__}: {error}",
+                       type="server_error", code="internal_error")
 
-        def done(result, error):  # called on the worker thread
-            with contextlib.suppress(RuntimeError):  # the loop is gone (server stopped)
-                loop.call_soon_threadsafe(resolve, result, error)
 
-        domain, base = model
-        return Job(messages, domain, decoding, done, base=base, layer_probs=layer_probs), future
+async def _stream_events(server: _Server, job: Job, events: _Events, first):
+    """The events of a streamed job from its first one on: ("start", info), ("text", delta)...,
+    ("done", result), or an ("error", APIError) after the start. The static batcher's one result
+    is replayed as a start and word-sized pieces. The job is dropped if the client leaves."""
+    try:
+        if first[0] == "done":  # static batcher: the whole text at once
+            result = first[1]
+            yield "start", {"domain": result.domain, "router_probs": result.router_probs,
+                            "layer_probs": result.layer_probs}
+            for piece in _pieces(result.text):
+                yield "text", piece
+            server.metrics.finished(result, events)
+            yield first
+            return
+        yield first
+        while True:
+            event = await events.next()
+            if event[0] == "error":
+                try:
+                    server.check(event)
+                except APIError as e:
+                    yield "error", e
+                return
+            if event[0] == "done":
+                server.metrics.finished(event[1], events)
+            yield event
+            if event[0] == "done":
+                return
+    finally:
+        server.engine.cancel(job)  # a no-op once done; frees the row if the client went away
+        events.close()
 
 
 _UNSUPPORTED = {
@@ -529,11 +659,13 @@ def _chat_messages(messages) -> list[dict]:
     return out
 
 
-def _moa_info(result, job: Job) -> dict:
-    info = {"domain": result.domain, "router_probs": result.router_probs, "routing": job.routing}
+def _moa_info(info, job: Job) -> dict:
+    """The response's moa field from a result or the start event's info."""
+    get = info.get if isinstance(info, dict) else lambda k: getattr(info, k)
+    out = {"domain": get("domain"), "router_probs": get("router_probs"), "routing": job.routing}
     if job.layer_probs:
-        info["layer_probs"] = result.layer_probs
-    return info
+        out["layer_probs"] = get("layer_probs")
+    return out
 
 
 def _wants_layer_probs(body) -> bool:
@@ -551,10 +683,14 @@ def _pieces(text: str) -> list[str]:
 
 
 def _sse(chunks) -> Any:
+    """Server-sent events from an async iterator of chunks (an APIError is sent as an error event)."""
     from starlette.responses import StreamingResponse
 
     async def events():
-        for chunk in chunks:
+        async for chunk in chunks:
+            if isinstance(chunk, APIError):
+                chunk = {"error": {"message": chunk.message, "type": chunk.type, "param": chunk.param,
+                                   "code": chunk.code}}
             yield f"data: {_dumps(chunk)}\n\n"
         yield "data: [DONE]\n\n"
 
@@ -582,41 +718,51 @@ class _APIKey:
 
 def create_app(model, *, api_key: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
                max_new_tokens_limit: int = 1024, max_prompt_tokens: int | None = None,
-               batch_wait_ms: float = BATCH_WAIT_MS):
+               batch_wait_ms: float = BATCH_WAIT_MS, scheduler: str | None = None, max_batch_tokens: int = 2048,
+               loader: Callable[[str], Any] | None = None):
     """The FastAPI app serving `model` (a MoAModel, or anything with its domains/tokenizer/generate).
 
     Args:
-        api_key: if set, /v1/* requires `Authorization: Bearer <api_key>` (/health, the playground
-            page at / and its assets under /static stay open).
+        api_key: if set, /v1/* requires `Authorization: Bearer <api_key>` (/health, /metrics, the
+            playground page at / and its assets under /static stay open).
         max_batch_size: most requests decoded together.
         max_queue: most requests waiting; more are answered 503 with Retry-After.
         max_new_tokens_limit: largest max_tokens accepted (and the chat default).
         max_prompt_tokens: longest prompt accepted, in tokens after the chat template (None: the
             model's context length is the only limit).
-        batch_wait_ms: how long the worker waits for more requests before starting a batch.
+        batch_wait_ms: static scheduler: how long the worker waits for more requests before a batch.
+        scheduler: "continuous" (moa.engine: requests join and leave the running batch at every
+            decode step, text streams token by token) or "static" (the former batcher: one
+            `generate` call per batch of equal decoding parameters; kept to compare with). Default:
+            continuous for a MoAModel, static for a stand-in that only has `generate`.
+        max_batch_tokens: continuous scheduler: token budget of one step (admitted prompts plus one
+            per running row).
+        loader: `loader(path, current_model) -> model` for POST /v1/admin/reload (default:
+            MoAModel.from_pretrained on the served model's device and dtype).
 
-    The worker thread starts with the app (lifespan) or at the first request; `app.state.batcher`
-    exposes its queue depth and stats.
+    The worker thread starts with the app (lifespan) or at the first request; `app.state.engine`
+    (also `app.state.batcher`) exposes its queue depth, running rows and stats.
     """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    ChatCompletionRequest, CompletionRequest = _schema()
+    ChatCompletionRequest, CompletionRequest, ReloadRequest = _schema()
     server = _Server(model, max_batch_size=max_batch_size, max_queue=max_queue,
                      max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens,
-                     batch_wait_ms=batch_wait_ms)
+                     batch_wait_ms=batch_wait_ms, scheduler=scheduler, max_batch_tokens=max_batch_tokens)
+    load = loader or _default_loader
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        server.batcher.start()
+        server.engine.start()
         try:
             yield
         finally:
-            server.batcher.close()
+            server.engine.close()
 
     app = FastAPI(title="moa", description="OpenAI-compatible Mixture-of-LoRAs server", lifespan=lifespan)
-    app.state.batcher = server.batcher
+    app.state.engine = app.state.batcher = server.engine
     app.state.server = server
     if api_key:
         app.add_middleware(_APIKey, key=api_key)
@@ -653,9 +799,14 @@ def create_app(model, *, api_key: str | None = None, max_batch_size: int = 8, ma
 
     @app.get("/health")
     async def health():
-        b = server.batcher
-        return _json_response({"status": "ok", "domains": server.domains, "queue": b.depth,
-                               "max_queue": b.max_queue, "max_batch_size": b.max_batch_size, **b.stats})
+        e = server.engine
+        return _json_response({"status": "ok", "domains": server.domains, "scheduler": server.scheduler,
+                               "queue": e.depth, "running": e.running, "max_queue": e.max_queue,
+                               "max_batch_size": e.max_batch_size, **e.stats})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        return server.metrics.render()
 
     @app.get("/v1/models")
     async def models():
@@ -666,6 +817,35 @@ def create_app(model, *, api_key: str | None = None, max_batch_size: int = 8, ma
         server.resolve_model(model_id)
         return _json_response(_model_card(model_id, server.created))
 
+    @app.post("/v1/admin/reload")
+    async def reload(request: Request):
+        # Without a key (the middleware checks it when there is one) only this machine may reload.
+        host = request.client.host if request.client else None
+        if not api_key and host not in _LOOPBACK:
+            raise APIError(403, "reload is only accepted from loopback when the server has no API key",
+                           type="permission_error", code="forbidden")
+        try:
+            body = ReloadRequest.model_validate_json(await request.body())
+        except Exception as e:
+            if hasattr(e, "errors"):
+                raise _validation_error(e) from None
+            raise
+        if server.reloading:
+            raise APIError(409, "a reload is already in progress", code="reload_in_progress")
+        server.reloading = True
+        try:
+            # A thread: the engine keeps serving the current model while the new one loads.
+            new = await asyncio.to_thread(load, body.path, server.model)
+        except Exception as e:
+            raise APIError(400, f"cannot load {body.path}: {e}" if isinstance(e, MoAError)
+                           else f"cannot load {body.path}: {type(e).__name__}: {e}", param="path",
+                           code="invalid_checkpoint") from None
+        finally:
+            server.reloading = False
+        server.swap(new)  # requests accepted from here on run on it; the running ones finish on the old
+        return _json_response({"status": "ok", "path": body.path, "domains": server.domains,
+                               "models": server.model_ids()})
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _refuse_unsupported(body)
@@ -675,36 +855,45 @@ def create_app(model, *, api_key: str | None = None, max_batch_size: int = 8, ma
         tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         decoding = server.decoding(body, n_prompt, getattr(body, tokens_param), server.max_new_tokens_limit,
                                    "messages", tokens_param)
-        job, future = server.job(messages, model, decoding, _wants_layer_probs(body))
-        (result,) = await server.run(request, [job], [future])
+        job, events = server.job(messages, model, decoding, _wants_layer_probs(body), n_prompt, body.stream)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
                 "system_fingerprint": None}
-        moa = _moa_info(result, job)
         if not body.stream:
+            result = await server.result(request, job, events)
             return _json_response({
                 **head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "logprobs": None, "finish_reason": result.finish_reason}],
-                "usage": _usage(result), "moa": moa,
+                "usage": _usage(result), "moa": _moa_info(result, job),
             })
+        first = await server.submit(request, job, events)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
 
-        # L x E floats are sent once, in the first chunk (a page draws them before the text arrives).
-        brief = {k: v for k, v in moa.items() if k != "layer_probs"}
-
-        def chunk(delta, finish=None, info=brief):
+        def chunk(delta, finish=None, info=None):
             return {**head, "object": "chat.completion.chunk",
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
                     **extra, "moa": info}
 
-        chunks = [chunk({"role": "assistant", "content": ""}, info=moa)]
-        chunks += [chunk({"content": p}) for p in _pieces(result.text)]
-        chunks.append(chunk({}, result.finish_reason))
-        if include_usage:
-            chunks.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(result),
-                           "moa": brief})
-        return _sse(chunks)
+        async def chunks():
+            brief = None
+            async for kind, value in _stream_events(server, job, events, first):
+                if kind == "start":
+                    moa = _moa_info(value, job)
+                    # L x E floats are sent once, in the first chunk (a page draws them before the text).
+                    brief = {k: v for k, v in moa.items() if k != "layer_probs"}
+                    yield chunk({"role": "assistant", "content": ""}, info=moa)
+                elif kind == "text":
+                    yield chunk({"content": value}, info=brief)
+                elif kind == "error":
+                    yield value
+                else:
+                    yield chunk({}, value.finish_reason, info=brief)
+                    if include_usage:
+                        yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(value),
+                               "moa": brief}
+
+        return _sse(chunks())
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -718,34 +907,58 @@ def create_app(model, *, api_key: str | None = None, max_batch_size: int = 8, ma
         messages = [{"role": "user", "content": prompt}]
         n_prompt = server.prompt_tokens(messages, "prompt")
         decoding = server.decoding(body, n_prompt, body.max_tokens, 16, "prompt")
-        job, future = server.job(messages, model, decoding, _wants_layer_probs(body))
-        (result,) = await server.run(request, [job], [future])
+        job, events = server.job(messages, model, decoding, _wants_layer_probs(body), n_prompt, body.stream)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model, "system_fingerprint": None}
-        moa = _moa_info(result, job)
         if not body.stream:
+            result = await server.result(request, job, events)
             return _json_response({
                 **head, "choices": [{"index": 0, "text": result.text, "logprobs": None,
                                      "finish_reason": result.finish_reason}],
-                "usage": _usage(result), "moa": moa,
+                "usage": _usage(result), "moa": _moa_info(result, job),
             })
+        first = await server.submit(request, job, events)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
 
-        brief = {k: v for k, v in moa.items() if k != "layer_probs"}
-
-        def chunk(text, finish=None, info=brief):
+        def chunk(text, finish=None, info=None):
             return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
                     **extra, "moa": info}
 
-        pieces = _pieces(result.text)
-        chunks = [chunk(p, info=moa if i == 0 else brief) for i, p in enumerate(pieces)]
-        chunks.append(chunk("", result.finish_reason, info=brief if pieces else moa))
-        if include_usage:
-            chunks.append({**head, "choices": [], "usage": _usage(result), "moa": brief})
-        return _sse(chunks)
+        async def chunks():
+            moa = brief = None  # the first chunk carries the whole moa field, the others its brief form
+            async for kind, value in _stream_events(server, job, events, first):
+                if kind == "start":
+                    moa = _moa_info(value, job)
+                    brief = {k: v for k, v in moa.items() if k != "layer_probs"}
+                elif kind == "text":
+                    yield chunk(value, info=moa or brief)
+                    moa = None
+                elif kind == "error":
+                    yield value
+                else:
+                    yield chunk("", value.finish_reason, info=moa or brief)
+                    if include_usage:
+                        yield {**head, "choices": [], "usage": _usage(value), "moa": brief}
+
+        return _sse(chunks())
 
     return app
+
+
+def _default_loader(path: str, current) -> Any:
+    """Load a checkpoint like the one being served: same device, same dtype."""
+    from moa.model import MoAModel
+
+    model = MoAModel.from_pretrained(path, dtype=_dtype_of(current))
+    return model.to(current.device) if hasattr(current, "device") else model
+
+
+def _dtype_of(model):
+    try:
+        return next(model.base_model.parameters()).dtype
+    except (AttributeError, StopIteration):
+        return None
 
 
 def _static_files():

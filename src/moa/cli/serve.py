@@ -10,12 +10,14 @@ from moa.errors import MoAError
 def register(sub) -> None:
     p = sub.add_parser(
         "serve",
-        help="OpenAI-compatible HTTP server with dynamic batching",
+        help="OpenAI-compatible HTTP server with continuous batching",
         description="Serve an MoA checkpoint over HTTP with the OpenAI API: POST /v1/chat/completions "
                     "(stream: true for server-sent events), POST /v1/completions, GET /v1/models, GET /health. "
                     "Model 'moa' routes each request automatically; 'moa:<domain>' forces that expert; 'base' "
                     "answers without any expert. GET / is a playground page showing the routers at work. "
-                    "Concurrent requests with the same decoding parameters are decoded together.",
+                    "Requests join and leave the running batch at every decode step (each with its own expert and "
+                    "sampling parameters) and stream token by token. POST /v1/admin/reload {\"path\": DIR} swaps "
+                    "in another checkpoint without dropping requests; GET /metrics is Prometheus text.",
     )
     p.add_argument("--moa", required=True, help="MoA checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
@@ -23,6 +25,12 @@ def register(sub) -> None:
     p.add_argument("--api-key", default=os.environ.get("MOA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOA_API_KEY, else no key)")
     p.add_argument("--max-batch-size", type=int, default=8, help="most requests decoded together (default: 8)")
+    p.add_argument("--max-batch-tokens", type=int, default=2048,
+                   help="token budget of one decode step: the prompts admitted in it plus one per running request; "
+                        "a longer prompt runs alone (default: 2048)")
+    p.add_argument("--scheduler", choices=["continuous", "static"], default="continuous",
+                   help="continuous (default): requests join and leave at every decode step; static: the former "
+                        "batcher (one generate call per batch of equal decoding parameters), kept to compare with")
     p.add_argument("--max-queue", type=int, default=64,
                    help="most requests waiting; beyond it clients get 503 with Retry-After (default: 64)")
     p.add_argument("--max-new-tokens-limit", type=int, default=1024,
@@ -44,7 +52,7 @@ def _cmd_serve(args) -> int:
     from moa.model import MoAModel
     from moa.serve import _LOOPBACK as LOOPBACK, create_app
 
-    for name in ("max_batch_size", "max_queue", "max_new_tokens_limit", "max_prompt_tokens"):
+    for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_new_tokens_limit", "max_prompt_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise MoAError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -63,7 +71,8 @@ def _cmd_serve(args) -> int:
     if args.route_layers is not None:
         model.route_layers = args.route_layers  # outside 1..L: a one-line error
     app = create_app(model, api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                     max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens)
+                     max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
+                     scheduler=args.scheduler, max_batch_tokens=args.max_batch_tokens)
     if args.host not in LOOPBACK and not args.api_key:
         print(f"moa serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
