@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests never touch the network: `import moa` no longer sets this (the user decides), so the
+# suite does, before huggingface_hub is imported (it reads the variable once).
+os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]

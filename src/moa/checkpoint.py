@@ -116,12 +116,17 @@ def save_checkpoint(model: "MoAModel", out_dir: str | Path, provenance: dict | N
 
 
 def load_checkpoint(model_cls, moa_dir: str | Path, base: str | Path | None = None, *,
-                    dtype: torch.dtype | None = None, lora_dropout: float = 0.0) -> "MoAModel":
-    """Load a checkpoint written by `save_checkpoint`; `base` overrides the recorded one."""
+                    dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+                    lora_dropout: float = 0.0) -> "MoAModel":
+    """Load a checkpoint written by `save_checkpoint`; `base` overrides the recorded one.
+
+    `dtype` is the base weights' and `device` where everything goes (see `moa.base.load_base`);
+    the experts and routers are read into float32 whatever dtype the checkpoint was trained with.
+    """
     moa_dir = Path(moa_dir)
     cfg = MoAConfig.read(moa_dir)
     base = base or cfg.base
-    model, tok = load_base(base, dtype)
+    model, tok = load_base(base, dtype, device)
     if cfg.base_signature and base_signature(model.config) != cfg.base_signature:
         raise MoAError(f"base model {base} does not match the checkpoint's base: it is "
                        f"{base_signature(model.config)}, the checkpoint was built on {cfg.base_signature}")
@@ -134,7 +139,8 @@ def load_checkpoint(model_cls, moa_dir: str | Path, base: str | Path | None = No
 
 
 def assemble(model_cls, adapter_dirs: Sequence[str | Path], domains: Sequence[str] | None = None,
-             base: str | Path | None = None, *, dtype: torch.dtype | None = None, eta: float = 1.0,
+             base: str | Path | None = None, *, dtype: torch.dtype | str | None = None,
+             device: torch.device | str | None = None, eta: float = 1.0,
              lora_dropout: float = 0.0, seed: int = 0) -> "MoAModel":
     """Put stage-1 PEFT LoRA adapters (one per domain) side by side on their shared base.
 
@@ -168,7 +174,7 @@ def assemble(model_cls, adapter_dirs: Sequence[str | Path], domains: Sequence[st
                            f"{recorded[0].base}, {a.where} on {a.base}")
     if base is None:
         base = recorded[0].base if recorded else DEFAULT_BASE
-    model, tok = load_base(base, dtype)
+    model, tok = load_base(base, dtype, device)
     moa = model_cls(model, tok, base=base_reference(base), target_modules=first.target_modules,
                     eta=eta, lora_dropout=lora_dropout, seed=seed)
     for name, adapter in zip(names, adapters):

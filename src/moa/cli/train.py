@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from moa.base import DEFAULT_BASE
-from moa.cli.options import add_train_args, config_from_args
+from moa.cli.options import add_device_args, add_train_args, config_from_args
 from moa.stages import DEFAULT_TARGETS, is_main_process, parse_targets
 
 
@@ -95,6 +95,7 @@ def register(sub) -> None:
     b.add_argument("--seed", type=int, default=0, help="seed for the choice of prompts")
     b.add_argument("--overwrite", action="store_true", help="replace an OUT that holds another classifier")
     b.add_argument("--skip-invalid", action="store_true", help="skip bad JSONL lines instead of stopping")
+    add_device_args(b)
     b.set_defaults(func=_cmd_classifier)
 
 
