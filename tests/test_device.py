@@ -60,6 +60,9 @@ def test_resolve_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert dev.resolve_device("auto") == torch.device("cuda")
     assert dev.resolve_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's second process: its own GPU
+    assert dev.resolve_device("auto") == dev.resolve_device("cuda") == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
     with pytest.raises(MoAError, match="has 2 CUDA device"):
         dev.resolve_device("cuda:2")
 

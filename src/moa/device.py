@@ -69,12 +69,17 @@ def resolve_bf16(flag: bool | None, device: torch.device | str | None = None) ->
 
 
 def resolve_device(spec: torch.device | str | None = None) -> torch.device:
-    """auto|None -> cuda when available, else cpu; anything else must name an existing device."""
+    """auto|None -> cuda when available, else cpu; anything else must name an existing device.
+    `cuda` in a launched process ($LOCAL_RANK set) is that rank's GPU."""
     if isinstance(spec, torch.device):
         return spec
     spec = "auto" if spec is None else str(spec).strip().lower()
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
+        # One process per GPU (torchrun / accelerate launch): load straight onto this rank's GPU,
+        # not all ranks onto GPU 0 before accelerate moves them.
+        spec = f"cuda:{os.environ['LOCAL_RANK']}"
     try:
         device = torch.device(spec)
     except RuntimeError:

@@ -10,7 +10,8 @@ from moa.stages import DEFAULT_TARGETS, is_main_process, parse_targets
 
 
 def _add_lora_args(p) -> None:
-    p.add_argument("--base", default=DEFAULT_BASE, help=f"base model: '{DEFAULT_BASE}' or a local checkpoint dir")
+    p.add_argument("--base", default=DEFAULT_BASE,
+                   help=f"base model: '{DEFAULT_BASE}', a local checkpoint dir or a hub id (org/name)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
