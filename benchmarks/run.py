@@ -320,12 +320,11 @@ def dtype_model(shape: str, dtype: torch.dtype, adapters: list[Path] | None):
     return moa
 
 
-def dtype_batch(shape: str, vocab: int) -> dict:
-    b = train_batch(vocab)
-    if shape != "smollm2-135m":  # 0.5B on 2 cores: 2 rows keep a step within seconds
-        b = {k: (v[:2] if torch.is_tensor(v) else v) for k, v in b.items()}
-        b["global_tokens"] = int((b["labels"][:, 1:] != -100).sum())
-        b["global_rows"] = b["global_router_rows"] = 2
+def dtype_batch(shape: str, vocab: int, rows: int) -> dict:
+    """The first `rows` rows of `train_batch` (a shared 2-core machine: keep each step short)."""
+    b = {k: (v[:rows] if torch.is_tensor(v) else v) for k, v in train_batch(vocab).items()}
+    b["global_tokens"] = int((b["labels"][:, 1:] != -100).sum())
+    b["global_rows"] = b["global_router_rows"] = rows
     return b
 
 
@@ -337,15 +336,15 @@ def score_nll(moa, batch) -> torch.Tensor:
         return label_nll(batch["labels"], logits=out.logits)[0]
 
 
-def rss_dtype_child(shape: str, dtype: str, adapters: list[Path]) -> None:
+def rss_dtype_child(shape: str, dtype: str, adapters: list[Path], rows: int) -> None:
     """Load the model with a `dtype` base and score one batch in this fresh process; peak RSS (MiB)."""
     model = dtype_model(shape, getattr(torch, dtype), adapters)
-    score_nll(model, dtype_batch(shape, model.base_model.config.vocab_size))
+    score_nll(model, dtype_batch(shape, model.base_model.config.vocab_size, rows))
     print(json.dumps({"peak_rss_mib": _vm_hwm_kib() / 1024}))
 
 
-def measure_dtype_rss(shape: str, dtype: str, adapters: list[Path]) -> float:
-    cmd = [sys.executable, __file__, "--rss-child", f"dtype:{shape}:{dtype}", "--adapters", *map(str, adapters)]
+def measure_dtype_rss(shape: str, dtype: str, adapters: list[Path], rows: int) -> float:
+    cmd = [sys.executable, __file__, "--rss-child", f"dtype:{shape}:{dtype}:{rows}", "--adapters", *map(str, adapters)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
 
@@ -375,44 +374,48 @@ def demo_test_ppl(model, per_domain: int = 10) -> dict:
     return out
 
 
-def dtype_rows(shape: str, adapters: list[Path] | None, repeats: int, new_tokens: int) -> list[dict]:
-    """bf16 base against float32 base, one process, interleaved."""
+DTYPE_TARGETS = ("score", "stage2", "stage1", "generate", "ppl", "rss")
+
+
+def dtype_rows(shape: str, adapters: list[Path] | None, repeats: int, new_tokens: int, rows: int,
+               targets: set[str] = set(DTYPE_TARGETS)) -> list[dict]:
+    """bf16 base against float32 base, one process, interleaved; `targets`: a subset of DTYPE_TARGETS."""
     from moa.device import bf16_native
 
-    rows = []
+    out_rows = []
     print(f"dtype: {shape}, bf16 base vs float32 base (experts, routers float32); native bf16 here: "
           f"{bf16_native('cpu')}", flush=True)
     fp32 = dtype_model(shape, torch.float32, adapters)
     bf16 = dtype_model(shape, torch.bfloat16, adapters)
-    batch = dtype_batch(shape, fp32.base_model.config.vocab_size)
+    batch = dtype_batch(shape, fp32.base_model.config.vocab_size, rows)
     tokens = int(batch["attention_mask"].sum())
     nll32, nll16 = score_nll(fp32, batch).mean(), score_nll(bf16, batch).mean()
     print(f"  mean NLL of the benchmark batch: fp32 base {float(nll32):.4f}, bf16 base {float(nll16):.4f} "
           f"({100 * float((nll16 - nll32) / nll32):+.2f}%)")
 
-    t = interleave({"bf16": lambda: score_nll(bf16, batch), "fp32": lambda: score_nll(fp32, batch)}, repeats,
-                   "score")
-    rows.append(ratio_row(f"[{shape}] scoring tokens/s: bf16 base / fp32 base", t["bf16"], t["fp32"], 1.0,
-                          f"{tokens} tokens per batch; fp32 {tokens / min(t['fp32']):.0f} tok/s, "
-                          f"bf16 {tokens / min(t['bf16']):.0f} tok/s", higher_is_better=True))
+    if "score" in targets:
+        t = interleave({"bf16": lambda: score_nll(bf16, batch), "fp32": lambda: score_nll(fp32, batch)}, repeats,
+                       "score")
+        out_rows.append(ratio_row(f"[{shape}] scoring tokens/s: bf16 base / fp32 base", t["bf16"], t["fp32"], 1.0,
+                                  f"{tokens} tokens per batch; fp32 {tokens / min(t['fp32']):.0f} tok/s, "
+                                  f"bf16 {tokens / min(t['bf16']):.0f} tok/s", higher_is_better=True))
 
-    for m in (fp32, bf16):
-        m.set_trainable(experts=True, routers=True)
-    # As the Trainer runs them: a bf16 base autocasts; a float32 base with and without autocast.
-    steps = {"bf16 base": TrainStep(bf16, stage2_loss, bf16.trainable_parameters(), bf16=True),
-             "fp32 base": TrainStep(fp32, stage2_loss, fp32.trainable_parameters(), bf16=False),
-             "fp32 base + autocast": TrainStep(fp32, stage2_loss, fp32.trainable_parameters(), bf16=True)}
-    t = interleave({k: (lambda s=s: s(batch)) for k, s in steps.items()}, repeats, "stage 2")
-    rows.append(ratio_row(f"[{shape}] stage-2 step: bf16 base / fp32 base", t["bf16 base"], t["fp32 base"], 1.0,
-                          f"fp32 {min(t['fp32 base']):.2f}s, bf16 {min(t['bf16 base']):.2f}s"))
-    rows.append(ratio_row(f"[{shape}] stage-2 step: bf16 base / fp32 base + bf16 autocast", t["bf16 base"],
-                          t["fp32 base + autocast"], 1.0, f"fp32+autocast {min(t['fp32 base + autocast']):.2f}s"))
-    for m in (fp32, bf16):
-        m.set_trainable(experts=False, routers=False)
-    del steps
-    gc.collect()
+    if "stage2" in targets:
+        for m in (fp32, bf16):
+            m.set_trainable(experts=True, routers=True)
+        # As the Trainer runs them: a bf16 base autocasts, a float32 one (--no-bf16) does not.
+        steps = {"bf16 base": TrainStep(bf16, stage2_loss, bf16.trainable_parameters(), bf16=True),
+                 "fp32 base": TrainStep(fp32, stage2_loss, fp32.trainable_parameters(), bf16=False)}
+        t = interleave({k: (lambda s=s: s(batch)) for k, s in steps.items()}, repeats, "stage 2")
+        out_rows.append(ratio_row(f"[{shape}] stage-2 step: bf16 base / fp32 base", t["bf16 base"], t["fp32 base"],
+                                  1.0, f"{tokens} tokens; fp32 {min(t['fp32 base']):.2f}s, "
+                                       f"bf16 {min(t['bf16 base']):.2f}s"))
+        for m in (fp32, bf16):
+            m.set_trainable(experts=False, routers=False)
+        del steps
+        gc.collect()
 
-    if shape == "smollm2-135m":
+    if shape == "smollm2-135m" and "stage1" in targets:
         from moa.device import placement
 
         with placement("cpu", "bfloat16"):
@@ -421,12 +424,13 @@ def dtype_rows(shape: str, adapters: list[Path] | None, repeats: int, new_tokens
         s1 = {"bf16 base": TrainStep(p16, peft_loss, [p for p in p16.parameters() if p.requires_grad], bf16=True),
               "fp32 base": TrainStep(p32, peft_loss, [p for p in p32.parameters() if p.requires_grad])}
         t = interleave({k: (lambda s=s: s(batch)) for k, s in s1.items()}, repeats, "stage 1")
-        rows.append(ratio_row(f"[{shape}] stage-1 step: bf16 base / fp32 base", t["bf16 base"], t["fp32 base"],
+        out_rows.append(ratio_row(f"[{shape}] stage-1 step: bf16 base / fp32 base", t["bf16 base"], t["fp32 base"],
                               1.0, f"PEFT single LoRA; fp32 {min(t['fp32 base']):.2f}s, "
                                    f"bf16 {min(t['bf16 base']):.2f}s"))
         del s1, p16, p32
         gc.collect()
 
+    if shape == "smollm2-135m" and "generate" in targets:
         prompts = [text for _, text in PROMPTS]
         from moa import generation
 
@@ -437,24 +441,27 @@ def dtype_rows(shape: str, adapters: list[Path] | None, repeats: int, new_tokens
                         for n, m in (("bf16", bf16), ("fp32", fp32))}, repeats, "generate")
         generation._eos_ids = real_eos_ids
         n_tok = len(prompts) * new_tokens
-        rows.append(ratio_row(f"[{shape}] generation tokens/s: bf16 base / fp32 base", t["bf16"], t["fp32"], 1.0,
+        out_rows.append(ratio_row(f"[{shape}] generation tokens/s: bf16 base / fp32 base", t["bf16"], t["fp32"], 1.0,
                               f"8 prompts x {new_tokens}; fp32 {n_tok / min(t['fp32']):.1f} tok/s, "
                               f"bf16 {n_tok / min(t['bf16']):.1f} tok/s", higher_is_better=True))
+    if shape == "smollm2-135m" and "ppl" in targets:
         ppl32, ppl16 = demo_test_ppl(fp32), demo_test_ppl(bf16)
         for k in ("base", "moa"):
             rel = ppl16[k] / ppl32[k]
-            rows.append({"target": f"[{shape}] demo test PPL ({k}): bf16 / fp32", "min": rel, "median": rel,
+            out_rows.append({"target": f"[{shape}] demo test PPL ({k}): bf16 / fp32", "min": rel, "median": rel,
                          "max": rel, "limit": "1 ± 0.01", "pass": abs(rel - 1) <= 0.01,
                          "note": f"fp32 {ppl32[k]:.4f}, bf16 {ppl16[k]:.4f}; 10 records per demo domain"})
 
     del fp32, bf16
     gc.collect()
-    r32 = measure_dtype_rss(shape, "float32", adapters or [])
-    r16 = measure_dtype_rss(shape, "bfloat16", adapters or [])
+    if "rss" not in targets:
+        return out_rows
+    r32 = measure_dtype_rss(shape, "float32", adapters or [], rows)
+    r16 = measure_dtype_rss(shape, "bfloat16", adapters or [], rows)
     print(f"  peak RSS of loading + scoring one batch: fp32 base {r32:.0f} MiB, bf16 base {r16:.0f} MiB")
-    rows.append(ratio_row(f"[{shape}] peak RSS load + score: bf16 base / fp32 base", [r16], [r32], 0.6,
+    out_rows.append(ratio_row(f"[{shape}] peak RSS load + score: bf16 base / fp32 base", [r16], [r32], 0.6,
                           f"{r16:.0f} / {r32:.0f} MiB, fresh subprocesses"))
-    return rows
+    return out_rows
 
 
 # --------------------------------------------------------------------------- main
@@ -471,6 +478,10 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None,
                    help="comma-separated subset of: forward, train, bf16, generate, rss, dtype "
                         "(default: all but dtype)")
+    p.add_argument("--dtype-targets", default=",".join(DTYPE_TARGETS),
+                   help="comma-separated subset of the dtype comparison: " + ", ".join(DTYPE_TARGETS))
+    p.add_argument("--rows", type=int, default=None,
+                   help="batch rows of the dtype comparison (default: 8 for smollm2-135m, 1 for qwen2.5-0.5b)")
     p.add_argument("--shape", choices=["smollm2-135m", "qwen2.5-0.5b"], default="smollm2-135m",
                    help="model of the dtype comparison (qwen2.5-0.5b: random weights, its shape)")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
@@ -482,8 +493,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rss_child and args.rss_child.startswith("dtype:"):
-        _, shape, dtype = args.rss_child.split(":")
-        rss_dtype_child(shape, dtype, [Path(a) for a in args.adapters])
+        _, shape, dtype, rows = args.rss_child.split(":")
+        rss_dtype_child(shape, dtype, [Path(a) for a in args.adapters], int(rows))
         return 0
     if args.rss_child:
         rss_child(args.rss_child, [Path(a) for a in args.adapters], args.rss_steps)
@@ -506,15 +517,16 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
           f"repeats={repeats}, new tokens={new_tokens}")
     rows: list[dict] = []
+    targets = set(args.dtype_targets.split(","))
 
     if parts == {"dtype"} and args.shape != "smollm2-135m":
-        rows += dtype_rows(args.shape, None, repeats, new_tokens)
+        rows += dtype_rows(args.shape, None, repeats, new_tokens, args.rows or 1, targets)
         parts = set()
 
     with tempfile.TemporaryDirectory(prefix="moa-bench-") as tmp:
         adapters = build_adapters(Path(tmp)) if parts else []
         if "dtype" in parts:
-            rows += dtype_rows(args.shape, adapters, repeats, new_tokens)
+            rows += dtype_rows(args.shape, adapters, repeats, new_tokens, args.rows or BATCH, targets)
             parts.discard("dtype")
         if not parts:
             adapters = []
