@@ -7,6 +7,15 @@ Shapes (the issue contract): the embedded SmolLM2-135M, 4 experts, r=8 on all 7 
 batch 8 x 128 tokens, float32. The experts are random PEFT LoRAs (`init_lora_weights=False`,
 so they differ) written to a temp dir and assembled with `MoAModel.from_adapters`.
 
+`--only dtype` compares a bfloat16 base against a float32 base (experts and routers float32 in
+both): peak RSS of loading + scoring, scoring tokens/s, stage-1 and stage-2 step time,
+generation tokens/s and the PPL of the demo test set, on the embedded model; with
+`--shape qwen2.5-0.5b` on a randomly initialised model of Qwen2.5-0.5B's shape (config built
+here, nothing downloaded; memory and speed only: batch 2 x 128).
+
+    python benchmarks/run.py --only dtype --repeats 3 --threads 2
+    python benchmarks/run.py --only dtype --shape qwen2.5-0.5b --repeats 3 --threads 2
+
 Every target runs its variants interleaved (the order rotates every repeat) after one warm-up
 call each, and reports the ratio of the minima, of the medians and of the maxima: this 2-core
 machine is shared, so the minimum is the best estimate of the cost and the median shows how
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -280,6 +290,180 @@ def measure_rss(kind: str, adapters: list[Path], steps: int) -> float:
     return res["peak_rss_mib"]
 
 
+# --------------------------------------------------------------------------- bf16 base vs float32 base
+
+QWEN05 = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+              num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+              tie_word_embeddings=True, rope_theta=1000000.0)
+"""Qwen2.5-0.5B's architecture (its config.json), initialised at random here."""
+
+
+def dtype_model(shape: str, dtype: torch.dtype, adapters: list[Path] | None):
+    """An MoA with 4 experts (r=8, all 7 projections) whose frozen base is in `dtype`."""
+    from moa.model import MoAModel
+
+    if shape == "smollm2-135m":
+        return MoAModel.from_adapters(adapters, dtype=dtype)
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from moa.checkpoint import Adapter
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN05), dtype=dtype)  # built in dtype, no fp32 copy
+    moa = MoAModel(base, None, base="qwen2.5-0.5b-shape", target_modules=TARGETS)
+    g = torch.Generator().manual_seed(1)
+    for d in DOMAINS:
+        weights = {path: (torch.randn(RANK, m.in_features, generator=g) / m.in_features ** 0.5,
+                          torch.randn(m.out_features, RANK, generator=g) * 0.01)
+                   for path, m in moa.lora_modules.items()}
+        moa.add_expert(d, Adapter("random", RANK, ALPHA, False, None, weights), check_base=False)
+    return moa
+
+
+def dtype_batch(shape: str, vocab: int, rows: int) -> dict:
+    """The first `rows` rows of `train_batch` (a shared 2-core machine: keep each step short)."""
+    b = {k: (v[:rows] if torch.is_tensor(v) else v) for k, v in train_batch(vocab).items()}
+    b["global_tokens"] = int((b["labels"][:, 1:] != -100).sum())
+    b["global_rows"] = b["global_router_rows"] = rows
+    return b
+
+
+def score_nll(moa, batch) -> torch.Tensor:
+    from moa.losses import label_nll
+
+    with torch.no_grad():
+        out = moa(batch["input_ids"], batch["attention_mask"], domain_ids=batch["domain_ids"])
+        return label_nll(batch["labels"], logits=out.logits)[0]
+
+
+def rss_dtype_child(shape: str, dtype: str, adapters: list[Path], rows: int) -> None:
+    """Load the model with a `dtype` base and score one batch in this fresh process; peak RSS (MiB)."""
+    model = dtype_model(shape, getattr(torch, dtype), adapters)
+    score_nll(model, dtype_batch(shape, model.base_model.config.vocab_size, rows))
+    print(json.dumps({"peak_rss_mib": _vm_hwm_kib() / 1024}))
+
+
+def measure_dtype_rss(shape: str, dtype: str, adapters: list[Path], rows: int) -> float:
+    cmd = [sys.executable, __file__, "--rss-child", f"dtype:{shape}:{dtype}:{rows}", "--adapters", *map(str, adapters)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def demo_test_ppl(model, per_domain: int = 10) -> dict:
+    """PPL of the first `per_domain` records of each domain of data/demo/test.jsonl: the base
+    alone and the MoA with each record's own expert (explicit routing)."""
+    from moa.data import encode_records, read_records
+    from moa.scoring import causal_lm_forward, moa_forward, score_examples
+
+    records, _ = read_records(Path(__file__).resolve().parents[1] / "data" / "demo" / "test.jsonl")
+    seen: dict[str, int] = {}
+    chosen = []
+    for r in records:
+        if seen.get(r.domain, 0) < per_domain:
+            seen[r.domain] = seen.get(r.domain, 0) + 1
+            chosen.append(r)
+    examples, _ = encode_records(model.tokenizer, chosen, 256)
+    names = list(seen)
+    # the demo's domains are not the benchmark's: give demo domain k the benchmark's expert k
+    for ex in examples:
+        ex.domain = DOMAINS[names.index(ex.domain) % len(DOMAINS)]
+    out = {}
+    for name, fwd in (("base", causal_lm_forward(model.base_model)), ("moa", moa_forward(model, "explicit")[0])):
+        rows = score_examples(fwd, examples, model.tokenizer.pad_token_id, 8, progress=False)
+        out[name] = math.exp(-sum(r["logprob"] for r in rows) / sum(r["tokens"] for r in rows))
+    return out
+
+
+DTYPE_TARGETS = ("score", "stage2", "stage1", "generate", "ppl", "rss")
+
+
+def dtype_rows(shape: str, adapters: list[Path] | None, repeats: int, new_tokens: int, rows: int,
+               targets: set[str] = set(DTYPE_TARGETS)) -> list[dict]:
+    """bf16 base against float32 base, one process, interleaved; `targets`: a subset of DTYPE_TARGETS."""
+    from moa.device import bf16_native
+
+    out_rows = []
+    print(f"dtype: {shape}, bf16 base vs float32 base (experts, routers float32); native bf16 here: "
+          f"{bf16_native('cpu')}", flush=True)
+    fp32 = dtype_model(shape, torch.float32, adapters)
+    bf16 = dtype_model(shape, torch.bfloat16, adapters)
+    batch = dtype_batch(shape, fp32.base_model.config.vocab_size, rows)
+    tokens = int(batch["attention_mask"].sum())
+    nll32, nll16 = score_nll(fp32, batch).mean(), score_nll(bf16, batch).mean()
+    print(f"  mean NLL of the benchmark batch: fp32 base {float(nll32):.4f}, bf16 base {float(nll16):.4f} "
+          f"({100 * float((nll16 - nll32) / nll32):+.2f}%)")
+
+    if "score" in targets:
+        t = interleave({"bf16": lambda: score_nll(bf16, batch), "fp32": lambda: score_nll(fp32, batch)}, repeats,
+                       "score")
+        out_rows.append(ratio_row(f"[{shape}] scoring tokens/s: bf16 base / fp32 base", t["bf16"], t["fp32"], 1.0,
+                                  f"{tokens} tokens per batch; fp32 {tokens / min(t['fp32']):.0f} tok/s, "
+                                  f"bf16 {tokens / min(t['bf16']):.0f} tok/s", higher_is_better=True))
+
+    if "stage2" in targets:
+        for m in (fp32, bf16):
+            m.set_trainable(experts=True, routers=True)
+        # As the Trainer runs them: a bf16 base autocasts, a float32 one (--no-bf16) does not.
+        steps = {"bf16 base": TrainStep(bf16, stage2_loss, bf16.trainable_parameters(), bf16=True),
+                 "fp32 base": TrainStep(fp32, stage2_loss, fp32.trainable_parameters(), bf16=False)}
+        t = interleave({k: (lambda s=s: s(batch)) for k, s in steps.items()}, repeats, "stage 2")
+        out_rows.append(ratio_row(f"[{shape}] stage-2 step: bf16 base / fp32 base", t["bf16 base"], t["fp32 base"],
+                                  1.0, f"{tokens} tokens; fp32 {min(t['fp32 base']):.2f}s, "
+                                       f"bf16 {min(t['bf16 base']):.2f}s"))
+        for m in (fp32, bf16):
+            m.set_trainable(experts=False, routers=False)
+        del steps
+        gc.collect()
+
+    if shape == "smollm2-135m" and "stage1" in targets:
+        from moa.device import placement
+
+        with placement("cpu", "bfloat16"):
+            p16 = peft_train_model(adapters[0])
+        p32 = peft_train_model(adapters[0])
+        s1 = {"bf16 base": TrainStep(p16, peft_loss, [p for p in p16.parameters() if p.requires_grad], bf16=True),
+              "fp32 base": TrainStep(p32, peft_loss, [p for p in p32.parameters() if p.requires_grad])}
+        t = interleave({k: (lambda s=s: s(batch)) for k, s in s1.items()}, repeats, "stage 1")
+        out_rows.append(ratio_row(f"[{shape}] stage-1 step: bf16 base / fp32 base", t["bf16 base"], t["fp32 base"],
+                              1.0, f"PEFT single LoRA; fp32 {min(t['fp32 base']):.2f}s, "
+                                   f"bf16 {min(t['bf16 base']):.2f}s"))
+        del s1, p16, p32
+        gc.collect()
+
+    if shape == "smollm2-135m" and "generate" in targets:
+        prompts = [text for _, text in PROMPTS]
+        from moa import generation
+
+        real_eos_ids = generation._eos_ids
+        generation._eos_ids = lambda model: torch.tensor([-1])  # exactly new_tokens per row on both sides
+        doms = [d for d, _ in PROMPTS]
+        t = interleave({n: (lambda m=m: m.generate(prompts, domains=doms, max_new_tokens=new_tokens))
+                        for n, m in (("bf16", bf16), ("fp32", fp32))}, repeats, "generate")
+        generation._eos_ids = real_eos_ids
+        n_tok = len(prompts) * new_tokens
+        out_rows.append(ratio_row(f"[{shape}] generation tokens/s: bf16 base / fp32 base", t["bf16"], t["fp32"], 1.0,
+                              f"8 prompts x {new_tokens}; fp32 {n_tok / min(t['fp32']):.1f} tok/s, "
+                              f"bf16 {n_tok / min(t['bf16']):.1f} tok/s", higher_is_better=True))
+    if shape == "smollm2-135m" and "ppl" in targets:
+        ppl32, ppl16 = demo_test_ppl(fp32), demo_test_ppl(bf16)
+        for k in ("base", "moa"):
+            rel = ppl16[k] / ppl32[k]
+            out_rows.append({"target": f"[{shape}] demo test PPL ({k}): bf16 / fp32", "min": rel, "median": rel,
+                         "max": rel, "limit": "1 ± 0.01", "pass": abs(rel - 1) <= 0.01,
+                         "note": f"fp32 {ppl32[k]:.4f}, bf16 {ppl16[k]:.4f}; 10 records per demo domain"})
+
+    fp32 = bf16 = None  # release both models before the RSS subprocesses
+    gc.collect()
+    if "rss" not in targets:
+        return out_rows
+    r32 = measure_dtype_rss(shape, "float32", adapters or [], rows)
+    r16 = measure_dtype_rss(shape, "bfloat16", adapters or [], rows)
+    print(f"  peak RSS of loading + scoring one batch: fp32 base {r32:.0f} MiB, bf16 base {r16:.0f} MiB")
+    out_rows.append(ratio_row(f"[{shape}] peak RSS load + score: bf16 base / fp32 base", [r16], [r32], 0.6,
+                          f"{r16:.0f} / {r32:.0f} MiB, fresh subprocesses"))
+    return out_rows
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -292,7 +476,14 @@ def main(argv=None) -> int:
                    help="torch intra-op threads (default: torch's choice); 1 is steadier on a shared machine")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--only", default=None,
-                   help="comma-separated subset of: forward, train, bf16, generate, rss")
+                   help="comma-separated subset of: forward, train, bf16, generate, rss, dtype "
+                        "(default: all but dtype)")
+    p.add_argument("--dtype-targets", default=",".join(DTYPE_TARGETS),
+                   help="comma-separated subset of the dtype comparison: " + ", ".join(DTYPE_TARGETS))
+    p.add_argument("--rows", type=int, default=None,
+                   help="batch rows of the dtype comparison (default: 8 for smollm2-135m, 1 for qwen2.5-0.5b)")
+    p.add_argument("--shape", choices=["smollm2-135m", "qwen2.5-0.5b"], default="smollm2-135m",
+                   help="model of the dtype comparison (qwen2.5-0.5b: random weights, its shape)")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--rss-steps", type=int, default=3, help=argparse.SUPPRESS)
     p.add_argument("--adapters", nargs="*", default=None, help=argparse.SUPPRESS)
@@ -301,6 +492,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.rss_child and args.rss_child.startswith("dtype:"):
+        _, shape, dtype, rows = args.rss_child.split(":")
+        rss_dtype_child(shape, dtype, [Path(a) for a in args.adapters], int(rows))
+        return 0
     if args.rss_child:
         rss_child(args.rss_child, [Path(a) for a in args.adapters], args.rss_steps)
         return 0
@@ -322,12 +517,22 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
           f"repeats={repeats}, new tokens={new_tokens}")
     rows: list[dict] = []
+    targets = set(args.dtype_targets.split(","))
+
+    if parts == {"dtype"} and args.shape != "smollm2-135m":
+        rows += dtype_rows(args.shape, None, repeats, new_tokens, args.rows or 1, targets)
+        parts = set()
 
     with tempfile.TemporaryDirectory(prefix="moa-bench-") as tmp:
-        adapters = build_adapters(Path(tmp))
-        moa = MoAModel.from_adapters(adapters)
-        tok = moa.tokenizer
-        batch = train_batch(moa.base_model.config.vocab_size)
+        adapters = build_adapters(Path(tmp)) if parts else []
+        if "dtype" in parts:
+            rows += dtype_rows(args.shape, adapters, repeats, new_tokens, args.rows or BATCH, targets)
+            parts.discard("dtype")
+        if not parts:
+            adapters = []
+        moa = MoAModel.from_adapters(adapters) if parts else None
+        tok = moa.tokenizer if parts else None
+        batch = train_batch(moa.base_model.config.vocab_size if parts else 49152)
         ids, mask, dom = batch["input_ids"], batch["attention_mask"], batch["domain_ids"]
 
         if parts & {"forward", "generate"}:

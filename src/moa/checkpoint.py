@@ -116,12 +116,17 @@ def save_checkpoint(model: "MoAModel", out_dir: str | Path, provenance: dict | N
 
 
 def load_checkpoint(model_cls, moa_dir: str | Path, base: str | Path | None = None, *,
-                    dtype: torch.dtype | None = None, lora_dropout: float = 0.0) -> "MoAModel":
-    """Load a checkpoint written by `save_checkpoint`; `base` overrides the recorded one."""
+                    dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+                    lora_dropout: float = 0.0) -> "MoAModel":
+    """Load a checkpoint written by `save_checkpoint`; `base` overrides the recorded one.
+
+    `dtype` is the base weights' and `device` where everything goes (see `moa.base.load_base`);
+    the experts and routers are read into float32 whatever dtype the checkpoint was trained with.
+    """
     moa_dir = Path(moa_dir)
     cfg = MoAConfig.read(moa_dir)
     base = base or cfg.base
-    model, tok = load_base(base, dtype)
+    model, tok = load_base(base, dtype, device)
     if cfg.base_signature and base_signature(model.config) != cfg.base_signature:
         raise MoAError(f"base model {base} does not match the checkpoint's base: it is "
                        f"{base_signature(model.config)}, the checkpoint was built on {cfg.base_signature}")
@@ -145,7 +150,8 @@ def load_routing_part(model_cls, moa_dir: str | Path, route_layers: int | None =
     and generate refuse). Router K reads the input of layer K, so layer K never runs: its
     weights are released (moved to the meta device), and what stays is the embeddings, K - 1
     layers, their experts and K small routers. Give the `device` here: a module holding meta
-    tensors cannot be moved with `.to()`.
+    tensors cannot be moved with `.to()`. `dtype` and `device` as for `load_base` (default: the
+    current `moa.device.placement`).
     """
     moa_dir = Path(moa_dir)
     cfg = MoAConfig.read(moa_dir)
@@ -158,7 +164,7 @@ def load_routing_part(model_cls, moa_dir: str | Path, route_layers: int | None =
         K = AutoConfig.from_pretrained(resolve_base(base)).get_text_config().num_hidden_layers
     if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= (total or K):
         raise MoAError(f"route_layers must be an integer from 1 to {total} (the model's layers), got {K!r}")
-    model, tok = load_base_prefix(base, K, dtype)
+    model, tok = load_base_prefix(base, K, dtype, device)
     signature = dict(base_signature(model.config), num_hidden_layers=total or K)
     if cfg.base_signature and signature != cfg.base_signature:
         raise MoAError(f"base model {base} does not match the checkpoint's base: it is {signature}, "
@@ -175,15 +181,14 @@ def load_routing_part(model_cls, moa_dir: str | Path, route_layers: int | None =
         moa.add_expert(name, adapter, check_base=False)
         moa.experts[name] = dict(cfg.experts.get(name) or moa.experts[name])
     moa.load_router_state_dict(load_tensors(moa_dir / "router.safetensors"))
-    if device is not None:
-        moa.to(device)
     moa._layers[-1].to("meta")
     moa.routing_only = True
     return moa
 
 
 def assemble(model_cls, adapter_dirs: Sequence[str | Path], domains: Sequence[str] | None = None,
-             base: str | Path | None = None, *, dtype: torch.dtype | None = None, eta: float = 1.0,
+             base: str | Path | None = None, *, dtype: torch.dtype | str | None = None,
+             device: torch.device | str | None = None, eta: float = 1.0,
              lora_dropout: float = 0.0, seed: int = 0) -> "MoAModel":
     """Put stage-1 PEFT LoRA adapters (one per domain) side by side on their shared base.
 
@@ -217,7 +222,7 @@ def assemble(model_cls, adapter_dirs: Sequence[str | Path], domains: Sequence[st
                            f"{recorded[0].base}, {a.where} on {a.base}")
     if base is None:
         base = recorded[0].base if recorded else DEFAULT_BASE
-    model, tok = load_base(base, dtype)
+    model, tok = load_base(base, dtype, device)
     moa = model_cls(model, tok, base=base_reference(base), target_modules=first.target_modules,
                     eta=eta, lora_dropout=lora_dropout, seed=seed)
     for name, adapter in zip(names, adapters):

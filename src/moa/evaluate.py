@@ -83,7 +83,7 @@ def _hf_generate(model, tok, prompts: list, max_new_tokens: int, batch_size: int
         chunk = prompts[s : s + batch_size]
         rendered = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in chunk]
         tok.padding_side = "left"
-        enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -115,7 +115,8 @@ def peft_system(name: str, base: str, adapter: str | Path | None, max_new_tokens
                 idx = [i for i, r in enumerate(rows) if r == d]
                 model.set_adapter(d)
                 with torch.no_grad():
-                    lg = model(input_ids=batch["input_ids"][idx], attention_mask=batch["attention_mask"][idx]).logits
+                    lg = model(input_ids=batch["input_ids"][idx].to(model.device),
+                               attention_mask=batch["attention_mask"][idx].to(model.device)).logits
                 if logits is None:
                     logits = lg.new_zeros(len(rows), *lg.shape[1:])
                 logits[idx] = lg

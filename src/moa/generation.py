@@ -8,16 +8,13 @@ per row (per layer for `layer` routing), so the routers never run on a generated
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from moa.errors import MoAError
 from moa.router import RoutingState, check_pool_mask, decide, layer_probs
-
-if TYPE_CHECKING:
-    from moa.model import MoAModel
 
 
 @dataclass

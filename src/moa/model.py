@@ -109,7 +109,8 @@ class MoAModel(nn.Module):
         self.lora_modules = _inject(base_model, layers, self.slots, self.target_modules, lora_dropout)
         """{module path in base_model: MoLoRALinear}, in model order (a plain dict, not registered twice)."""
         hidden = base_model.config.get_text_config().hidden_size
-        self.routers = nn.ModuleList(LayerRouter(hidden) for _ in layers)
+        # float32 like the experts (master weights), on the base's device
+        self.routers = nn.ModuleList(LayerRouter(hidden) for _ in layers).to(_device_of(base_model))
         forward_params = inspect.signature(base_model.forward).parameters
         self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
         self._keep_last = "logits_to_keep" in forward_params  # generation needs the last position only
@@ -149,7 +150,7 @@ class MoAModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.base_model.parameters()).device
+        return _device_of(self.base_model)
 
     def extra_repr(self) -> str:
         return f"domains={self._domains}, target_modules={self.target_modules}, eta={self.eta}"
@@ -165,7 +166,8 @@ class MoAModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, moa_dir, base=None, **kwargs) -> "MoAModel":
-        """Load a saved MoA checkpoint (see `moa.checkpoint.load_checkpoint`)."""
+        """Load a saved MoA checkpoint (see `moa.checkpoint.load_checkpoint`): `device=` auto|cpu|cuda|
+        cuda:N|mps and `dtype=` auto|float32|bfloat16|float16 of the base (experts stay float32)."""
         from moa.checkpoint import load_checkpoint
 
         return load_checkpoint(cls, moa_dir, base, **kwargs)
@@ -175,7 +177,6 @@ class MoAModel(nn.Module):
         from moa.checkpoint import save_checkpoint
 
         return save_checkpoint(self, out_dir, provenance)
-
 
     # ------------------------------------------------------------------ experts
 
@@ -365,6 +366,9 @@ class MoAModel(nn.Module):
         routing = self.resolve_routing(routing, domains, domain_ids)
         check_routed_checkpointing(self._layers)
         B, T = input_ids.shape
+        # Batches are collated on the CPU; the model may live on an accelerator.
+        input_ids, attention_mask, prompt_mask, labels = _to(self.device, input_ids, attention_mask, prompt_mask,
+                                                             labels)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pool_mask = (prompt_mask if prompt_mask is not None else attention_mask).bool()  # (B, T)
@@ -448,6 +452,7 @@ class MoAModel(nn.Module):
         if routing not in ROUTINGS[1:]:
             raise MoAError(f"route needs routing vote, last or layer, got {routing!r}")
         self.resolve_routing(routing, None, None)
+        input_ids, attention_mask, prompt_mask = _to(self.device, input_ids, attention_mask, prompt_mask)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pool_mask = (prompt_mask if prompt_mask is not None else attention_mask).bool()  # (B, T)
@@ -510,6 +515,14 @@ class MoAModel(nn.Module):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    return tuple(None if t is None else t.to(device) for t in tensors)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -37,8 +37,11 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 def causal_lm_forward(model) -> Callable[[dict], tuple[torch.Tensor, list[dict]]]:
     """Forward fn for a transformers CausalLM / PeftModel: returns (logits, per-row extras)."""
 
+    device = next(model.parameters()).device
+
     def fwd(batch):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                    use_cache=False)
         return out.logits, [{} for _ in range(batch["input_ids"].size(0))]
 
     return fwd
@@ -65,7 +68,7 @@ def score_examples(
             batch = collate([examples[i] for i in idx], pad_id, padding_side="right")
             batch["domain_names"] = [examples[i].domain for i in idx]
             logits, extras = forward(batch)
-            lp, n = token_logprobs(logits, batch["labels"])
+            lp, n = token_logprobs(logits, batch["labels"].to(logits.device))
             for k, i in enumerate(idx):
                 results[i] = {"index": examples[i].index, "domain": examples[i].domain,
                               "logprob": float(lp[k]), "tokens": int(n[k]), **extras[k]}

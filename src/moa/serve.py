@@ -950,8 +950,7 @@ def _default_loader(path: str, current) -> Any:
     """Load a checkpoint like the one being served: same device, same dtype."""
     from moa.model import MoAModel
 
-    model = MoAModel.from_pretrained(path, dtype=_dtype_of(current))
-    return model.to(current.device) if hasattr(current, "device") else model
+    return MoAModel.from_pretrained(path, device=getattr(current, "device", None), dtype=_dtype_of(current))
 
 
 def _dtype_of(model):

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from moa.data import IGNORE_INDEX, Example, collate
+from moa.device import bf16_native, current, resolve_bf16
 from moa.errors import MoAError
 from moa.losses import label_nll
 from moa.io import atomic_dir, atomic_write_json, atomic_write_text, check_out_dir, load_tensors, save_tensors
@@ -104,32 +105,8 @@ REPORT_TO = ("none", "tensorboard")
 
 
 def bf16_supported() -> bool:
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
-
-
-BF16_ENV = "MOA_BF16"
-"""Environment variable with the precision policy for trainings that leave `bf16` unset:
-`auto` (default: bf16 where the hardware computes it natively), `1` (always bf16 autocast,
-emulated where not native) or `0` (always float32)."""
-
-
-def resolve_bf16(flag: bool | None) -> bool:
-    """An explicit flag wins; None follows $MOA_BF16 (auto|1|0), whose `auto` is the hardware."""
-    if flag is not None:
-        return flag
-    policy = os.environ.get(BF16_ENV, "auto").strip().lower()
-    if policy in ("", "auto"):
-        return bf16_supported()
-    if policy in ("1", "true", "yes", "on"):
-        return True
-    if policy in ("0", "false", "no", "off"):
-        return False
-    raise MoAError(f"${BF16_ENV} must be auto, 1 or 0, got {os.environ[BF16_ENV]!r}")
+    """Whether the device `--device auto` picks computes bf16 natively (see moa.device)."""
+    return bf16_native(None)
 
 
 def load_eval_examples(cfg: TrainConfig, tok, domains: Sequence[str] | None) -> list[Example] | None:
@@ -182,7 +159,8 @@ def start_run(out: Path, run_config: dict, *, resume: bool, overwrite: bool) -> 
     run killed at any moment can be resumed. Returns whether this is the main process."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())  # the Trainer's Accelerator reuses it
+    # The Trainer's Accelerator reuses this state: both follow the run's --device.
+    state = PartialState(cpu=current().device.type != "cuda")
     is_main = state.is_main_process
     prepare_out_dir(out, run_config, resume=resume, overwrite=overwrite, is_main=is_main)
     state.wait_for_everyone()  # every rank has checked OUT before rank 0 writes into it
@@ -294,7 +272,16 @@ class Trainer:
         # (parameter, scale broadcastable to it): each optimizer update of the parameter is
         # multiplied by the scale, i.e. a per-slice learning rate (stacked experts, one lr each).
         self.update_scales = [(p, s.to(p.device, p.dtype)) for p, s in update_scales if p.requires_grad]
-        self.bf16 = resolve_bf16(cfg.bf16)
+        base_dtype = _base_dtype(model)
+        # Autocast agrees with the weights: a bf16 base computes in bf16 anyway, so the experts'
+        # matmuls follow it unless --no-bf16; a float16 base is not autocast to bf16 (that would
+        # copy every frozen weight each step); a float32 base follows --bf16 / $MOA_BF16.
+        if base_dtype == torch.bfloat16:
+            self.bf16 = True if cfg.bf16 is None else cfg.bf16
+        elif base_dtype == torch.float16:
+            self.bf16 = False
+        else:
+            self.bf16 = resolve_bf16(cfg.bf16, _model_device(model))
         # accelerate keeps its precision in one process-wide state that cannot change once set, so
         # two trainings of different precisions in one process (a notebook, `moa demo`) would
         # collide. accelerate therefore always runs in "no" mixed precision, and the autocast is
@@ -302,7 +289,7 @@ class Trainer:
         self.tracking = cfg.report_to != "none"
         self.acc = accelerator or Accelerator(
             mixed_precision="no",
-            cpu=not torch.cuda.is_available(),
+            cpu=_model_device(model).type != "cuda",
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
             log_with=cfg.report_to if self.tracking else None,
             project_dir=str(self.out) if self.tracking else None,
@@ -640,3 +627,16 @@ def plot_losses(log: list[dict], path: Path, title: str) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _base_dtype(model) -> torch.dtype:
+    """The dtype of the frozen weights (the largest share of parameters that do not train)."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32

@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_libraries()
     try:
-        rc = args.func(args)
+        with _placement(args):
+            rc = args.func(args)
         return int(rc or 0)
     except MoAError as e:
         print(f"moa: error: {e}", file=sys.stderr)
@@ -129,9 +130,29 @@ def _all_parsers(parser: argparse.ArgumentParser):
                 yield from _all_parsers(p)
 
 
+def _placement(args):
+    """The command's --device / --dtype (moa.cli.options.add_device_args) for every model it loads."""
+    import contextlib
+
+    if not hasattr(args, "device"):
+        return contextlib.nullcontext()
+    from moa.device import placement
+
+    dtype = getattr(args, "base_dtype", "auto")
+    if dtype == "auto" and getattr(args, "bf16", None) is not None:
+        # A training's --bf16 / --no-bf16 is its precision: the base weights agree with it.
+        dtype = "bfloat16" if args.bf16 else "float32"
+    return placement(args.device, dtype)
+
+
 def _quiet_libraries() -> None:
     """Our own progress bars and messages are enough; silence the libraries' per-load noise."""
+    import os
     import warnings
+
+    # Set by the command for its own process (never by `import moa`); the user's values win.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")

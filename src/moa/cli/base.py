@@ -8,7 +8,8 @@ from moa.base import DEFAULT_BASE
 def register(sub) -> None:
     p = sub.add_parser("base-path", help="print the local checkpoint directory of a base model")
     p.add_argument("--base", default=DEFAULT_BASE,
-                   help=f"'{DEFAULT_BASE}' (embedded default) or a local transformers checkpoint dir")
+                   help=f"'{DEFAULT_BASE}' (embedded default), a local transformers checkpoint dir or a hub id "
+                        "(org/name: from the Hugging Face cache, downloaded when online)")
     p.set_defaults(func=run)
 
 

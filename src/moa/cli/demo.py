@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moa.cli.options import add_device_args
 from moa.demo import PROFILES
 from moa.fit import BASELINES, BUDGETS, FitConfig
 
@@ -18,6 +19,7 @@ def register(sub) -> None:
     p.add_argument("--data", default=None, help="directory with train/valid/test.jsonl (default: data/demo)")
     p.add_argument("--base", default=None, help="base model (default: smollm2-135m)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    add_device_args(p)
     p.set_defaults(func=_cmd_demo)
     _register_data(sub)
     _register_fit(sub)
@@ -82,6 +84,7 @@ def _register_fit(sub) -> None:
                    "and an eta sweep on the validation data")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage and of the validation split")
     p.add_argument("--overwrite", action="store_true", help="replace a RUN that holds another fit")
+    add_device_args(p)
     p.set_defaults(func=_cmd_fit)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moa.cli.options import add_device_args
 from moa.errors import MoAError
 from moa.cli.judge import add_eval_judge_args
 from moa.evaluate import DEFAULT_SYSTEMS
@@ -32,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="records scored / generated together")
     p.add_argument("--no-generate", action="store_true", help="skip generation (PPL and routing only)")
     add_eval_judge_args(p)
+    add_device_args(p)
     p.set_defaults(func=_cmd_eval)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moa.cli.options import add_device_args
 from moa.export import DTYPES, FORMATS
 
 def register(sub) -> None:
@@ -29,6 +30,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="merged only: dtype of the written weights (the merge itself runs in float32)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    add_device_args(p, dtype=False)
     p.set_defaults(func=_cmd_export)
 
 

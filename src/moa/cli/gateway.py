@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from moa.cli.options import add_device_args
 from moa.errors import MoAError
 
 DEFAULT_ROUTE_LAYERS = 4
@@ -50,14 +51,11 @@ def register(sub) -> None:
                    help="most prompts waiting to be routed; beyond it clients get 503 (default: 256)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted, in tokens (default: no limit here; the upstream has its own)")
-    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda, ...")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="weights dtype (default auto: bfloat16 on cuda, float32 on cpu)")
+    add_device_args(p)
     p.set_defaults(func=_cmd_gateway)
 
 
 def _cmd_gateway(args) -> int:
-    import torch
     import uvicorn
 
     from moa.checkpoint import MoAConfig, load_routing_part
@@ -81,13 +79,8 @@ def _cmd_gateway(args) -> int:
     if K < 0 or (total is not None and K > total):
         raise MoAError(f"--route-layers must be 0 (all) or 1..{total or 'the number of layers'}, got {K}")
     K = K or None  # 0: all layers
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise MoAError(f"--device: {e}") from None
-    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = load_routing_part(MoAModel, args.moa, K, dtype=dtype, device=device)
+    model = load_routing_part(MoAModel, args.moa, K)  # on --device, base in --dtype (moa.cli's placement)
+    device = model.device
     app = create_gateway_app(model, upstreams, template=args.upstream_model_template, api_key=args.api_key,
                              upstream_api_key=args.upstream_api_key, timeout_s=args.upstream_timeout,
                              max_batch_size=args.max_batch_size, max_queue=args.max_queue,

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from moa.cli.options import add_device_args
 from moa.errors import MoAError
 from moa.router import ROUTINGS
 
@@ -23,6 +24,7 @@ def register(sub) -> None:
     p.add_argument("--base", default=None, help="base model (default: the one recorded in the adapters)")
     p.add_argument("--domains", default=None, help="comma-separated domain names (default: the directory names)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_device_args(p)
     p.set_defaults(func=_cmd_assemble)
 
     p = sub.add_parser(
@@ -38,6 +40,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts routed together")
     p.add_argument("--max-length", type=int, default=1024, help="truncate records to this many tokens")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad JSONL lines instead of stopping")
+    add_device_args(p)
     p.set_defaults(func=_cmd_route)
 
     p = sub.add_parser(
@@ -56,6 +59,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="with --input: prompts generated together")
     _add_decoding_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON object (text, domain, router_probs)")
+    add_device_args(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser(
@@ -69,6 +73,7 @@ def register(sub) -> None:
     p.add_argument("--system", default=None, help="a system message that starts the conversation "
                    "(default: none)")
     _add_decoding_args(p)
+    add_device_args(p)
     p.set_defaults(func=_cmd_chat)
 
 

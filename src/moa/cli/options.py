@@ -1,4 +1,4 @@
-"""Options shared by several commands: the training options and `--config FILE.yaml`."""
+"""Options shared by several commands: device and dtype, the training options and `--config FILE.yaml`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,27 @@ from moa.errors import MoAError
 from moa.trainer import REPORT_TO, TrainConfig
 
 
+def add_device_args(p, *, dtype: bool = True) -> None:
+    """--device and --dtype of every command that loads a model; `moa.cli.main` runs the command
+    inside `moa.device.placement(args.device, args.base_dtype)`. dtype=False: the command has a
+    --dtype of its own (export: the written weights) and gets --device only."""
+    g = p.add_argument_group("device and precision")
+    g.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="where the model runs: auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
+    if dtype:
+        g.add_argument("--dtype", dest="base_dtype", default="auto", choices=["auto", "float32", "bfloat16",
+                                                                              "float16"],
+                       help="dtype of the frozen base weights; auto = bfloat16 where the device computes it "
+                            "natively (CUDA with bf16, a CPU with AVX-512 bf16 or AMX), else float32 "
+                            "($MOA_BF16=1/0 forces bfloat16/float32; in training commands --bf16/--no-bf16 "
+                            "decide). Experts, routers and optimizer state stay float32")
+
+
 def add_train_args(p, *, lr: float = 2e-4, batch_size: int = 8, steps_help: str = "optimizer steps",
                    default_steps: int | None = None) -> None:
-    """The options every training command shares, and `--config`."""
+    """The options every training command shares, --device / --dtype, and `--config`."""
     add_config_arg(p)
+    add_device_args(p)
     g = p.add_argument_group("training")
     steps = g.add_mutually_exclusive_group()
     steps.add_argument("--max-steps", type=int, default=default_steps,

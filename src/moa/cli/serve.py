@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from moa.cli.options import add_device_args
 from moa.errors import MoAError
 
 def register(sub) -> None:
@@ -37,16 +38,13 @@ def register(sub) -> None:
                    help="largest max_tokens a request may ask for, and the chat default (default: 1024)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted, in tokens (default: the model's context length)")
-    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda, ...")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="weights dtype (default auto: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--route-layers", type=int, default=None, metavar="K",
                    help="routed requests ('moa') are decided by the routers of the first K layers (default: all)")
+    add_device_args(p)
     p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(args) -> int:
-    import torch
     import uvicorn
 
     from moa.model import MoAModel
@@ -58,18 +56,10 @@ def _cmd_serve(args) -> int:
             raise MoAError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not 0 <= args.port <= 65535:
         raise MoAError(f"--port must be in 0..65535, got {args.port}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise MoAError(f"--device: {e}") from None
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, args.dtype)
-    model = MoAModel.from_pretrained(args.moa, dtype=dtype).to(device)
+    model = MoAModel.from_pretrained(args.moa)  # on --device, base in --dtype (moa.cli runs us in that placement)
     if args.route_layers is not None:
         model.route_layers = args.route_layers  # outside 1..L: a one-line error
+    device = model.device
     app = create_app(model, api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                      max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                      scheduler=args.scheduler, max_batch_tokens=args.max_batch_tokens)

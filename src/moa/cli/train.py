@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 from moa.base import DEFAULT_BASE
-from moa.cli.options import add_train_args, config_from_args
+from moa.cli.options import add_device_args, add_train_args, config_from_args
 from moa.stages import DEFAULT_TARGETS, is_main_process, parse_targets
 
 
 def _add_lora_args(p) -> None:
-    p.add_argument("--base", default=DEFAULT_BASE, help=f"base model: '{DEFAULT_BASE}' or a local checkpoint dir")
+    p.add_argument("--base", default=DEFAULT_BASE,
+                   help=f"base model: '{DEFAULT_BASE}', a local checkpoint dir or a hub id (org/name)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
@@ -95,6 +96,7 @@ def register(sub) -> None:
     b.add_argument("--seed", type=int, default=0, help="seed for the choice of prompts")
     b.add_argument("--overwrite", action="store_true", help="replace an OUT that holds another classifier")
     b.add_argument("--skip-invalid", action="store_true", help="skip bad JSONL lines instead of stopping")
+    add_device_args(b)
     b.set_defaults(func=_cmd_classifier)
 
 
