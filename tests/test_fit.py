@@ -79,8 +79,9 @@ def test_fit_refuses_other_settings_in_the_same_run_and_bad_options(fitted, file
     assert main([*args, "--eta", "0.5"]) == 2
     assert "holds a fit with other settings" in capsys.readouterr().err
     train, _ = files
-    assert main(["fit", "--data", str(train), "--out", str(out.parent / "c2"), "--budget", "converge"]) == 2
-    assert "give --valid FILE or --valid-fraction F" in capsys.readouterr().err
+    assert main(["fit", "--data", str(train), "--out", str(out.parent / "c2"), "--budget", "converge",
+                 "--lr", "0"]) == 2  # a bad value is refused before any work
+    assert "lr must be positive" in capsys.readouterr().err and not (out.parent / "c2").exists()
     assert main(["fit", "--data", str(train), "--out", str(out.parent / "c3"), "--baselines", "nope"]) == 2
     assert "unknown baseline(s) nope" in capsys.readouterr().err
     assert not (out.parent / "c3").exists()
@@ -99,6 +100,55 @@ def test_fit_converge_stops_each_training_at_its_best(files, tiny_base, tmp_path
         assert s["steps"] <= cap and s["best"]["step"] <= s["steps"], name
     assert (out / "moa" / "val_best.json").is_file()
     assert "Budget policy: **converge**" in (out / "report.md").read_text()
+
+
+def test_fit_seed_recipe_starts_experts_from_the_mixed_lora_and_stage2_trains_routers_only(files, tiny_base,
+                                                                                          tmp_path):
+    from safetensors.torch import load_file
+
+    train, _ = files
+    out = tmp_path / "seeded"
+    assert main(["fit", "--data", str(train), "--valid-fraction", "0.34", "--out", str(out), "--base", str(tiny_base),
+                 "--budget", "converge", "--expert-init", "seed", "--stage2", "routers", "--max-epochs", "2",
+                 "--patience", "1", *COMMON]) == 0
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["plan"]["steps"]["seed"] == "mixed_lora"
+    order = list(fit["stages"])
+    assert order.index("mixed_lora") < order.index("expert:math")  # the seed is trained first, once
+    for d in ("math", "echo", "json"):
+        # an expert's validation starts at step 0 (the mixed LoRA) and it keeps its best weights
+        assert fit["stages"][f"expert:{d}"]["best"]["step"] >= 0
+        # stage 2 trained the routers only: the experts are stage 1's, bit for bit
+        a = load_file(out / "moa_assembled" / "experts" / d / "adapter_model.safetensors")
+        b = load_file(out / "moa" / "experts" / d / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    routers = [load_file(out / x / "router.safetensors") for x in ("moa_assembled", "moa")]
+    assert any(not routers[0][k].equal(routers[1][k]) for k in routers[0])
+    assert "MoA starts every expert from it" in (out / "report.md").read_text()
+    with pytest.raises(SystemExit) as e:  # argparse's choices: one line, exit 2
+        main(["fit", "--data", str(train), "--out", str(tmp_path / "bad"), "--expert-init", "mixed"])
+    assert e.value.code == 2
+
+
+def test_keep_best_counts_the_starting_weights(tiny_base, tmp_path):
+    """A run from trained weights that only gets worse keeps the weights it started from."""
+    from safetensors.torch import load_file
+
+    from moa.stages import train_expert
+    from moa.trainer import TrainConfig
+
+    train = write_jsonl(tmp_path / "t.jsonl", synthetic_records(4, seed=5))
+    first = train_expert(data=train, domain="math", out=tmp_path / "a", base=str(tiny_base), rank=4,
+                         cfg=TrainConfig(max_steps=4, batch_size=2, lr=1e-2, max_length=64))
+    assert first["steps"] == 4
+    summary = train_expert(data=train, domain="math", out=tmp_path / "b", base=str(tiny_base), rank=4,
+                           init_adapter=tmp_path / "a", cfg=TrainConfig(
+                               max_steps=3, batch_size=2, lr=50.0, max_length=64, eval_data=str(train),
+                               eval_every=1, keep_best=True))
+    assert summary["best"]["step"] == 0
+    a = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert all(a[k].equal(b[k]) for k in a)
 
 
 def test_split_valid_is_per_domain_and_deterministic():

@@ -31,6 +31,10 @@ from pathlib import Path
 from moa.errors import MoAError
 
 BUDGETS = ("equal", "converge")
+EXPERT_INITS = ("fresh", "seed")
+DEFAULT_VALID_FRACTION = 0.2
+"""Held out of each domain's records when a "converge" fit is given no validation file."""
+STAGE2_MODES = ("joint", "routers")
 BASELINES = ("mixed_lora", "moe_lora", "classifier_loras", "mixed_lora_wide")
 
 
@@ -65,7 +69,17 @@ class FitConfig:
     """"tokens": each expert's lr follows the square-root rule for its label tokens per step
     (`moa.stages.token_lr_scales`); "none": every expert uses lr / stage2_lr as given."""
     seed_steps: int = 0
-    """Steps of a shared seed LoRA on all the data that every expert starts from (0: none)."""
+    """"equal" budget: steps of a shared seed LoRA on all the data that every expert starts from
+    (0: none; with expert_init "seed": one epoch over all the data)."""
+    expert_init: str = "fresh"
+    """"fresh": every expert starts from zero (the paper); "seed": every expert starts from a LoRA
+    trained on all the data (under "converge" that is the mixed-data LoRA baseline itself), so an
+    expert is the mixed LoRA specialised on its domain, keeping what the domains share."""
+    stage2: str = "joint"
+    """"joint": stage 2 trains routers and experts (the paper); "routers": the routers only, the
+    experts stay as stage 1 left them (their best validation weights under "converge")."""
+    router_epochs: float = 2.0
+    """stage2 "routers": passes over the largest domain's records (balanced batches)."""
     allocation: float = 1.0
     """Stage-1 steps of a domain proportional to (its records) ** allocation (1: the same epochs
     for every expert, as the mixed LoRA sees each domain)."""
@@ -87,13 +101,19 @@ class FitConfig:
     def __post_init__(self):
         if self.budget not in BUDGETS:
             raise MoAError(f"--budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
+        if self.expert_init not in EXPERT_INITS:
+            raise MoAError(f"--expert-init must be one of {', '.join(EXPERT_INITS)}, got {self.expert_init!r}")
+        if self.stage2 not in STAGE2_MODES:
+            raise MoAError(f"--stage2 must be one of {', '.join(STAGE2_MODES)}, got {self.stage2!r}")
+        if self.seed_steps < 0:
+            raise MoAError(f"--seed-steps must be >= 0, got {self.seed_steps}")
         unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
             raise MoAError(f"unknown baseline(s) {', '.join(unknown)} (choose from {', '.join(BASELINES)})")
         for name in ("batch_size", "max_length", "rank", "patience"):
             if getattr(self, name) < 1:
                 raise MoAError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "stage2_lr", "router_lr", "epochs", "max_epochs", "stage2_ratio"):
+        for name in ("lr", "stage2_lr", "router_lr", "epochs", "max_epochs", "stage2_ratio", "router_epochs"):
             if not getattr(self, name) > 0:
                 raise MoAError(f"{name} must be positive, got {getattr(self, name)}")
         if self.eta < 0:
@@ -203,6 +223,10 @@ def run_fit(data: str | Path, out: str | Path, cfg: FitConfig | None = None, *, 
     if valid is not None and valid_fraction is not None:
         raise MoAError("give --valid FILE or --valid-fraction F, not both")
     records, _ = read_records(data)
+    if cfg.budget == "converge" and valid is None and valid_fraction is None:
+        valid_fraction = DEFAULT_VALID_FRACTION
+        say(f"{label}: no --valid FILE: {valid_fraction:g} of each domain's records are held out for validation "
+            "(--valid-fraction)")
     if valid_fraction is not None:
         records, valid_records = split_valid(records, valid_fraction, seed)
     else:
@@ -221,7 +245,7 @@ def run_fit(data: str | Path, out: str | Path, cfg: FitConfig | None = None, *, 
     plan = _plan(cfg, sizes)
     if cfg.budget == "converge" and not valid_records:
         raise MoAError("--budget converge stops each training at its best validation loss: "
-                       "give --valid FILE or --valid-fraction F")
+                       "the validation data is empty")
     inputs = [p for p in (data, valid, test) if p]
     state = _State(out, {"data": str(Path(data).resolve()), "valid": str(Path(valid).resolve()) if valid else None,
                          "valid_fraction": valid_fraction, "test": str(Path(test).resolve()) if test else None,
@@ -257,12 +281,16 @@ def _plan(cfg: FitConfig, sizes: dict[str, int]) -> dict:
     """The optimizer steps of every training, by the budget policy (caps under "converge")."""
     per_epoch = {d: max(1, math.ceil(n / cfg.batch_size)) for d, n in sizes.items()}
     total_epoch = max(1, math.ceil(sum(sizes.values()) / cfg.batch_size))
+    # Routers alone: a fixed number of balanced passes (their loss is not the validation loss).
+    routers = max(1, math.ceil(cfg.router_epochs * max(per_epoch.values())))
     if cfg.budget == "converge":
         experts = {d: max(1, math.ceil(cfg.max_epochs * s)) for d, s in per_epoch.items()}
         # Stage 2 sees every domain in a balanced batch: an epoch of the largest domain's share.
-        stage2 = max(1, math.ceil(cfg.max_epochs * max(per_epoch.values())))
+        stage2 = max(1, math.ceil(cfg.max_epochs * max(per_epoch.values()))) if cfg.stage2 == "joint" else routers
         mixed = max(1, math.ceil(cfg.max_epochs * total_epoch))
-        return {"experts": experts, "stage2": stage2, "mixed_lora": mixed, "seed": cfg.seed_steps,
+        # expert_init "seed": the seed is the mixed-data LoRA baseline, trained once.
+        return {"experts": experts, "stage2": stage2, "mixed_lora": mixed,
+                "seed": "mixed_lora" if cfg.expert_init == "seed" else cfg.seed_steps,
                 "eval_every": {"experts": {d: max(1, s // 2) for d, s in per_epoch.items()},
                                "stage2": max(1, max(per_epoch.values()) // 2), "mixed_lora": max(1, total_epoch // 2)}}
     if cfg.expert_steps is not None:
@@ -271,9 +299,13 @@ def _plan(cfg: FitConfig, sizes: dict[str, int]) -> dict:
         total = max(len(sizes), round(cfg.epochs * sum(per_epoch.values())))
         experts = allocate_steps(sizes, total, cfg.allocation)
     stage1 = sum(experts.values())
-    stage2 = cfg.stage2_steps if cfg.stage2_steps is not None else max(1, round(cfg.stage2_ratio * stage1))
-    return {"experts": experts, "stage2": stage2, "mixed_lora": cfg.seed_steps + stage1 + stage2,
-            "seed": cfg.seed_steps, "eval_every": None}
+    if cfg.stage2_steps is not None:
+        stage2 = cfg.stage2_steps
+    else:
+        stage2 = max(1, round(cfg.stage2_ratio * stage1)) if cfg.stage2 == "joint" else routers
+    seed = cfg.seed_steps or (total_epoch if cfg.expert_init == "seed" else 0)
+    return {"experts": experts, "stage2": stage2, "mixed_lora": seed + stage1 + stage2,
+            "seed": seed, "eval_every": None}
 
 
 def _resumable(run_dir: Path | None) -> bool:
@@ -300,16 +332,18 @@ class _Runner:
         self.train_path, self.records, self.valid_path, self.state = train_path, records, valid_path, state
         self.timings: dict[str, float] = {}
 
-    def train_cfg(self, steps: int, lr: float, eval_every: int | None = None):
+    def train_cfg(self, steps: int, lr: float, eval_every: int | None = None, select: bool = True):
+        """select=False: validate for the record only, neither keep the best weights nor stop
+        early (a training whose validation loss is not what it optimizes: routers alone)."""
         from moa.trainer import TrainConfig
 
         c = self.cfg
-        converge = c.budget == "converge"
-        validate = self.valid_path is not None and (converge or c.validations > 0)
-        if converge:
-            every = eval_every or 1
+        converge = c.budget == "converge" and select
+        validate = self.valid_path is not None and (c.budget == "converge" or c.validations > 0)
+        if c.budget == "converge" and eval_every:
+            every = eval_every
         else:
-            every = max(1, steps // c.validations) if validate else 0
+            every = max(1, steps // max(1, c.validations)) if validate else 0
         return TrainConfig(
             max_steps=steps, batch_size=c.batch_size, lr=lr, max_length=c.max_length, seed=self.seed,
             save_every=max(10, steps // 4),  # what a re-run continues from
@@ -336,12 +370,27 @@ class _Runner:
 
         c, out = self.cfg, self.out
         every = plan.get("eval_every") or {}
+        bdir = out / "baselines"
+        wanted = set(c.baselines) | ({"mixed_lora_wide", "moe_lora", "classifier_loras"} if c.ablations else set())
+
+        def mixed_lora():
+            return self.stage("mixed_lora", lambda: train_expert(
+                data=self.train_path, domain=None, out=bdir / "mixed_lora", base=self.base, rank=c.rank,
+                alpha=c.alpha, cfg=self.train_cfg(plan["mixed_lora"], c.lr, every.get("mixed_lora")),
+                resume=_resumable(bdir / "mixed_lora"), overwrite=True, records=self.records))
+
         seed_dir = None
-        if c.seed_steps:
+        if plan.get("seed") == "mixed_lora":  # converge + expert_init "seed": the baseline is the seed
+            say("seed: the mixed-data LoRA baseline (every expert starts from it)")
+            mixed_lora()
+            seed_dir = bdir / "mixed_lora"
+            wanted.add("mixed_lora")
+        elif plan.get("seed"):
             seed_dir = out / "seed"
             self.stage("seed", lambda: train_expert(
                 data=self.train_path, domain=None, out=seed_dir, base=self.base, rank=c.rank, alpha=c.alpha,
-                cfg=self.train_cfg(c.seed_steps, c.lr), resume=_resumable(seed_dir), overwrite=True, records=self.records))
+                cfg=self.train_cfg(plan["seed"], c.lr), resume=_resumable(seed_dir), overwrite=True,
+                records=self.records))
         expert_dirs = {d: out / "experts" / d for d in domains}
         say("stage 1 steps per domain: " + ", ".join(f"{d} {n}" for d, n in plan["experts"].items()))
         for d in domains:
@@ -360,20 +409,16 @@ class _Runner:
             return {"domains": domains}
 
         self.stage("assemble", assemble)
-        stage2_cfg = self.train_cfg(plan["stage2"], c.stage2_lr, every.get("stage2"))
+        routers_only = c.stage2 == "routers"
+        stage2_cfg = self.train_cfg(plan["stage2"], c.stage2_lr, every.get("stage2"), select=not routers_only)
         self.stage("stage2", lambda: train_mixture(
             moa_dir=out / "moa_assembled", data=self.train_path, out=out / "moa", eta=c.eta, router_lr=c.router_lr,
             cfg=stage2_cfg, resume=_resumable(out / "moa"), overwrite=True, records=self.records,
-            expert_lr_scaling=c.lr_scaling))
+            expert_lr_scaling=c.lr_scaling, router_only=routers_only))
 
         systems, extra = ["base", "single_lora", "moa"], {}
-        wanted = set(c.baselines) | ({"mixed_lora_wide", "moe_lora", "classifier_loras"} if c.ablations else set())
-        bdir = out / "baselines"
         if "mixed_lora" in wanted:
-            self.stage("mixed_lora", lambda: train_expert(
-                data=self.train_path, domain=None, out=bdir / "mixed_lora", base=self.base, rank=c.rank,
-                alpha=c.alpha, cfg=self.train_cfg(plan["mixed_lora"], c.lr, every.get("mixed_lora")),
-                resume=_resumable(bdir / "mixed_lora"), overwrite=True, records=self.records))
+            mixed_lora()
             systems.insert(2, "mixed_lora")
         if "mixed_lora_wide" in wanted:  # parameter parity: rank x domains, same alpha / r
             wide = c.rank * len(domains)
@@ -459,8 +504,9 @@ class _Runner:
         return metrics
 
     def plot_losses(self, domains) -> None:
-        plot_all_losses(self.out, domains, self.out / "loss_curves.png",
-                        self.out / "seed" if self.cfg.seed_steps else None)
+        seed = self.state.data["plan"]["steps"].get("seed")
+        seed_dir = (self.out / "baselines" / "mixed_lora") if seed == "mixed_lora" else (self.out / "seed" if seed else None)
+        plot_all_losses(self.out, domains, self.out / "loss_curves.png", seed_dir)
 
 
 def sweep_report(runs: dict, valid_path: Path) -> dict:
@@ -601,7 +647,10 @@ def deploy_advice(systems: dict, domains: list[str]) -> str:
 def _budget_line(summary: dict) -> str:
     st = summary["steps"]
     stage1 = sum(st["experts"].values())
-    parts = ([f"seed LoRA {st['seed']}"] if st.get("seed") else []) + [f"stage 1 {stage1}", f"stage 2 {st['stage2']}"]
     cap = " (caps; each stops at its best validation loss)" if summary["budget"] == "converge" else ""
+    if st.get("seed") == "mixed_lora":
+        return (f"Optimizer steps{cap}: mixed-data LoRA {st['mixed_lora']}; MoA starts every expert from it, "
+                f"then stage 1 {stage1} + stage 2 {st['stage2']}.")
+    parts = ([f"seed LoRA {st['seed']}"] if st.get("seed") else []) + [f"stage 1 {stage1}", f"stage 2 {st['stage2']}"]
     return (f"Optimizer steps{cap}: MoA {' + '.join(parts)} = {(st.get('seed') or 0) + stage1 + st['stage2']}; "
             f"mixed-data LoRA {st['mixed_lora']}.")

@@ -217,6 +217,7 @@ def train_expert(
         pad_id=tok.pad_token_id, state_fn=state_fn, load_state_fn=load_state_fn, desc=f"expert {domain or 'mixed'}",
         log_prefix=f"train-expert {domain or 'mixed'}: {len(examples)} records, ",
         eval_examples=load_eval_examples(cfg, tok, [domain] if domain else None),
+        start_is_candidate=init_adapter is not None,
     )
     result = trainer.train(resume=resume)
     summary = {"domain": domain, "steps": result.steps, "interrupted": result.interrupted,

@@ -249,7 +249,10 @@ class Trainer:
         accelerator=None,
         update_scales: Sequence[tuple[torch.nn.Parameter, torch.Tensor]] = (),
         eval_examples: Sequence[Example] | None = None,
+        start_is_candidate: bool = False,
     ):
+        """start_is_candidate: the starting weights were trained (an expert from a seed LoRA), so
+        with keep_best they are validated at step 0 and kept if no step beats them."""
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -267,6 +270,7 @@ class Trainer:
         self.best: dict | None = None  # {"step", "val_loss"} of the lowest validation loss so far
         self.best_state: dict[str, torch.Tensor] | None = None  # its weights, with --keep-best
         self.evals_without_improvement = 0
+        self.start_is_candidate = start_is_candidate
         self.desc = desc
         self.log_prefix = log_prefix
         # (parameter, scale broadcastable to it): each optimizer update of the parameter is
@@ -494,6 +498,11 @@ class Trainer:
                 signal.signal(sig, request_stop)
         except ValueError:  # not in the main thread: no handlers
             old_handlers = {}
+        if self.start_is_candidate and self.cfg.keep_best and self.eval_examples and self.step == 0:
+            # A run that starts from trained weights and never improves on them keeps them.
+            val = self.validate()
+            self._record_validation(val)
+            self.print(f"{self.log_prefix}step 0: val_loss {val['val_loss']:.4f}")
         try:
             while self.step < self.total:
                 t0 = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from moa.cli.options import add_device_args
 from moa.demo import PROFILES
-from moa.fit import BASELINES, BUDGETS, FitConfig
+from moa.fit import BASELINES, BUDGETS, EXPERT_INITS, STAGE2_MODES, FitConfig
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -40,14 +40,15 @@ def _register_fit(sub) -> None:
     v = p.add_mutually_exclusive_group()
     v.add_argument("--valid", default=None, metavar="FILE", help="validation JSONL (default: none)")
     v.add_argument("--valid-fraction", type=float, default=None, metavar="F",
-                   help="hold out this fraction of each domain's records for validation (default: none)")
+                   help="hold out this fraction of each domain's records for validation (default: none; "
+                        "0.2 under --budget converge when no --valid is given)")
     p.add_argument("--test", default=None, metavar="FILE", help="test JSONL: evaluate every system on it "
                    "(default: none, no evaluation)")
     p.add_argument("--out", required=True, metavar="RUN", help="output directory of the fit")
     p.add_argument("--base", default=None, help="base model (default: smollm2-135m)")
     p.add_argument("--budget", choices=BUDGETS, default=d.budget,
                    help="equal: MoA and the baselines get the same optimizer steps; converge: each trains to its "
-                        "best validation loss (needs validation data)")
+                        "best validation loss on --valid (or --valid-fraction)")
     p.add_argument("--baselines", default=",".join(d.baselines),
                    help=f"comma-separated baselines to train: {', '.join(BASELINES)}")
     p.add_argument("--epochs", type=float, default=d.epochs, help="equal budget: stage-1 passes over each "
@@ -74,6 +75,14 @@ def _register_fit(sub) -> None:
     p.add_argument("--max-length", type=int, default=d.max_length, help="truncate records to this many tokens")
     p.add_argument("--seed-steps", type=int, default=d.seed_steps, help="steps of a shared seed LoRA every expert "
                    "starts from (0: none)")
+    p.add_argument("--expert-init", choices=EXPERT_INITS, default=d.expert_init,
+                   help="fresh: every expert starts from zero (the paper); seed: from a LoRA trained on all the data "
+                        "(under --budget converge, the mixed-data LoRA baseline itself), so each expert is the mixed "
+                        "LoRA specialised on its domain")
+    p.add_argument("--stage2", choices=STAGE2_MODES, default=d.stage2,
+                   help="joint: stage 2 trains routers and experts (the paper); routers: the routers only")
+    p.add_argument("--router-epochs", type=float, default=d.router_epochs,
+                   help="--stage2 routers: passes over the largest domain's records")
     p.add_argument("--validations", type=int, default=d.validations, help="equal budget: validations per training "
                    "(needs validation data; 0: none)")
     p.add_argument("--generate-per-domain", type=int, default=d.generate_per_domain,
@@ -102,7 +111,8 @@ def _cmd_fit(args) -> int:
         stage2_ratio=args.stage2_ratio, max_epochs=args.max_epochs, patience=args.patience,
         batch_size=args.batch_size, lr=args.lr, stage2_lr=args.stage2_lr, router_lr=args.router_lr, eta=args.eta,
         lr_scaling=args.lr_scaling, rank=args.rank, alpha=args.alpha, max_length=args.max_length,
-        seed_steps=args.seed_steps, validations=args.validations, generate_per_domain=args.generate_per_domain,
+        seed_steps=args.seed_steps, expert_init=args.expert_init, stage2=args.stage2,
+        router_epochs=args.router_epochs, validations=args.validations, generate_per_domain=args.generate_per_domain,
         max_new_tokens=args.max_new_tokens,
         ablations=args.ablations,
     )
