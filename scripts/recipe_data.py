@@ -7,8 +7,8 @@ writes data/recipe/<dataset>/{train,valid,test}.jsonl for
 - tools:   units (200 train records), weekday (110), reverse (70), sorting (40)
 - writing: sql (150), initials (120), numwords (90), fractions (45)
 
-and demo_small, an imbalanced subset of the bundled demo's train split (exam 160, json 100,
-arithmetic 60, prose 40, code 30; train.jsonl only: its valid and test splits are data/demo's).
+and demo_small, an imbalanced subset of the bundled demo's train split (exam 100, json 60,
+arithmetic 40, prose 30, code 20; train.jsonl only: its valid and test splits are data/demo's).
 
 Other skills than the demo's, another size imbalance, and one domain under 100 records in each
 (two in each, in fact). Valid: 15 records per domain, test: 20. Every answer is computed, so it is
@@ -115,7 +115,7 @@ DATASETS = {
                 "fractions": (fractions, 45)},
 }
 VALID, TEST = 15, 20
-DEMO_SMALL = {"exam": 160, "json": 100, "arithmetic": 60, "prose": 40, "code": 30}
+DEMO_SMALL = {"exam": 100, "json": 60, "arithmetic": 40, "prose": 30, "code": 20}
 
 
 def build(name: str, seed: int = 0) -> dict[str, list[dict]]:

@@ -26,7 +26,8 @@ def tiny_splits(root, n_train: int, n_test: int):
 
 def tiny_profile(**kw) -> Profile:
     return Profile(**{"expert_steps": 2, "stage2_steps": 2, "batch_size": 3, "lr": 1e-3, "stage2_lr": 1e-3,
-                      "router_lr": 1e-2, "eta": 1.0, "max_length": 64, **kw})
+                      "router_lr": 1e-2, "eta": 1.0, "max_length": 64, "budget": "equal", "expert_init": "fresh",
+                      "stage2": "joint", **kw})  # the demo profiles' recipe (moa.demo.PROFILES)
 
 
 def test_full_pipeline_with_baselines_writes_report_metrics_and_plots(tiny_base, tmp_path):

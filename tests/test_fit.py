@@ -29,7 +29,8 @@ def fitted(files, tiny_base, tmp_path_factory):
     train, test = files
     out = tmp_path_factory.mktemp("fit_run") / "run"
     args = ["fit", "--data", str(train), "--valid-fraction", "0.34", "--test", str(test), "--out", str(out),
-            "--base", str(tiny_base), "--epochs", "1", *COMMON]
+            "--base", str(tiny_base), "--epochs", "1", "--budget", "equal", "--expert-init", "fresh", "--stage2",
+            "joint", *COMMON]
     assert main(args) == 0
     return out, args
 
@@ -91,7 +92,8 @@ def test_fit_converge_stops_each_training_at_its_best(files, tiny_base, tmp_path
     train, _ = files
     out = tmp_path / "conv"
     assert main(["fit", "--data", str(train), "--valid-fraction", "0.34", "--out", str(out), "--base", str(tiny_base),
-                 "--budget", "converge", "--max-epochs", "2", "--patience", "1", *COMMON]) == 0
+                 "--budget", "converge", "--expert-init", "fresh", "--stage2", "joint", "--max-epochs", "2",
+                 "--patience", "1", *COMMON]) == 0
     fit = json.loads((out / "fit.json").read_text())
     caps = fit["plan"]["steps"]
     for name in ("expert:math", "stage2", "mixed_lora"):
@@ -108,11 +110,12 @@ def test_fit_seed_recipe_starts_experts_from_the_mixed_lora_and_stage2_trains_ro
 
     train, _ = files
     out = tmp_path / "seeded"
-    assert main(["fit", "--data", str(train), "--valid-fraction", "0.34", "--out", str(out), "--base", str(tiny_base),
-                 "--budget", "converge", "--expert-init", "seed", "--stage2", "routers", "--max-epochs", "2",
+    # the defaults: --budget converge --expert-init seed --stage2 routers, 0.2 held out for validation
+    assert main(["fit", "--data", str(train), "--out", str(out), "--base", str(tiny_base), "--max-epochs", "2",
                  "--patience", "1", *COMMON]) == 0
     fit = json.loads((out / "fit.json").read_text())
-    assert fit["plan"]["steps"]["seed"] == "mixed_lora"
+    assert fit["plan"]["steps"]["seed"] == "mixed_lora" and fit["plan"]["valid_fraction"] == 0.2
+    assert len(read_records(out / "data" / "valid.jsonl")[0]) == 3  # one of six per domain
     order = list(fit["stages"])
     assert order.index("mixed_lora") < order.index("expert:math")  # the seed is trained first, once
     for d in ("math", "echo", "json"):

@@ -71,11 +71,11 @@ class FitConfig:
     seed_steps: int = 0
     """"equal" budget: steps of a shared seed LoRA on all the data that every expert starts from
     (0: none; with expert_init "seed": one epoch over all the data)."""
-    expert_init: str = "fresh"
+    expert_init: str = "seed"
     """"fresh": every expert starts from zero (the paper); "seed": every expert starts from a LoRA
     trained on all the data (under "converge" that is the mixed-data LoRA baseline itself), so an
     expert is the mixed LoRA specialised on its domain, keeping what the domains share."""
-    stage2: str = "joint"
+    stage2: str = "routers"
     """"joint": stage 2 trains routers and experts (the paper); "routers": the routers only, the
     experts stay as stage 1 left them (their best validation weights under "converge")."""
     router_epochs: float = 2.0
@@ -88,10 +88,10 @@ class FitConfig:
     stage2_ratio: float = 0.3
     """Stage-2 steps as a fraction of the stage-1 total when stage2_steps is None (the demo's
     quick profile: 24 of 80)."""
-    budget: str = "equal"
-    max_epochs: float = 10.0
+    budget: str = "converge"
+    max_epochs: float = 4.0
     """converge: the most passes over its data a system may take."""
-    patience: int = 3
+    patience: int = 2
     """converge: validations (every half epoch) without a lower validation loss before stopping."""
     baselines: tuple = ("mixed_lora",)
     validations: int = 4

@@ -85,6 +85,8 @@ def _register_fit(sub) -> None:
                    help="--stage2 routers: passes over the largest domain's records")
     p.add_argument("--validations", type=int, default=d.validations, help="equal budget: validations per training "
                    "(needs validation data; 0: none)")
+    p.add_argument("--test-per-domain", type=int, default=d.eval_per_domain, metavar="N",
+                   help="--test records per domain scored by every system (default: all; routing is measured on all)")
     p.add_argument("--generate-per-domain", type=int, default=d.generate_per_domain,
                    help="test records per domain with generation (BLEU, ROUGE-L, exact match)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="generation length in the "
@@ -112,7 +114,7 @@ def _cmd_fit(args) -> int:
         batch_size=args.batch_size, lr=args.lr, stage2_lr=args.stage2_lr, router_lr=args.router_lr, eta=args.eta,
         lr_scaling=args.lr_scaling, rank=args.rank, alpha=args.alpha, max_length=args.max_length,
         seed_steps=args.seed_steps, expert_init=args.expert_init, stage2=args.stage2,
-        router_epochs=args.router_epochs, validations=args.validations, generate_per_domain=args.generate_per_domain,
+        router_epochs=args.router_epochs, validations=args.validations, eval_per_domain=args.test_per_domain, generate_per_domain=args.generate_per_domain,
         max_new_tokens=args.max_new_tokens,
         ablations=args.ablations,
     )
