@@ -127,7 +127,8 @@ def test_fit_seed_recipe_starts_experts_from_the_mixed_lora_and_stage2_trains_ro
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     routers = [load_file(out / x / "router.safetensors") for x in ("moa_assembled", "moa")]
     assert any(not routers[0][k].equal(routers[1][k]) for k in routers[0])
-    assert "MoA starts every expert from it" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "MoA starts every expert from it" in report and "| stage2 (routers only) |" in report
     with pytest.raises(SystemExit) as e:  # argparse's choices: one line, exit 2
         main(["fit", "--data", str(train), "--out", str(tmp_path / "bad"), "--expert-init", "mixed"])
     assert e.value.code == 2

@@ -589,6 +589,10 @@ def training_table(summary: dict) -> list[str]:
         epochs = f"{seen / n:.2f}" if seen else "–"
         best = s.get("best")
         val = f"{best['val_loss']:.4f} ({best['step']})" if best else "–"
+        if name == "stage2" and cfg.get("stage2") == "routers":  # the experts are fixed: so is the LM loss
+            rows.append(f"| {name} (routers only) | {s['steps']} | {epochs} | {seen if seen else '–'} | "
+                        f"{s.get('wall_s', 0) / 60:.1f} min | – | fixed passes (--router-epochs) |")
+            continue
         if best is None:
             conv = "unknown (no validation)"
         elif s.get("stopped_early"):
