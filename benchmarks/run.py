@@ -192,12 +192,43 @@ class TrainStep:
         return float(loss.detach())
 
 
+def decode_steps(model, ids, mask, steps: int, routing=None):
+    """`steps` KV-cached decode steps of one batch after its prefill (greedy, as `generate` runs them).
+
+    model: a transformers CausalLM (the base, or an MoA's `base_model`); routing: a context
+    manager factory entered once around the prefill and the steps (`MoAModel.routing(state)`), as
+    `moa.generation` does; None: the bare base. Returns the time of the steps alone (seconds).
+    """
+    import contextlib
+
+    from moa.generation import cache_of
+
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    keep = {"logits_to_keep": 1}
+    with torch.inference_mode(), (routing() if routing else contextlib.nullcontext()):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
+        cache, nxt = cache_of(out), out.logits[:, -1].argmax(-1)  # (B,)
+        step_pos, step_mask = pos[:, -1:], mask
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step_pos = step_pos + 1  # (B, 1)
+            step_mask = torch.cat([step_mask, step_mask.new_ones(len(ids), 1)], 1)  # (B, T + k)
+            out = model(input_ids=nxt[:, None], attention_mask=step_mask, position_ids=step_pos,
+                        past_key_values=cache, use_cache=True, **keep)
+            cache, nxt = cache_of(out), out.logits[:, -1].argmax(-1)
+        return time.perf_counter() - t0
+
+
 # --------------------------------------------------------------------------- measuring
 
 
 def interleave(fns: dict[str, Callable[[], object]], repeats: int, label: str,
-               warmup: bool = True) -> dict[str, list[float]]:
-    """Seconds per call of each fn: one warm-up call each, then `repeats` rounds in rotating order."""
+               warmup: bool = True, timer: bool = False) -> dict[str, list[float]]:
+    """Seconds per call of each fn: one warm-up call each, then `repeats` rounds in rotating order.
+
+    timer: each fn returns the seconds of the part to measure itself (e.g. decode steps without
+    their prefill) instead of being timed whole.
+    """
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for n in names if warmup else []:
@@ -207,8 +238,8 @@ def interleave(fns: dict[str, Callable[[], object]], repeats: int, label: str,
         for n in order:
             gc.collect()
             t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
+            took = fns[n]()
+            times[n].append(took if timer else time.perf_counter() - t0)
         print(f"  {label} {rep + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names),
               flush=True)
     return times
@@ -476,7 +507,7 @@ def main(argv=None) -> int:
                    help="torch intra-op threads (default: torch's choice); 1 is steadier on a shared machine")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--only", default=None,
-                   help="comma-separated subset of: forward, train, bf16, generate, rss, dtype "
+                   help="comma-separated subset of: forward, decode, train, mfu, bf16, generate, rss, dtype "
                         "(default: all but dtype)")
     p.add_argument("--dtype-targets", default=",".join(DTYPE_TARGETS),
                    help="comma-separated subset of the dtype comparison: " + ", ".join(DTYPE_TARGETS))
@@ -508,7 +539,7 @@ def main(argv=None) -> int:
     repeats = args.repeats or (3 if args.quick else 9)
     new_tokens = args.new_tokens or (16 if args.quick else 64)
     rss_steps = 2 if args.quick else 3
-    parts = set((args.only or "forward,generate,train,bf16,rss").split(","))
+    parts = set((args.only or "forward,decode,generate,train,mfu,bf16,rss").split(","))
     cpu = cpu_info()
     env = {"cpu": cpu, "torch": torch.__version__, "transformers": transformers.__version__,
            "threads": torch.get_num_threads(), "bf16_supported": bf16_supported(),
@@ -535,7 +566,7 @@ def main(argv=None) -> int:
         batch = train_batch(moa.base_model.config.vocab_size if parts else 49152)
         ids, mask, dom = batch["input_ids"], batch["attention_mask"], batch["domain_ids"]
 
-        if parts & {"forward", "generate"}:
+        if parts & {"forward", "generate", "decode"}:
             base, _ = load_base("smollm2-135m")
         if "forward" in parts:
             peft = peft_mixed_model(adapters)
@@ -601,7 +632,24 @@ def main(argv=None) -> int:
             print(f"  tokens/s: base {tps / min(t['base']):.1f}, MoA {tps / min(t['moa']):.1f} (best runs)")
             generation._eos_ids = real_eos_ids
 
-        if parts & {"forward", "generate"}:
+        if "decode" in parts:
+            from moa.generation import encode_prompts
+            from moa.router import RoutingState
+
+            p_ids, p_mask = encode_prompts(moa, [text for _, text in PROMPTS])  # (8, T) left padded
+            experts = torch.tensor([DOMAINS.index(d) for d, _ in PROMPTS])  # (8,) 4 experts mixed
+            n = 32
+            print(f"decode: {len(PROMPTS)} rows, {n} KV-cached steps after a {p_ids.shape[1]}-token prefill, "
+                  f"experts per row {experts.tolist()}", flush=True)
+            t = interleave({"base": lambda: decode_steps(base, p_ids, p_mask, n),
+                            "moa": lambda: decode_steps(moa.base_model, p_ids, p_mask, n,
+                                                        lambda: moa.routing(RoutingState("explicit", experts)))},
+                           repeats, "decode", timer=True)
+            rows.append(ratio_row("decode step: MoA / base", t["moa"], t["base"], 1.08,
+                                  f"8 rows, 4 experts, KV cache; base {1000 * min(t['base']) / n:.1f} ms/step, "
+                                  f"MoA {1000 * min(t['moa']) / n:.1f} ms/step"))
+
+        if parts & {"forward", "generate", "decode"}:
             del base
             gc.collect()
 
