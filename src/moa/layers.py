@@ -158,7 +158,10 @@ class MoLoRALinear(nn.Module):
         """result + each row's own expert applied to x: x (B, T, in), result (B, T, out).
 
         Computes only the expert each row uses: plain matmuls when every row uses the same one,
-        else the rows' gathered weights in batched matmuls (rows with no expert are left out).
+        else the rows' gathered weights in batched matmuls (rows with no expert are left out). One-
+        token steps (decoding) of at least E rows instead run every expert on every row and mask
+        out the others: the weights are then read once per step instead of once per row, in two
+        plain matmuls, and the extra FLOPs of one token are negligible.
         The A side comes from this module's `SharedInput` (one matmul for the modules that read
         x; `alone`: this module's x is its own, e.g. after its dropout). The delta is accumulated
         into `result` in place (one pass over the output instead of three for delta, scaled delta
@@ -171,27 +174,27 @@ class MoLoRALinear(nn.Module):
         projected = (self._alone if alone else self.shared).project(self, x, choice)
         if projected is None:  # no expert of this choice targets this module
             return result
-        h, Bt = projected
-        if e is not None:  # h (B, T, r), Bt (r, out)
+        h, Bt, dense = projected
+        if e is not None or dense:  # h (B, T, r), Bt (r, out); dense: h (B, 1, E*r), Bt (E*r, out)
             return _add_matmul(result, h, Bt)  # (B, T, out)
         if choice.rows is not None:  # some rows are base only: h holds the others
             rows = choice.rows  # (B',)
             return result.index_add_(0, rows, torch.bmm(h, Bt.to(h.dtype)).to(result.dtype))
         return _add_bmm(result, h, Bt)  # h (B, T, r), Bt (B, r, out)
 
-    def _routed_B(self, choice: ExpertChoice, B: Tensor) -> Tensor | None:
+    def _routed_B(self, choice: ExpertChoice, B: Tensor, index: Tensor | None) -> Tensor | None:
         """The B side of a choice with the scaling folded in (the small side), transposed.
 
-        Every row uses expert e: scaling_e * B_e^T (r_e, out), unpadded (None if r_e = 0).
-        Otherwise each routed row's scaling * B^T (B', r_max, out) (None if r_max = 0).
+        Every row uses expert e (index None): scaling_e * B_e^T (r_e, out), unpadded (None if
+        r_e = 0). Otherwise the experts `index` (B',) of the routed rows: scaling * B^T
+        (B', r_max, out) (None if r_max = 0).
         """
-        if choice.single is not None:
+        if index is None:
             e = choice.single
             r = self.ranks[e]
             return None if r == 0 else (B[e, :, :r] * self.scaling[e]).t().contiguous()  # (r, out)
         if B.shape[2] == 0:
             return None
-        index = choice.index if choice.rows is None else choice.index.index_select(0, choice.rows)  # (B',)
         scale = self.scaling.index_select(0, index)[:, None, None]  # (B', 1, 1)
         return (B.index_select(0, index) * scale).transpose(1, 2).contiguous()  # (B', r_max, out)
 
@@ -323,28 +326,36 @@ class SharedInput:
     def __repr__(self) -> str:
         return f"SharedInput({len(self.members)} modules)"
 
-    def project(self, member: "MoLoRALinear", x: Tensor, choice: ExpertChoice) -> tuple[Tensor, Tensor] | None:
-        """member's (x A^T of the rows the choice routes (B', T, r), routed scaled B^T), or None.
+    def project(self, member: "MoLoRALinear", x: Tensor, choice: ExpertChoice):
+        """member's (x A^T, routed scaled B^T, dense) for a choice, or None if it has no expert there.
 
-        x: (B, T, in), the member's input before any cast. Single-expert choices give (B, T, r)
-        and B^T (r, out); mixed ones (B', T, r) and (B', r, out), B' = the routed rows.
+        x: (B, T, in), the member's input before any cast. Every row on expert e: (B, T, r),
+        (r, out). Mixed: (B', T, r) and (B', r, out) of the routed rows B'. Mixed with one token
+        per row (decoding), `dense`: every expert on every row, (B, 1, E*r) with the other experts'
+        columns zeroed, and (E*r, out).
         """
         if not (self._x is x and self._choice is choice and self._version == _version(x)):
-            A, parts = self._routed_weights(choice)
+            # one token per row and at least as many rows as experts: reading every expert once
+            # costs less than reading each row's own gathered copy
+            dense = (choice.single is None and x.dim() == 3 and x.shape[1] == 1
+                     and x.shape[0] >= self.members[0].num_experts)
+            A, parts, mask = self._routed_weights(choice, dense)
             self._forget()
             if A is None:
                 return None
             xs = x.to(A.dtype)  # (B, T, in)
-            if choice.single is not None:
-                h = F.linear(xs, A)  # (B, T, R)
+            if choice.single is not None or dense:
+                h = F.linear(xs, A)  # (B, T, R), dense: (B, 1, E*R)
+                if dense:
+                    h = h.mul_(mask[:, None])  # each row keeps its own expert's columns
             else:
                 if choice.rows is not None:
                     xs = xs.index_select(0, choice.rows)  # (B', T, in)
                 h = torch.bmm(xs, A.transpose(1, 2))  # (B', T, R)
-            self._x, self._version, self._choice, self._h = x, _version(x), choice, (h, parts)
+            self._x, self._version, self._choice, self._h = x, _version(x), choice, (h, parts, dense)
             if len(self.members) > 1:
                 self._waiting = {id(m) for m in self.members}
-        h, parts = self._h
+        h, parts, dense = self._h
         part = parts[self.members.index(member)]
         self._waiting.discard(id(member))
         if not self._waiting:  # every member has its slice: do not keep the input alive
@@ -352,26 +363,42 @@ class SharedInput:
         if part is None:
             return None
         start, stop, Bt = part
-        return h[..., start:stop], Bt  # a view: its rows are strided, as the matmuls allow
+        return h[..., start:stop], Bt, dense  # h: a view, its rows strided as the matmuls allow
 
-    def _routed_weights(self, choice: ExpertChoice) -> tuple[Tensor | None, list]:
-        """(the members' routed A concatenated on the rank axis, per member (start, stop, B^T) or None).
+    def _routed_weights(self, choice: ExpertChoice, dense: bool = False) -> tuple[Tensor | None, list, Tensor | None]:
+        """(the members' routed A concatenated on the rank axis, per member (start, stop, B^T) or None,
+        the dense row mask or None).
 
-        Every row uses expert e: A (R, in) of the members' unpadded A_e; else (B', R, in) of each
-        routed row's padded A. Without autograd (generation) kept on the choice, checked against
-        in-place updates and replaced parameters of every member.
+        Every row uses expert e: A (R, in) of the members' unpadded A_e. Mixed: (B', R, in) of each
+        routed row's padded A; `dense`: all experts (E*R, in), member by member, expert by expert,
+        with B^T (E*r, out) and the mask (B, E*R) of each row's own columns. Without autograd
+        (generation) kept on the choice, checked against in-place updates and replaced parameters
+        of every member.
         """
         cacheable = not torch.is_grad_enabled()
+        key = (self, dense)
         if cacheable:
-            hit = choice.cache.get(self)
+            hit = choice.cache.get(key)
             if hit is not None and all(m._unchanged_since(state) for m, state in zip(self.members, hit[0])):
                 return hit[1]
-        As, parts, R = [], [], 0
+        index = None
+        if choice.single is None and not dense:
+            index = choice.index if choice.rows is None else choice.index.index_select(0, choice.rows)  # (B',)
+        As, parts, masks, R = [], [], [], 0
         for m in self.members:
             A, B = m._expert_weights()  # (E, r_max, in), (E, out, r_max)
             if choice.single is not None:
                 A = A[choice.single, :m.ranks[choice.single]]  # (r, in)
-            Bt = m._routed_B(choice, B)
+                Bt = m._routed_B(choice, B, None)
+            elif dense:
+                E, r = A.shape[:2]
+                A = A.reshape(E * r, -1)  # (E*r, in)
+                Bt = None if r == 0 else (B * m.scaling[:, None, None]).transpose(1, 2).reshape(E * r, -1)  # (E*r, out)
+                if Bt is not None:
+                    own = choice.index[:, None] == torch.arange(E, device=choice.index.device)  # (B, E); -1: none
+                    masks.append(own.repeat_interleave(r, dim=1))  # (B, E*r)
+            else:
+                Bt = m._routed_B(choice, B, index)
             if Bt is None:
                 parts.append(None)
                 continue
@@ -379,16 +406,16 @@ class SharedInput:
             r = A.shape[-2]
             parts.append((R, R + r, Bt))
             R += r
-        if not As:
-            A = None
-        else:
-            A = As[0] if len(As) == 1 else torch.cat(As, dim=-2)  # (R, in) or (E, R, in)
-            if choice.single is None:
-                index = choice.index if choice.rows is None else choice.index.index_select(0, choice.rows)  # (B',)
+        A = mask = None
+        if As:
+            A = As[0] if len(As) == 1 else torch.cat(As, dim=-2)  # (R, in), (E, R, in) or (E*R, in)
+            if index is not None:
                 A = A.index_select(0, index)  # (B', R, in)
-        out = A, parts
+            if dense:
+                mask = torch.cat(masks, dim=1).to(A.dtype)  # (B, E*R)
+        out = A, parts, mask
         if cacheable:
-            choice.cache[self] = (tuple(m._weights_state() for m in self.members), out)
+            choice.cache[key] = (tuple(m._weights_state() for m in self.members), out)
         return out
 
 
