@@ -370,3 +370,27 @@ def test_fused_model_equals_unfused_model_and_saves_the_same_files(moa_dir, tmp_
     assert saved.keys() == loaded.keys()
     for k in saved:
         assert torch.equal(saved[k], loaded[k]), k
+
+
+def test_evaluation_in_length_sorted_batches_equals_one_record_at_a_time(routed_moa_dir, tmp_path):
+    """Scoring and generation batch records of similar length together (less padding); no per-record
+    number changes: the same PPL, routing and replies as records run alone (no padding at all)."""
+    from conftest import synthetic_records, write_jsonl
+
+    from moa.data import read_records
+    from moa.evaluate import evaluate_system, moa_system
+
+    rows = synthetic_records(4, seed=3)
+    rows[0]["prompt"] = "Add 3 and 4, then explain the sum in a few plain words for a child."  # a long one first
+    records, _ = read_records(write_jsonl(tmp_path / "eval.jsonl", rows))
+    model = MoAModel.from_pretrained(routed_moa_dir)
+    system = moa_system("moa", routed_moa_dir, "vote", max_new_tokens=6, batch_size=4, model=model)
+    batched = evaluate_system(system, records, model.tokenizer, batch_size=4, progress=False)
+    alone = evaluate_system(system, records, model.tokenizer, batch_size=1, progress=False)
+    assert batched["routing_accuracy"] == alone["routing_accuracy"]
+    for d in ("math", "echo", "json"):
+        assert batched[d]["ppl"] == pytest.approx(alone[d]["ppl"], rel=1e-4)
+        assert batched[d]["exact_match"] == alone[d]["exact_match"]
+    assert [g["index"] for g in batched["_generations"]] == sorted(g["index"] for g in batched["_generations"])
+    assert [(g["output"], g["routed"]) for g in batched["_generations"]] == \
+        [(g["output"], g["routed"]) for g in alone["_generations"]]
