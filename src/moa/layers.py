@@ -422,8 +422,9 @@ class SharedInput:
 def share_input(modules) -> None:
     """Let these MoLoRALinears (of one layer, reading the same input) run their A projections as one
     matmul; a single module goes back to running alone."""
-    group = SharedInput(modules)
-    for m in group.members:
+    modules = tuple(modules)
+    group = modules[0]._alone if len(modules) == 1 else SharedInput(modules)
+    for m in modules:
         m.shared = group
 
 
