@@ -7,6 +7,13 @@ Shapes (the issue contract): the embedded SmolLM2-135M, 4 experts, r=8 on all 7 
 batch 8 x 128 tokens, float32. The experts are random PEFT LoRAs (`init_lora_weights=False`,
 so they differ) written to a temp dir and assembled with `MoAModel.from_adapters`.
 
+`--only decode` times KV-cached decode steps of 8 rows on 4 experts against the bare base;
+`--only mfu` times stage-1 (PEFT single LoRA) and stage-2 training steps in fp32 and bf16
+autocast and prints tokens/s, achieved GFLOP/s (FLOPs counted on the calls the step makes: a
+frozen weight gets no gradient, so the frozen base's backward is its activations' gradient
+only) and the ratio to this CPU's measured matmul rate at that dtype. Where the model has them,
+`forward` and `decode` also time the MoA with its fused A projections switched off (`unfused`).
+
 `--only dtype` compares a bfloat16 base against a float32 base (experts and routers float32 in
 both): peak RSS of loading + scoring, scoring tokens/s, stage-1 and stage-2 step time,
 generation tokens/s and the PPL of the demo test set, on the embedded model; with
