@@ -47,6 +47,7 @@ def reference(layer: MoLoRALinear, x: torch.Tensor, index: list[int]) -> torch.T
 
 INDEXES = {
     "mixed": [2, 0, 1, 0, 2],  # gathered per-row batched matmuls
+    "many_rows": [2, 0, 1, 0, 2, -1, 1, 1],  # more than 2E rows: one token per row runs dense
     "single": [1, 1, 1, 1, 1],  # plain matmuls
     "base_rows": [0, -1, 2, -1, 0],  # some rows base only
     "none": [-1, -1],  # base only

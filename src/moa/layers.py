@@ -159,9 +159,9 @@ class MoLoRALinear(nn.Module):
 
         Computes only the expert each row uses: plain matmuls when every row uses the same one,
         else the rows' gathered weights in batched matmuls (rows with no expert are left out). One-
-        token steps (decoding) of at least E rows instead run every expert on every row and mask
+        token steps (decoding) of more than 2E rows instead run every expert on every row and mask
         out the others: the weights are then read once per step instead of once per row, in two
-        plain matmuls, and the extra FLOPs of one token are negligible.
+        plain matmuls, for E times the (small) FLOPs of one token.
         The A side comes from this module's `SharedInput` (one matmul for the modules that read
         x; `alone`: this module's x is its own, e.g. after its dropout). The delta is accumulated
         into `result` in place (one pass over the output instead of three for delta, scaled delta
@@ -335,10 +335,11 @@ class SharedInput:
         columns zeroed, and (E*r, out).
         """
         if not (self._x is x and self._choice is choice and self._version == _version(x)):
-            # one token per row and at least as many rows as experts: reading every expert once
-            # costs less than reading each row's own gathered copy
+            # One token per row and more than twice as many rows as experts: reading every expert
+            # once then costs less than reading each row's own gathered copy. At 8 rows on 4
+            # experts the gathered path measured faster (docs/RESULTS.md, Performance II).
             dense = (choice.single is None and x.dim() == 3 and x.shape[1] == 1
-                     and x.shape[0] >= self.members[0].num_experts)
+                     and x.shape[0] > 2 * self.members[0].num_experts)
             A, parts, mask = self._routed_weights(choice, dense)
             self._forget()
             if A is None:
