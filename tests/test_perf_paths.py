@@ -395,3 +395,32 @@ def test_evaluation_in_length_sorted_batches_equals_one_record_at_a_time(routed_
     assert [g["index"] for g in batched["_generations"]] == sorted(g["index"] for g in batched["_generations"])
     assert [(g["output"], g["routed"]) for g in batched["_generations"]] == \
         [(g["output"], g["routed"]) for g in alone["_generations"]]
+
+
+@pytest.mark.parametrize("agree", [True, False])
+@pytest.mark.parametrize("routing", ["vote", "last"])
+def test_scoring_routes_and_scores_in_one_pass_as_in_two(routed_moa_dir, tmp_path, routing, agree):
+    """vote / last scoring: the one layer-routed pass (rows whose layers disagree run again) gives
+    the decisions and logits of the routing pass followed by the decided pass."""
+    from conftest import synthetic_records, write_jsonl
+
+    from moa.data import collate, encode_records, read_records
+    from moa.scoring import _routed_in_one_pass
+
+    model = MoAModel.from_pretrained(routed_moa_dir)
+    if not agree:  # the last router now disagrees with the others on most rows
+        with torch.no_grad():
+            model.routers[-1].weight.neg_()
+            model.routers[-1].bias.neg_()
+    records, _ = read_records(write_jsonl(tmp_path / "score.jsonl", synthetic_records(3, seed=5)))
+    examples, _ = encode_records(model.tokenizer, records, 128)
+    batch = collate(examples, model.tokenizer.pad_token_id, padding_side="right")
+    with torch.no_grad():
+        logits, decided, probs = _routed_in_one_pass(model, batch, routing)
+        two = model(batch["input_ids"], batch["attention_mask"], prompt_mask=batch["prompt_mask"], routing=routing)
+    assert decided.tolist() == two.expert_ids.tolist()
+    layers_disagree = (torch.stack([lg.argmax(-1) for lg in two.router_logits]) != decided).any(0)  # (B,)
+    assert bool(layers_disagree.any()) is not agree  # some rows run again, or none
+    torch.testing.assert_close(probs, two.router_probs, rtol=1e-5, atol=1e-6)
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[keep], two.logits[keep], rtol=1e-4, atol=1e-4)
