@@ -7,6 +7,13 @@ Shapes (the issue contract): the embedded SmolLM2-135M, 4 experts, r=8 on all 7 
 batch 8 x 128 tokens, float32. The experts are random PEFT LoRAs (`init_lora_weights=False`,
 so they differ) written to a temp dir and assembled with `MoAModel.from_adapters`.
 
+`--only decode` times KV-cached decode steps of 8 rows on 4 experts against the bare base;
+`--only mfu` times stage-1 (PEFT single LoRA) and stage-2 training steps in fp32 and bf16
+autocast and prints tokens/s, achieved GFLOP/s (FLOPs counted on the calls the step makes: a
+frozen weight gets no gradient, so the frozen base's backward is its activations' gradient
+only) and the ratio to this CPU's measured matmul rate at that dtype. Where the model has them,
+`forward` and `decode` also time the MoA with its fused A projections switched off (`unfused`).
+
 `--only dtype` compares a bfloat16 base against a float32 base (experts and routers float32 in
 both): peak RSS of loading + scoring, scoring tokens/s, stage-1 and stage-2 step time,
 generation tokens/s and the PPL of the demo test set, on the embedded model; with
@@ -192,12 +199,170 @@ class TrainStep:
         return float(loss.detach())
 
 
+def decode_steps(model, ids, mask, steps: int, routing=None):
+    """`steps` KV-cached decode steps of one batch after its prefill (greedy, as `generate` runs them).
+
+    model: a transformers CausalLM (the base, or an MoA's `base_model`); routing: a context
+    manager factory entered once around the prefill and the steps (`MoAModel.routing(state)`), as
+    `moa.generation` does; None: the bare base. Returns the time of the steps alone (seconds).
+    """
+    import contextlib
+
+    from moa.generation import cache_of
+
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    keep = {"logits_to_keep": 1}
+    with torch.inference_mode(), (routing() if routing else contextlib.nullcontext()):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
+        cache, nxt = cache_of(out), out.logits[:, -1].argmax(-1)  # (B,)
+        step_pos, step_mask = pos[:, -1:], mask
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step_pos = step_pos + 1  # (B, 1)
+            step_mask = torch.cat([step_mask, step_mask.new_ones(len(ids), 1)], 1)  # (B, T + k)
+            out = model(input_ids=nxt[:, None], attention_mask=step_mask, position_ids=step_pos,
+                        past_key_values=cache, use_cache=True, **keep)
+            cache, nxt = cache_of(out), out.logits[:, -1].argmax(-1)
+        return time.perf_counter() - t0
+
+
+def unfused(moa, fn):
+    """fn() with every LoRA A projection of `moa` run alone (the path before the fused A projections)."""
+    moa.fuse_shared_inputs(False)
+    try:
+        return fn()
+    finally:
+        moa.fuse_shared_inputs(True)
+
+
+# --------------------------------------------------------------------------- FLOPs and MFU
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """This CPU's measured matmul rate at `dtype` (GFLOP/s): the best of `repeats` n x n x n products."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)  # warm-up (and oneDNN's kernel choice)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def train_flops(model, loss_fn, batch) -> tuple[float, float]:
+    """(forward FLOPs, backward FLOPs) of one training step's loss, counted on the calls it makes.
+
+    Every matmul of the forward costs 2*m*n*k. Backward: a weight matrix that trains needs its
+    gradient (the same cost again); an input that needs a gradient gets one (again the same cost);
+    a frozen weight gets no gradient, so a frozen base layer costs 1x its forward in backward (only
+    the activations' gradient), not 2x -- and nothing where its input needs no gradient (the first
+    q/k/v after the frozen embedding). Attention: QK^T and PV (4*B*T^2*d forward, causal or not:
+    what the kernel computes), 2x that in backward. The router and elementwise ops are left out.
+    """
+    from torch import nn
+
+    from moa.layers import MoLoRALinear
+
+    fwd, bwd = [0.0], [0.0]
+
+    def linear_hook(mod, args, out):
+        x = args[0]
+        f = 2.0 * x.numel() / mod.in_features * mod.in_features * mod.out_features
+        fwd[0] += f
+        bwd[0] += f * (int(x.requires_grad) + int(mod.weight.requires_grad))
+
+    def lora_hook(mod, args, out):
+        x = args[0]
+        n = x.numel() / mod.in_features  # tokens
+        base = 2.0 * n * mod.in_features * mod.out_features
+        fwd[0] += base
+        bwd[0] += base * int(x.requires_grad)
+        if mod.ranks and mod.slot.choice is not None and mod.slot.choice.single != -1:
+            r = max(mod.ranks)
+            fwd[0] += 2.0 * n * r * (mod.in_features + mod.out_features)
+            # dB and d(h) on the out side; dA, and dx when x needs it, on the in side
+            bwd[0] += 2.0 * n * r * (2 * mod.out_features + (1 + int(x.requires_grad)) * mod.in_features)
+
+    def attn_hook(mod, args, kwargs, out):
+        h = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
+        cfg = model_config
+        d = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+        f = 4.0 * h.shape[0] * h.shape[1] ** 2 * d
+        fwd[0] += f
+        bwd[0] += 2 * f
+
+    base_model = getattr(model, "base_model", model)
+    model_config = base_model.config.get_text_config()
+    wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, MoLoRALinear)}
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, MoLoRALinear):
+            handles.append(m.register_forward_hook(lora_hook))
+        elif isinstance(m, nn.Linear) and id(m) not in wrapped:
+            handles.append(m.register_forward_hook(linear_hook))
+        elif name.endswith("self_attn"):
+            handles.append(m.register_forward_hook(attn_hook, with_kwargs=True))
+    try:
+        model.train()
+        loss_fn(model, batch)  # not backpropagated: the graph is dropped
+    finally:
+        for h in handles:
+            h.remove()
+    return fwd[0], bwd[0]
+
+
+def mfu_rows(moa, adapters: list[Path], batch: dict, repeats: int) -> list[dict]:
+    """Stage 1 (PEFT single LoRA) and stage 2 (MoA) steps in fp32 and bf16 autocast: tokens/s,
+    achieved GFLOP/s and their ratio to this CPU's matmul peak at the step's dtype."""
+    from moa.trainer import bf16_supported
+
+    peft_t = peft_train_model(adapters[0])
+    moa.set_trainable(experts=True, routers=True)
+    steps = {}
+    for dtype in ("fp32", "bf16"):
+        if dtype == "bf16" and not bf16_supported():
+            print("  mfu: no native bf16 here, bf16 skipped")
+            continue
+        steps[f"stage1 {dtype}"] = TrainStep(peft_t, peft_loss, [p for p in peft_t.parameters() if p.requires_grad],
+                                             bf16=dtype == "bf16")
+        steps[f"stage2 {dtype}"] = TrainStep(moa, stage2_loss, moa.trainable_parameters(), bf16=dtype == "bf16")
+    flops = {"stage1": train_flops(peft_t, peft_loss, batch), "stage2": train_flops(moa, stage2_loss, batch)}
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16) if bf16_supported() else None}
+    print("  matmul peak (2048^3): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items() if v), flush=True)
+    t = interleave({k: (lambda s=s: s(batch)) for k, s in steps.items()}, repeats, "mfu")
+    tokens = int(batch["attention_mask"].sum())
+    rows = []
+    for name, times in t.items():
+        stage, dtype = name.split()
+        f, b = flops[stage]
+        best = min(times)
+        achieved = (f + b) / best / 1e9
+        peak = peaks[dtype]
+        rows.append({"target": f"MFU {name}", "min": achieved / peak, "median": (f + b) / statistics.median(times) / 1e9 / peak,
+                     "max": (f + b) / max(times) / 1e9 / peak, "limit": "info", "pass": True,
+                     "note": f"{tokens / best:.0f} tok/s, {achieved:.1f} GFLOP/s of {peak:.0f} peak; "
+                             f"{(f + b) / 1e9:.0f} GFLOP/step (fwd {f / 1e9:.0f}, bwd {b / 1e9:.0f})",
+                     "tokens_per_s": tokens / best, "gflops": achieved, "peak_gflops": peak,
+                     "step_gflop": (f + b) / 1e9})
+    moa.set_trainable(experts=False, routers=False)
+    del peft_t, steps
+    gc.collect()
+    return rows
+
+
 # --------------------------------------------------------------------------- measuring
 
 
 def interleave(fns: dict[str, Callable[[], object]], repeats: int, label: str,
-               warmup: bool = True) -> dict[str, list[float]]:
-    """Seconds per call of each fn: one warm-up call each, then `repeats` rounds in rotating order."""
+               warmup: bool = True, timer: bool = False) -> dict[str, list[float]]:
+    """Seconds per call of each fn: one warm-up call each, then `repeats` rounds in rotating order.
+
+    timer: each fn returns the seconds of the part to measure itself (e.g. decode steps without
+    their prefill) instead of being timed whole.
+    """
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for n in names if warmup else []:
@@ -207,8 +372,8 @@ def interleave(fns: dict[str, Callable[[], object]], repeats: int, label: str,
         for n in order:
             gc.collect()
             t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
+            took = fns[n]()
+            times[n].append(took if timer else time.perf_counter() - t0)
         print(f"  {label} {rep + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names),
               flush=True)
     return times
@@ -476,7 +641,7 @@ def main(argv=None) -> int:
                    help="torch intra-op threads (default: torch's choice); 1 is steadier on a shared machine")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--only", default=None,
-                   help="comma-separated subset of: forward, train, bf16, generate, rss, dtype "
+                   help="comma-separated subset of: forward, decode, train, mfu, bf16, generate, rss, dtype "
                         "(default: all but dtype)")
     p.add_argument("--dtype-targets", default=",".join(DTYPE_TARGETS),
                    help="comma-separated subset of the dtype comparison: " + ", ".join(DTYPE_TARGETS))
@@ -508,7 +673,7 @@ def main(argv=None) -> int:
     repeats = args.repeats or (3 if args.quick else 9)
     new_tokens = args.new_tokens or (16 if args.quick else 64)
     rss_steps = 2 if args.quick else 3
-    parts = set((args.only or "forward,generate,train,bf16,rss").split(","))
+    parts = set((args.only or "forward,decode,generate,train,mfu,bf16,rss").split(","))
     cpu = cpu_info()
     env = {"cpu": cpu, "torch": torch.__version__, "transformers": transformers.__version__,
            "threads": torch.get_num_threads(), "bf16_supported": bf16_supported(),
@@ -535,8 +700,9 @@ def main(argv=None) -> int:
         batch = train_batch(moa.base_model.config.vocab_size if parts else 49152)
         ids, mask, dom = batch["input_ids"], batch["attention_mask"], batch["domain_ids"]
 
-        if parts & {"forward", "generate"}:
+        if parts & {"forward", "generate", "decode"}:
             base, _ = load_base("smollm2-135m")
+        fusable = hasattr(moa, "fuse_shared_inputs")  # not in checkouts before the fused A projections
         if "forward" in parts:
             peft = peft_mixed_model(adapters)
             names = [DOMAINS[i] for i in dom.tolist()]
@@ -556,9 +722,15 @@ def main(argv=None) -> int:
 
             with torch.no_grad():  # same function on both sides: PEFT's mixed batch == MoA's
                 torch.testing.assert_close(f_moa(), f_peft(), rtol=1e-3, atol=1e-3)
-            t = interleave({"base": f_base, "moa": f_moa, "peft": f_peft}, repeats, "forward")
+            fns = {"base": f_base, "moa": f_moa, "peft": f_peft}
+            if fusable:
+                fns["unfused"] = lambda: unfused(moa, f_moa)
+            t = interleave(fns, repeats, "forward")
             rows.append(ratio_row("mixed forward: MoA / base", t["moa"], t["base"], 1.05,
                                   "explicit routing, 4 experts in the batch"))
+            if fusable:
+                rows.append(ratio_row("mixed forward: MoA fused A / unfused", t["moa"], t["unfused"], 1.0,
+                                      "q/k/v and gate/up A projections as one matmul each, or each alone"))
             rows.append(ratio_row("mixed forward: MoA / PEFT adapter_names", t["moa"], t["peft"], 0.85,
                                   "PeftModel with 4 adapters"))
             del peft
@@ -601,7 +773,31 @@ def main(argv=None) -> int:
             print(f"  tokens/s: base {tps / min(t['base']):.1f}, MoA {tps / min(t['moa']):.1f} (best runs)")
             generation._eos_ids = real_eos_ids
 
-        if parts & {"forward", "generate"}:
+        if "decode" in parts:
+            from moa.generation import encode_prompts
+            from moa.router import RoutingState
+
+            p_ids, p_mask = encode_prompts(moa, [text for _, text in PROMPTS])  # (8, T) left padded
+            experts = torch.tensor([DOMAINS.index(d) for d, _ in PROMPTS])  # (8,) 4 experts mixed
+            n = 32
+            print(f"decode: {len(PROMPTS)} rows, {n} KV-cached steps after a {p_ids.shape[1]}-token prefill, "
+                  f"experts per row {experts.tolist()}", flush=True)
+            def d_moa():
+                return decode_steps(moa.base_model, p_ids, p_mask, n,
+                                    lambda: moa.routing(RoutingState("explicit", experts)))
+
+            fns = {"base": lambda: decode_steps(base, p_ids, p_mask, n), "moa": d_moa}
+            if fusable:
+                fns["unfused"] = lambda: unfused(moa, d_moa)
+            t = interleave(fns, repeats, "decode", timer=True)
+            rows.append(ratio_row("decode step: MoA / base", t["moa"], t["base"], 1.08,
+                                  f"8 rows, 4 experts, KV cache; base {1000 * min(t['base']) / n:.1f} ms/step, "
+                                  f"MoA {1000 * min(t['moa']) / n:.1f} ms/step"))
+            if fusable:
+                rows.append(ratio_row("decode step: MoA fused A / unfused", t["moa"], t["unfused"], 1.0,
+                                      f"unfused {1000 * min(t['unfused']) / n:.1f} ms/step"))
+
+        if parts & {"forward", "generate", "decode"}:
             del base
             gc.collect()
 
@@ -632,6 +828,10 @@ def main(argv=None) -> int:
             rows.append(ratio_row("train step: bf16 autocast / fp32", t["bf16"], t["fp32"], 0.45,
                                   f"target for AVX-512 bf16 CPUs; this CPU bf16={bf16_supported()}, "
                                   f"trainer auto mode picks {auto}"))
+
+        if "mfu" in parts:
+            print("mfu: stage 1 (PEFT single LoRA) and stage 2 steps, fp32 and bf16 autocast", flush=True)
+            rows += mfu_rows(moa, adapters, batch, repeats)
 
         if "rss" in parts:
             print(f"rss: {rss_steps} training steps per subprocess", flush=True)

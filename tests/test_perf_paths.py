@@ -3,7 +3,8 @@
 The reference is the plain per-row LoRA, y_i = base(x_i) + scaling_e * B_e A_e x_i with e the
 row's expert, computed one row at a time. The fast paths: the single-expert matmuls and the
 gathered per-row batched matmuls, both accumulating into the base output in place; the
-per-choice weight cache used without autograd (generation); the prefill that routes and fills
+per-choice weight cache used without autograd (generation); the A projections of modules that
+read the same input (q/k/v, gate/up) fused into one matmul; the prefill that routes and fills
 the KV cache at once; the stage-2 loss that projects only the label positions.
 """
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from moa import MoAModel
 from moa.generation import encode_prompts
-from moa.layers import ExpertChoice, MoLoRALinear, RoutingSlot
+from moa.layers import ExpertChoice, MoLoRALinear, RoutingSlot, share_input
 
 IN, OUT, E, R = 24, 20, 3, 4
 
@@ -46,6 +47,7 @@ def reference(layer: MoLoRALinear, x: torch.Tensor, index: list[int]) -> torch.T
 
 INDEXES = {
     "mixed": [2, 0, 1, 0, 2],  # gathered per-row batched matmuls
+    "many_rows": [2, 0, 1, 0, 2, -1, 1, 1],  # more than 2E rows: one token per row runs dense
     "single": [1, 1, 1, 1, 1],  # plain matmuls
     "base_rows": [0, -1, 2, -1, 0],  # some rows base only
     "none": [-1, -1],  # base only
@@ -132,6 +134,86 @@ def test_autocast_and_a_bf16_base_fall_back_to_out_of_place_adds():
             assert y.dtype == torch.bfloat16
             torch.testing.assert_close(y.float(), want, **tol)
             layer.base_layer.to(torch.float32)
+
+
+def make_siblings(seed: int = 0) -> tuple[list[MoLoRALinear], RoutingSlot]:
+    """Three modules of one slot reading one input, of different widths and ranks; expert 2 skips
+    the second module and has a smaller rank in the first (zero padding inside the fused A)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    slot = RoutingSlot()
+    mods = []
+    for k, (out, ranks) in enumerate([(OUT, (R, R, 2)), (OUT + 4, (R, 3, 0)), (OUT - 4, (R, R, R))]):
+        base = nn.Linear(IN, out)
+        base.requires_grad_(False)
+        mod = MoLoRALinear(base, slot)
+        for e, r in enumerate(ranks):
+            if r:
+                mod.add_expert(torch.randn(r, IN, generator=g), torch.randn(out, r, generator=g), alpha=1.0 + e + k)
+            else:
+                mod.add_expert(None, None, alpha=1.0)
+        mods.append(mod)
+    return mods, slot
+
+
+@pytest.mark.parametrize("name", list(INDEXES))
+@pytest.mark.parametrize("T", [1, 6])
+@pytest.mark.parametrize("grad", [False, True])
+def test_fused_a_projections_equal_the_modules_alone(name, T, grad):
+    """Same outputs, and the same gradients for the experts (a frozen one included) and the input."""
+    index = INDEXES[name]
+    x = torch.randn(len(index), T, IN)
+    gs = [torch.randn(len(index), T, out) for out in (OUT, OUT + 4, OUT - 4)]
+    results = []
+    for fused in (True, False):
+        mods, slot = make_siblings()
+        share_input(mods if fused else mods[:1])
+        for m in mods:
+            m.set_trainable_experts(torch.tensor([True, False, True]))
+        choice = ExpertChoice.of(torch.tensor(index))
+        slot.set_choice(choice)
+        xi = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            ys = [m(xi) for m in mods]  # one input tensor, as q/k/v read it
+            again = [m(xi) for m in reversed(mods)][::-1]  # any order; cached weights without autograd
+            if grad:
+                sum((y * g).sum() for y, g in zip(ys, gs)).backward()
+        for y, y2 in zip(ys, again):
+            torch.testing.assert_close(y, y2, rtol=1e-6, atol=1e-6)
+        assert all(m.shared._x is None for m in mods)  # the input is not kept once every module ran
+        grads = [] if not grad else [xi.grad] + [p.grad for m in mods for p in (m.lora_A, m.lora_B)]
+        if grad and name != "none":  # expert 1 is frozen: exactly zero, through the concatenation too
+            assert all(float(m.lora_A.grad[1].abs().sum() + m.lora_B.grad[1].abs().sum()) == 0 for m in mods)
+        results.append((ys, grads))
+        if fused:
+            with torch.no_grad():
+                want = [reference(m, x, index) for m in mods]
+            torch.testing.assert_close(ys, want, rtol=1e-5, atol=1e-5)
+    (ys_f, g_f), (ys_u, g_u) = results
+    torch.testing.assert_close(ys_f, ys_u, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_f, g_u):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_shared_input_follows_another_tensor_and_updated_weights():
+    mods, slot = make_siblings()
+    share_input(mods)
+    index = [2, 0, 1, 0, 2]
+    slot.set_choice(ExpertChoice.of(torch.tensor(index)))
+    x, other = torch.randn(5, 2, IN), torch.randn(5, 2, IN)
+    with torch.no_grad():
+        q = mods[0](x)
+        k = mods[1](other)  # not the input the group projected: its own projection
+        torch.testing.assert_close(q, reference(mods[0], x, index), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(k, reference(mods[1], other, index), rtol=1e-5, atol=1e-5)
+        mods[2].lora_A.mul_(2.0)  # in place, between two forwards with one choice
+        torch.testing.assert_close(mods[2](x), reference(mods[2], x, index), rtol=1e-5, atol=1e-5)
+        mods[0].remove_expert(1)  # replaced parameters
+        for m in mods[1:]:
+            m.remove_expert(1)
+        slot.set_choice(ExpertChoice.of(torch.tensor([1, 0, -1, 1, 1])))
+        for m in mods:
+            torch.testing.assert_close(m(x), reference(m, x, [1, 0, -1, 1, 1]), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- model level
@@ -229,3 +311,116 @@ def test_stage2_loss_on_label_positions_equals_the_full_logits_loss(moa_dir):
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(fast[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_fused_model_equals_unfused_model_and_saves_the_same_files(moa_dir, tmp_path):
+    """Logits and stage-2 gradients of the fused model equal the unfused ones, after adding and
+    removing an expert too; the checkpoint it writes is the one it was loaded from."""
+    from safetensors.torch import load_file
+
+    from moa.stages import stage2_loss
+
+    models = {}
+    for fused in (True, False):
+        model = MoAModel.from_pretrained(moa_dir)
+        model.fuse_shared_inputs(fused)
+        models[fused] = model
+    groups = {id(m.shared): len(m.shared.members) for m in models[True].lora_modules.values()}
+    assert sorted(groups.values()) == sorted([1, 1, 2, 3] * models[True].num_layers)  # o, down; gate/up; q/k/v
+    assert all(len(m.shared.members) == 1 for m in models[False].lora_modules.values())
+
+    ids, mask = encode_prompts(models[True], PROMPTS[:4])
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, : ids.shape[1] // 2] = -100
+    dom = torch.tensor([0, 1, -1, 0])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "domain_ids": dom,
+             "prompt_mask": mask.bool(), "global_tokens": int((labels[:, 1:] != -100).sum()), "global_rows": 4,
+             "router_ids": dom, "global_router_rows": 4}
+
+    def outputs(model):
+        with torch.no_grad():
+            logits = [model(ids, mask, domain_ids=d).logits for d in (dom, torch.tensor([1] * 4))]
+        model.set_trainable(experts=["fin"], routers=True)
+        model.train()
+        stage2_loss(model, batch, eta=0.5)[0].backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        return logits, grads
+
+    for step in ("loaded", "added", "removed"):
+        (lf, gf), (lu, gu) = outputs(models[True]), outputs(models[False])
+        torch.testing.assert_close(lf, lu, rtol=1e-5, atol=1e-5, msg=step)
+        assert gf.keys() == gu.keys()
+        for n in gf:
+            torch.testing.assert_close(gf[n], gu[n], rtol=1e-4, atol=1e-6, msg=f"{step}: {n}")
+        if step == "loaded":
+            for model in models.values():
+                model.add_expert("fin2", moa_dir / "experts" / "fin")
+        elif step == "added":
+            for model in models.values():
+                model.remove_expert("med")
+
+    out = models[True].save_pretrained(tmp_path / "again")
+    for name in ("fin", "fin2"):
+        src = moa_dir / "experts" / ("fin" if name == "fin2" else name)
+        assert sorted(p.name for p in (out / "experts" / name).iterdir()) == sorted(p.name for p in src.iterdir())
+    # no optimizer step ran: the saved experts are the loaded ones, tensor for tensor
+    saved = load_file(out / "experts" / "fin" / "adapter_model.safetensors")
+    loaded = load_file(moa_dir / "experts" / "fin" / "adapter_model.safetensors")
+    assert saved.keys() == loaded.keys()
+    for k in saved:
+        assert torch.equal(saved[k], loaded[k]), k
+
+
+def test_evaluation_in_length_sorted_batches_equals_one_record_at_a_time(routed_moa_dir, tmp_path):
+    """Scoring and generation batch records of similar length together (less padding); no per-record
+    number changes: the same PPL, routing and replies as records run alone (no padding at all)."""
+    from conftest import synthetic_records, write_jsonl
+
+    from moa.data import read_records
+    from moa.evaluate import evaluate_system, moa_system
+
+    rows = synthetic_records(4, seed=3)
+    rows[0]["prompt"] = "Add 3 and 4, then explain the sum in a few plain words for a child."  # a long one first
+    records, _ = read_records(write_jsonl(tmp_path / "eval.jsonl", rows))
+    model = MoAModel.from_pretrained(routed_moa_dir)
+    system = moa_system("moa", routed_moa_dir, "vote", max_new_tokens=6, batch_size=4, model=model)
+    batched = evaluate_system(system, records, model.tokenizer, batch_size=4, progress=False)
+    alone = evaluate_system(system, records, model.tokenizer, batch_size=1, progress=False)
+    assert batched["routing_accuracy"] == alone["routing_accuracy"]
+    for d in ("math", "echo", "json"):
+        assert batched[d]["ppl"] == pytest.approx(alone[d]["ppl"], rel=1e-4)
+        assert batched[d]["exact_match"] == alone[d]["exact_match"]
+    assert [g["index"] for g in batched["_generations"]] == sorted(g["index"] for g in batched["_generations"])
+    assert [(g["output"], g["routed"]) for g in batched["_generations"]] == \
+        [(g["output"], g["routed"]) for g in alone["_generations"]]
+
+
+@pytest.mark.parametrize("agree", [True, False])
+@pytest.mark.parametrize("routing", ["vote", "last"])
+def test_scoring_routes_and_scores_in_one_pass_as_in_two(routed_moa_dir, tmp_path, routing, agree):
+    """vote / last scoring: the one layer-routed pass (rows whose layers disagree run again) gives
+    the decisions and logits of the routing pass followed by the decided pass."""
+    from conftest import synthetic_records, write_jsonl
+
+    from moa.data import collate, encode_records, read_records
+    from moa.scoring import _routed_in_one_pass
+
+    model = MoAModel.from_pretrained(routed_moa_dir)
+    if not agree:  # the last router now disagrees with the others on most rows
+        with torch.no_grad():
+            model.routers[-1].weight.neg_()
+            model.routers[-1].bias.neg_()
+    records, _ = read_records(write_jsonl(tmp_path / "score.jsonl", synthetic_records(3, seed=5)))
+    examples, _ = encode_records(model.tokenizer, records, 128)
+    batch = collate(examples, model.tokenizer.pad_token_id, padding_side="right")
+    with torch.no_grad():
+        logits, decided, probs = _routed_in_one_pass(model, batch, routing)
+        two = model(batch["input_ids"], batch["attention_mask"], prompt_mask=batch["prompt_mask"], routing=routing)
+    assert decided.tolist() == two.expert_ids.tolist()
+    layers_disagree = (torch.stack([lg.argmax(-1) for lg in two.router_logits]) != decided).any(0)  # (B,)
+    assert bool(layers_disagree.any()) is not agree  # some rows run again, or none
+    torch.testing.assert_close(probs, two.router_probs, rtol=1e-5, atol=1e-6)
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[keep], two.logits[keep], rtol=1e-4, atol=1e-4)

@@ -189,11 +189,20 @@ class _Batch:
     """(L, B) each row's expert in every layer (-1: base only)."""
     eos: Tensor = field(default=None)
     """The end-of-turn token ids of `model`."""
+    _routing: tuple | None = field(default=None, repr=False)
+    """(the `experts` tensor, its RoutingState): kept while no row joins or leaves."""
 
     def routing(self) -> RoutingState:
-        # (B,) when every row uses one expert in all layers: one ExpertChoice shared by the layers.
-        same = bool((self.experts == self.experts[:1]).all())
-        return RoutingState("explicit", self.experts[0] if same else self.experts)
+        """The routing of the next decode step. The same state (and so the same ExpertChoices, which
+        keep the experts' gathered weights) serves every step until rows join or leave and `experts`
+        is replaced: the weights are gathered once per batch composition, not once per token."""
+        if self._routing is None or self._routing[0] is not self.experts:
+            # (B,) when every row uses one expert in all layers: one ExpertChoice shared by the layers.
+            same = bool((self.experts == self.experts[:1]).all())
+            self._routing = (self.experts, RoutingState("explicit", self.experts[0] if same else self.experts))
+        state = self._routing[1]
+        state.decisions.clear()  # the step's forward records them again
+        return state
 
     def select(self, keep: list[int]) -> None:
         """Keep these rows (in order) and cut the cache columns no remaining row uses."""

@@ -231,7 +231,10 @@ def evaluate_system(system: System, records, tok, *, batch_size: int = 8, max_le
     result: dict = {}
     gens: dict[int, tuple[str, str | None]] = {}
     if generate:
-        chosen = first_per_domain(records, generate_limit)
+        # Shortest prompts first: a batch then holds prompts of similar length, so little left
+        # padding is run (as scoring batches by length); replies are keyed by record, so the
+        # order changes no number. Ties keep file order.
+        chosen = sorted(first_per_domain(records, generate_limit), key=lambda i: examples[i].prompt_len)
         prompts = [records[i].prompt_messages for i in chosen]
         doms = [records[i].domain for i in chosen]
         from tqdm.auto import tqdm

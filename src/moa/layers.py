@@ -11,6 +11,13 @@ Experts of different rank are zero-padded to the largest rank r_max. The padding
 point of training: a padded row of A and the matching column of B are both exactly zero, so
 both get exactly zero gradient (grad A[e, j] is proportional to B[e, :, j] and vice versa),
 and zero stays zero under SGD/Adam/AdamW (weight decay included).
+
+Modules that read the same input (q/k/v of attention, gate/up of the MLP) share one `SharedInput`:
+the first of them to see an input runs the A projections of all of them as ONE matmul over their
+concatenated A matrices (one read of the input instead of three, and a wider, faster GEMM); the
+others take their slice of that result. The parameters stay per module, so checkpoints, adding
+and removing experts are as without sharing: the concatenation is of the (routed) weights, at
+forward time, and autograd splits the gradient back to each module's own A.
 """
 
 from __future__ import annotations
@@ -21,6 +28,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Sibling linear modules that read one input tensor in Llama / Qwen2 / Mistral-style decoder layers:
+their LoRA A projections run as one matmul (`SharedInput`)."""
 
 
 @dataclass
@@ -101,6 +113,9 @@ class MoLoRALinear(nn.Module):
         self.ranks: list[int] = []
         # (E,) bool of the experts that get gradients, or None for all: see set_trainable_experts.
         self.register_buffer("trainable_mask", None, persistent=False)
+        self._alone = SharedInput((self,))
+        self.shared = self._alone
+        """The modules whose A projections run with this one's (see `share_input`); itself alone by default."""
 
     @property
     def num_experts(self) -> int:
@@ -130,7 +145,7 @@ class MoLoRALinear(nn.Module):
         if slot.weights is not None:
             A, B = self._expert_weights()  # (E, r, in), (E, out, r)
             return result + self._soft(x, slot.weights, A, B).to(result.dtype)
-        return self._hard(x, slot.choice, result)
+        return self._hard(x, slot.choice, result, alone=dropout)
 
     def _expert_weights(self) -> tuple[Tensor, Tensor]:
         if self.trainable_mask is None:
@@ -139,54 +154,49 @@ class MoLoRALinear(nn.Module):
         m = self.trainable_mask[:, None, None]  # (E, 1, 1)
         return torch.where(m, self.lora_A, self.lora_A.detach()), torch.where(m, self.lora_B, self.lora_B.detach())
 
-    def _hard(self, x: Tensor, choice: ExpertChoice, result: Tensor) -> Tensor:
+    def _hard(self, x: Tensor, choice: ExpertChoice, result: Tensor, alone: bool) -> Tensor:
         """result + each row's own expert applied to x: x (B, T, in), result (B, T, out).
 
         Computes only the expert each row uses: plain matmuls when every row uses the same one,
-        else the rows' gathered weights in batched matmuls (rows with no expert are left out).
-        The delta is accumulated into `result` in place (one pass over the output instead of three
-        for delta, scaled delta and sum), which is safe under autograd: the base linear does not
-        save its output for backward.
+        else the rows' gathered weights in batched matmuls (rows with no expert are left out). One-
+        token steps (decoding) of more than 2E rows instead run every expert on every row and mask
+        out the others: the weights are then read once per step instead of once per row, in two
+        plain matmuls, for E times the (small) FLOPs of one token.
+        The A side comes from this module's `SharedInput` (one matmul for the modules that read
+        x; `alone`: this module's x is its own, e.g. after its dropout). The delta is accumulated
+        into `result` in place (one pass over the output instead of three for delta, scaled delta
+        and sum), which is safe under autograd: the base linear does not save its output for
+        backward.
         """
         e = choice.single
-        if e is not None and (e < 0 or self.ranks[e] == 0):
+        if e is not None and e < 0:
             return result
-        A, Bt = self._routed_weights(choice)
-        if e is not None:  # A (r, in), Bt (r, out)
-            return _add_matmul(result, F.linear(x, A), Bt)  # (B, T, out)
-        if choice.rows is not None:  # some rows are base only: compute the others
+        projected = (self._alone if alone else self.shared).project(self, x, choice)
+        if projected is None:  # no expert of this choice targets this module
+            return result
+        h, Bt, dense = projected
+        if e is not None or dense:  # h (B, T, r), Bt (r, out); dense: h (B, 1, E*r), Bt (E*r, out)
+            return _add_matmul(result, h, Bt)  # (B, T, out)
+        if choice.rows is not None:  # some rows are base only: h holds the others
             rows = choice.rows  # (B',)
-            h = torch.bmm(x.index_select(0, rows), A.transpose(1, 2))  # (B', T, r)
             return result.index_add_(0, rows, torch.bmm(h, Bt.to(h.dtype)).to(result.dtype))
-        h = torch.bmm(x, A.transpose(1, 2))  # (B, T, r); A (B, r, in)
-        return _add_bmm(result, h, Bt)  # Bt (B, r, out)
+        return _add_bmm(result, h, Bt)  # h (B, T, r), Bt (B, r, out)
 
-    def _routed_weights(self, choice: ExpertChoice) -> tuple[Tensor, Tensor]:
-        """The expert weights a choice uses, with the scaling folded into B (the small side).
+    def _routed_B(self, choice: ExpertChoice, B: Tensor, index: Tensor | None) -> Tensor | None:
+        """The B side of a choice with the scaling folded in (the small side), transposed.
 
-        Every row uses expert e: (A_e (r, in), scaling_e * B_e^T (r, out)), unpadded. Otherwise
-        each routed row's (A (B', r, in), scaling * B^T (B', r, out)). Without autograd
-        (generation) they are kept on the choice: decoding reuses one choice for every token, so
-        each module gathers its weights once per generate call instead of once per token.
+        Every row uses expert e (index None): scaling_e * B_e^T (r_e, out), unpadded (None if
+        r_e = 0). Otherwise the experts `index` (B',) of the routed rows: scaling * B^T
+        (B', r_max, out) (None if r_max = 0).
         """
-        cacheable = not torch.is_grad_enabled()
-        if cacheable:
-            hit = choice.cache.get(self)
-            if hit is not None and self._unchanged_since(hit[0]):
-                return hit[1]
-        A, B = self._expert_weights()  # (E, r, in), (E, out, r)
-        if choice.single is not None:
+        if index is None:
             e = choice.single
             r = self.ranks[e]
-            out = A[e, :r], (B[e, :, :r] * self.scaling[e]).t().contiguous()  # (r, in), (r, out)
-        else:
-            index = choice.index if choice.rows is None else choice.index.index_select(0, choice.rows)  # (B',)
-            scale = self.scaling.index_select(0, index)[:, None, None]  # (B', 1, 1)
-            Bt = (B.index_select(0, index) * scale).transpose(1, 2).contiguous()  # (B', r, out)
-            out = A.index_select(0, index), Bt  # (B', r, in), (B', r, out)
-        if cacheable:
-            choice.cache[self] = (self._weights_state(), out)
-        return out
+            return None if r == 0 else (B[e, :, :r] * self.scaling[e]).t().contiguous()  # (r, out)
+        if B.shape[2] == 0:
+            return None
+        scale = self.scaling.index_select(0, index)[:, None, None]  # (B', 1, 1)
+        return (B.index_select(0, index) * scale).transpose(1, 2).contiguous()  # (B', r_max, out)
 
     def _weights_state(self) -> tuple:
         """The expert tensors themselves (held, so identity is meaningful) and their versions."""
@@ -286,6 +296,137 @@ class MoLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(B, requires_grad=requires_grad)
         self.scaling = scaling
         self.ranks = ranks
+
+
+class SharedInput:
+    """MoLoRALinears of one decoder layer that read the same input tensor: their LoRA A projections
+    run as ONE matmul over the concatenated (routed) A matrices, and each module takes its slice.
+
+    The first member called with an input computes the projection of every member and keeps it
+    until each other member has taken its part (members are matched to it by the input tensor's
+    identity, so a member called with any other tensor simply gets its own projection computed:
+    grouping modules that do not share an input costs time, never correctness). Without autograd
+    the concatenated weights are kept on the `ExpertChoice`, so decoding gathers them once per
+    choice, not once per token.
+
+    Args:
+        members: the modules, in the order the model usually calls them (q, k, v).
+    """
+
+    __slots__ = ("members", "_x", "_version", "_choice", "_h", "_waiting")
+
+    def __init__(self, members) -> None:
+        self.members = tuple(members)
+        self._forget()
+
+    def _forget(self) -> None:
+        self._x = self._version = self._choice = self._h = None  # the input, its projection (B', T, R)
+        self._waiting: set[int] = set()  # ids of the members that have not taken their slice yet
+
+    def __repr__(self) -> str:
+        return f"SharedInput({len(self.members)} modules)"
+
+    def project(self, member: "MoLoRALinear", x: Tensor, choice: ExpertChoice):
+        """member's (x A^T, routed scaled B^T, dense) for a choice, or None if it has no expert there.
+
+        x: (B, T, in), the member's input before any cast. Every row on expert e: (B, T, r),
+        (r, out). Mixed: (B', T, r) and (B', r, out) of the routed rows B'. Mixed with one token
+        per row (decoding), `dense`: every expert on every row, (B, 1, E*r) with the other experts'
+        columns zeroed, and (E*r, out).
+        """
+        if not (self._x is x and self._choice is choice and self._version == _version(x)):
+            # One token per row and more than twice as many rows as experts: reading every expert
+            # once then costs less than reading each row's own gathered copy. At 8 rows on 4
+            # experts the gathered path measured faster (docs/RESULTS.md, Performance II).
+            dense = (choice.single is None and x.dim() == 3 and x.shape[1] == 1
+                     and x.shape[0] > 2 * self.members[0].num_experts)
+            A, parts, mask = self._routed_weights(choice, dense)
+            self._forget()
+            if A is None:
+                return None
+            xs = x.to(A.dtype)  # (B, T, in)
+            if choice.single is not None or dense:
+                h = F.linear(xs, A)  # (B, T, R), dense: (B, 1, E*R)
+                if dense:
+                    h = h.mul_(mask[:, None])  # each row keeps its own expert's columns
+            else:
+                if choice.rows is not None:
+                    xs = xs.index_select(0, choice.rows)  # (B', T, in)
+                h = torch.bmm(xs, A.transpose(1, 2))  # (B', T, R)
+            self._x, self._version, self._choice, self._h = x, _version(x), choice, (h, parts, dense)
+            if len(self.members) > 1:
+                self._waiting = {id(m) for m in self.members}
+        h, parts, dense = self._h
+        part = parts[self.members.index(member)]
+        self._waiting.discard(id(member))
+        if not self._waiting:  # every member has its slice: do not keep the input alive
+            self._forget()
+        if part is None:
+            return None
+        start, stop, Bt = part
+        return h[..., start:stop], Bt, dense  # h: a view, its rows strided as the matmuls allow
+
+    def _routed_weights(self, choice: ExpertChoice, dense: bool = False) -> tuple[Tensor | None, list, Tensor | None]:
+        """(the members' routed A concatenated on the rank axis, per member (start, stop, B^T) or None,
+        the dense row mask or None).
+
+        Every row uses expert e: A (R, in) of the members' unpadded A_e. Mixed: (B', R, in) of each
+        routed row's padded A; `dense`: all experts (E*R, in), member by member, expert by expert,
+        with B^T (E*r, out) and the mask (B, E*R) of each row's own columns. Without autograd
+        (generation) kept on the choice, checked against in-place updates and replaced parameters
+        of every member.
+        """
+        cacheable = not torch.is_grad_enabled()
+        key = (self, dense)
+        if cacheable:
+            hit = choice.cache.get(key)
+            if hit is not None and all(m._unchanged_since(state) for m, state in zip(self.members, hit[0])):
+                return hit[1]
+        index = None
+        if choice.single is None and not dense:
+            index = choice.index if choice.rows is None else choice.index.index_select(0, choice.rows)  # (B',)
+        As, parts, masks, R = [], [], [], 0
+        for m in self.members:
+            A, B = m._expert_weights()  # (E, r_max, in), (E, out, r_max)
+            if choice.single is not None:
+                A = A[choice.single, :m.ranks[choice.single]]  # (r, in)
+                Bt = m._routed_B(choice, B, None)
+            elif dense:
+                E, r = A.shape[:2]
+                A = A.reshape(E * r, -1)  # (E*r, in)
+                Bt = None if r == 0 else (B * m.scaling[:, None, None]).transpose(1, 2).reshape(E * r, -1)  # (E*r, out)
+                if Bt is not None:
+                    own = choice.index[:, None] == torch.arange(E, device=choice.index.device)  # (B, E); -1: none
+                    masks.append(own.repeat_interleave(r, dim=1))  # (B, E*r)
+            else:
+                Bt = m._routed_B(choice, B, index)
+            if Bt is None:
+                parts.append(None)
+                continue
+            As.append(A)
+            r = A.shape[-2]
+            parts.append((R, R + r, Bt))
+            R += r
+        A = mask = None
+        if As:
+            A = As[0] if len(As) == 1 else torch.cat(As, dim=-2)  # (R, in), (E, R, in) or (E*R, in)
+            if index is not None:
+                A = A.index_select(0, index)  # (B', R, in)
+            if dense:
+                mask = torch.cat(masks, dim=1).to(A.dtype)  # (B, E*R)
+        out = A, parts, mask
+        if cacheable:
+            choice.cache[key] = (tuple(m._weights_state() for m in self.members), out)
+        return out
+
+
+def share_input(modules) -> None:
+    """Let these MoLoRALinears (of one layer, reading the same input) run their A projections as one
+    matmul; a single module goes back to running alone."""
+    modules = tuple(modules)
+    group = modules[0]._alone if len(modules) == 1 else SharedInput(modules)
+    for m in modules:
+        m.shared = group
 
 
 def _version(t: Tensor) -> int | None:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from moa.errors import MoAError
 from moa.generation import GenerationResult, cache_of
 from moa.losses import label_nll
-from moa.layers import MoLoRALinear, RoutingSlot
+from moa.layers import SHARED_INPUTS, MoLoRALinear, RoutingSlot, share_input
 from moa.router import (ROUTINGS, LayerRouter, RoutingState, check_pool_mask, check_routed_checkpointing, decide,
                         enable_routed_checkpointing, router_loss, routing_hooks)
 
@@ -108,6 +108,7 @@ class MoAModel(nn.Module):
         self.slots = [RoutingSlot() for _ in layers]
         self.lora_modules = _inject(base_model, layers, self.slots, self.target_modules, lora_dropout)
         """{module path in base_model: MoLoRALinear}, in model order (a plain dict, not registered twice)."""
+        self.fuse_shared_inputs(True)
         hidden = base_model.config.get_text_config().hidden_size
         # float32 like the experts (master weights), on the base's device
         self.routers = nn.ModuleList(LayerRouter(hidden) for _ in layers).to(_device_of(base_model))
@@ -288,6 +289,19 @@ class MoAModel(nn.Module):
         routers = [p for p in self.routers.parameters() if p.requires_grad]
         experts = [p for mod in self.lora_modules.values() for p in (mod.lora_A, mod.lora_B) if p.requires_grad]
         return routers, experts
+
+    def fuse_shared_inputs(self, fused: bool = True) -> None:
+        """Run the LoRA A projections of modules that read the same input (q/k/v, gate/up: see
+        `moa.layers.SHARED_INPUTS`) as one matmul each (True, the default), or every module alone.
+        The same function either way (up to float rounding); checkpoints are not affected."""
+        groups: dict[tuple, list[MoLoRALinear]] = {}
+        for path, mod in self.lora_modules.items():
+            parent, _, name = path.rpartition(".")
+            sibling = next((k for k, names in enumerate(SHARED_INPUTS) if name in names), None)
+            key = (parent, sibling) if fused and sibling is not None else (path, None)
+            groups.setdefault(key, []).append(mod)
+        for members in groups.values():
+            share_input(members)
 
     def set_lora_dropout(self, p: float) -> None:
         """Dropout on every expert's input while training (0: none)."""

@@ -116,14 +116,41 @@ def moa_forward(moa, routing: str, base=None):
                 raise MoAError("--routing explicit needs each record's domain")
             kw["domains"] = batch["domain_names"]
         with torch.no_grad():
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        prompt_mask=batch["prompt_mask"], routing=routing, **kw)
+            if routing in ("vote", "last"):
+                logits, expert_ids, probs_all = _routed_in_one_pass(model, batch, routing)
+                names = model.domain_names(expert_ids)
+            else:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            prompt_mask=batch["prompt_mask"], routing=routing, **kw)
+                logits, names, probs_all = out.logits, out.domains, out.router_probs
         extras = []
-        for i, d in enumerate(out.domains):
+        for i, d in enumerate(names):
             probs = None
-            if out.router_probs is not None:
-                probs = {dom: round(float(out.router_probs[i, k]), 6) for dom, k in index.items()}
+            if probs_all is not None:
+                probs = {dom: round(float(probs_all[i, k]), 6) for dom, k in index.items()}
             extras.append({"domain_routed": d, "router_probs": probs})
-        return out.logits, extras
+        return logits, extras
 
     return fwd, model.tokenizer
+
+
+def _routed_in_one_pass(model, batch: dict, routing: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """vote / last routing and the logits of that decision, mostly in one forward instead of two.
+
+    One `layer`-routed forward runs every router on the prompt and each layer with its own top-1.
+    A row whose layers all chose the row's final decision was computed exactly as the decision
+    computes it (as `moa.generation.prefill` relies on), so its logits are kept; only the other
+    rows run again with their decision. Trained routers agree in nearly every row, so scoring pays
+    one pass instead of a routing pass plus a pass. Returns (logits (B, T, V), expert per row (B,),
+    probs (B, E) of the decision).
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    out = model(input_ids=ids, attention_mask=mask, prompt_mask=batch["prompt_mask"], routing="layer")
+    decided, probs = model.decide(out.router_logits, routing)  # (B,), (B, E)
+    per_layer = torch.stack([lg.argmax(-1) for lg in out.router_logits])  # (L, B)
+    logits = out.logits  # (B, T, V)
+    redo = (per_layer != decided).any(0).nonzero().squeeze(1).cpu()  # (B',)
+    if redo.numel():
+        again = model(input_ids=ids[redo], attention_mask=mask[redo], domain_ids=decided[redo].cpu())
+        logits[redo.to(logits.device)] = again.logits
+    return logits, decided, probs
