@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from moa.cli.options import add_device_args
+from moa.cli.options import add_device_args, add_fallback_arg
 from moa.errors import MoAError
 
 def register(sub) -> None:
@@ -40,6 +40,7 @@ def register(sub) -> None:
                    help="longest prompt accepted, in tokens (default: the model's context length)")
     p.add_argument("--route-layers", type=int, default=None, metavar="K",
                    help="routed requests ('moa') are decided by the routers of the first K layers (default: all)")
+    add_fallback_arg(p)
     add_device_args(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -59,6 +60,9 @@ def _cmd_serve(args) -> int:
     model = MoAModel.from_pretrained(args.moa)  # on --device, base in --dtype (moa.cli runs us in that placement)
     if args.route_layers is not None:
         model.route_layers = args.route_layers  # outside 1..L: a one-line error
+    from moa.fallback import set_fallback
+
+    set_fallback(model, args.fallback)  # also applied to a checkpoint hot-reloaded later
     device = model.device
     app = create_app(model, api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                      max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
@@ -67,7 +71,8 @@ def _cmd_serve(args) -> int:
         print(f"moa serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     print(f"moa serve: {args.moa} on {device} ({', '.join(model.domains)}); "
-          f"http://{args.host}:{args.port}/v1 (models: moa, moa:<domain>, base); "
+          f"http://{args.host}:{args.port}/v1 (models: moa, moa:<domain>, base); fallback: "
+          f"{'off' if model.fallback is None else model.fallback.method + ' > ' + format(model.fallback.threshold, '.4g')}; "
           f"playground: http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
