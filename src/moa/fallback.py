@@ -289,48 +289,66 @@ def calibrate(model, train_records: Sequence, valid_records: Sequence, *, method
     Returns:
         the FallbackConfig (not yet in force nor saved: see `calibrate_checkpoint`, `set_fallback`).
     """
-    if method not in METHODS:
-        raise MoAError(f"unknown fallback method {method!r} (choose from {', '.join(METHODS)})")
     acceptance = check_acceptance(acceptance)
     domains = list(model.domains)
-    E = len(domains)
     ytr, yva = (_labels(rs, domains, what) for rs, what in ((train_records, "training"), (valid_records, "validation")))
-    if method == "distance":
-        top = min(model.num_layers, model.route_layers)  # layers whose input the routing pass computes
-        cands = list(layers) if layers is not None else [l for l in DEFAULT_LAYERS if l < top] or [0]
-        if E < 2:  # nothing to hold out: the first candidate
-            cands = cands[:1]
-        bad = [l for l in cands if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < top]
-        if bad or not cands:
-            raise MoAError(f"fallback layers must be integers from 0 to {top - 1}, got {list(cands)}")
+    cands = candidate_layers(model, method, layers)
+    ftr = {}
+    if cands:
         missing = [d for k, d in enumerate(domains) if not bool((ytr == k).any())]
         if missing:
             raise MoAError(f"the training records have no prompt of domain(s) {', '.join(missing)}: the distance "
                            "fallback needs every domain's centroid")
-    else:
-        cands = []
-    _, ftr = prompt_features(model, [r.prompt_messages for r in train_records], cands, batch_size, progress,
-                             "fallback: train") if cands else (None, {})
+        ftr = prompt_features(model, [r.prompt_messages for r in train_records], cands, batch_size, progress,
+                              "fallback: train")[1]
     lva, fva = prompt_features(model, [r.prompt_messages for r in valid_records], cands, batch_size, progress,
                                "fallback: valid")
+    how = "last" if model.routing_default == "last" else "vote"
+    fb = fit_fallback(domains, method, acceptance, ftr, ytr, lva, fva, yva, how)
+    fb.calibration.update(n_train=len(train_records), route_layers=model.route_layers)
+    return fb
+
+
+def candidate_layers(model, method: str, layers: Sequence[int] | None = None) -> list[int]:
+    """The layers whose pooled input `method` may read: none but for distance, where they are
+    `layers` (default `DEFAULT_LAYERS`) checked against the layers the routing pass computes."""
+    if method not in METHODS:
+        raise MoAError(f"unknown fallback method {method!r} (choose from {', '.join(METHODS)})")
+    if method != "distance":
+        return []
+    top = min(model.num_layers, model.route_layers)  # layers whose input the routing pass computes
+    cands = list(layers) if layers is not None else [l for l in DEFAULT_LAYERS if l < top] or [0]
+    if model.num_experts < 2:  # nothing to hold out: the first candidate
+        cands = cands[:1]
+    bad = [l for l in cands if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < top]
+    if bad or not cands:
+        raise MoAError(f"fallback layers must be integers from 0 to {top - 1}, got {list(cands)}")
+    return cands
+
+
+def fit_fallback(domains: list[str], method: str, acceptance: float, ftr: dict[int, Tensor], ytr: Tensor,
+                 lva: Tensor, fva: dict[int, Tensor], yva: Tensor, how: str = "vote") -> FallbackConfig:
+    """The fallback from prompt features (`prompt_features`): ftr {layer: (N, H)} / ytr (N,) the
+    training prompts' pooled inputs and domain ids (distance only), lva (M, K, E) / fva / yva the
+    validation prompts' router logits, pooled inputs and domain ids. Distance keeps the layer of
+    ftr that best rejects a held-out domain."""
+    E = len(domains)
     held_out = {}
     if method == "distance":
+        cands = sorted(ftr)
         held_out = {l: round(_held_out_rejection(ftr[l], ytr, fva[l], yva, E, acceptance), 4) for l in cands} \
             if E >= 2 else {cands[0]: None}
         layer = max(cands, key=lambda l: (held_out[l] or 0, -l))
         mu, scale = _centroids(ftr[layer], ytr, E)
         probe = FallbackConfig("distance", 0.0, domains, torch.zeros(1), acceptance, layer, mu, scale)
     else:
-        layer = None
         probe = FallbackConfig(method, 0.0, domains, torch.zeros(1), acceptance)
-    how = "last" if model.routing_default == "last" else "vote"
-    logits = list(lva.unbind(1))  # [(N, E)] * K
-    scores = probe.score(logits, fva, how)  # (N,)
+    logits = list(lva.unbind(1))  # [(M, E)] * K
+    scores = probe.score(logits, fva, how)  # (M,)
     fb = replace(probe, valid_scores=scores.sort().values, threshold=threshold_at(scores, acceptance))
-    decided = fb.apply(decide(logits, how)[0], logits, fva, how)  # (N,)
+    decided = fb.apply(decide(logits, how)[0], logits, fva, how)  # (M,)
     fb.calibration = {
-        "n_train": len(train_records), "n_valid": len(valid_records), "routing": how,
-        "route_layers": model.route_layers,
+        "n_valid": len(yva), "routing": how,
         "valid_acceptance": round(float((decided >= 0).float().mean()), 4),
         "valid_routing_accuracy": round(float((decided == yva).float().mean()), 4),
         **({"held_out_domain_rejection": {str(k): v for k, v in held_out.items()}} if held_out else {}),
