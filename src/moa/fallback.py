@@ -221,11 +221,13 @@ def set_fallback(model, spec: str | float | None = "auto") -> None:
 
 @torch.no_grad()
 def prompt_features(model, prompts: Sequence, layers: Sequence[int] = (), batch_size: int = 16,
-                    progress: bool = True, desc: str = "fallback features") -> tuple[Tensor, dict[int, Tensor]]:
+                    progress: bool = True, desc: str = "fallback features",
+                    logits: bool = True) -> tuple[Tensor | None, dict[int, Tensor]]:
     """Run the routing pass over `prompts` (chat messages, as generate and the server render them).
 
     Returns (logits (N, K, E) of the first K = model.route_layers routers, {layer: (N, H) pooled
-    input of that layer} for `layers`), rows in input order.
+    input of that layer} for `layers`), rows in input order. logits=False: None, and the pass
+    stops at the last of `layers` (the training prompts of the distance method need no more).
     """
     from tqdm.auto import tqdm
 
@@ -233,21 +235,23 @@ def prompt_features(model, prompts: Sequence, layers: Sequence[int] = (), batch_
 
     K = model.route_layers
     order = sorted(range(len(prompts)), key=lambda i: len(str(prompts[i])))
-    logits = torch.zeros(len(prompts), K, model.num_experts)
+    out = torch.zeros(len(prompts), K, model.num_experts) if logits else None
+    stop = max((K - 1, *layers)) if logits else max(layers)
     pooled: dict[int, Tensor] = {}
     with tqdm(total=len(prompts), desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0) as bar:
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
             ids, mask = encode_prompts(model, [prompts[i] for i in idx])  # (b, T) left padded
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, T)
-            state = model._routing_pass(ids, mask, mask.bool(), position_ids, max((K - 1, *layers)), tuple(layers))
+            state = model._routing_pass(ids, mask, mask.bool(), position_ids, stop, tuple(layers))
             rows = torch.tensor(idx)
-            logits[rows] = torch.stack(state.logits[:K], 1).float().cpu()  # (b, K, E)
+            if logits:
+                out[rows] = torch.stack(state.logits[:K], 1).float().cpu()  # (b, K, E)
             for l in layers:
                 x = state.pooled[l].float().cpu()  # (b, H)
                 pooled.setdefault(l, torch.zeros(len(prompts), x.shape[1]))[rows] = x
             bar.update(len(idx))
-    return logits, pooled
+    return out, pooled
 
 
 def _centroids(x: Tensor, y: Tensor, E: int) -> tuple[Tensor, Tensor]:
@@ -300,7 +304,7 @@ def calibrate(model, train_records: Sequence, valid_records: Sequence, *, method
             raise MoAError(f"the training records have no prompt of domain(s) {', '.join(missing)}: the distance "
                            "fallback needs every domain's centroid")
         ftr = prompt_features(model, [r.prompt_messages for r in train_records], cands, batch_size, progress,
-                              "fallback: train")[1]
+                              "fallback: train", logits=False)[1]
     lva, fva = prompt_features(model, [r.prompt_messages for r in valid_records], cands, batch_size, progress,
                                "fallback: valid")
     how = "last" if model.routing_default == "last" else "vote"
