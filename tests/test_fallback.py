@@ -217,3 +217,21 @@ def test_the_gateway_sends_fallbacks_to_the_upstream_base_model(calibrated_dir, 
         assert r.choices[0].message.content == _chat(upstream, FAR, model="base").choices[0].message.content
         assert _chat(client, ROUTED_PROMPTS["math"][1]).model_extra["moa"] == {
             **_chat(client, ROUTED_PROMPTS["math"][1]).model_extra["moa"], "domain": "math", "fallback": False}
+
+
+@pytest.mark.parametrize("method", ["msp", "energy"])
+def test_router_confidence_methods_calibrate_and_need_the_same_routers(routed_moa_dir, records, method):
+    from moa.fallback import calibrate
+
+    train, valid, _ = records
+    model = MoAModel.from_pretrained(routed_moa_dir)
+    fb = calibrate(model, train, valid, method=method, progress=False)
+    assert fb.method == method and fb.layer is None and fb.centroids is None
+    assert fb.calibration["valid_acceptance"] >= 0.99 and fb.calibration["route_layers"] == model.num_layers
+    model.fallback_calibration = fb
+    set_fallback(model, "auto")
+    ids, mask = encode_prompts(model, IN_DOMAIN)
+    assert (model.route(ids, mask)[0] >= 0).all()
+    model.route_layers = 1
+    with pytest.raises(MoAError, match="calibrated on the routers of 2 layers"):
+        set_fallback(model, "auto")

@@ -209,6 +209,11 @@ def set_fallback(model, spec: str | float | None = "auto") -> None:
         model.fallback = None
         return
     fb = cal if spec == "auto" else cal.at_acceptance(spec)
+    calibrated_k = fb.calibration.get("route_layers")
+    if fb.method != "distance" and calibrated_k not in (None, model.route_layers):
+        raise MoAError(f"the checkpoint's {fb.method} fallback was calibrated on the routers of {calibrated_k} layers, "
+                       f"but this model decides with {model.route_layers}: calibrate with the same route_layers, or "
+                       "use --fallback off")
     if getattr(model, "routing_only", False) and fb.layer is not None and fb.layer >= model.num_layers:
         raise MoAError(f"the checkpoint's fallback reads the input of layer {fb.layer}, but only the first "
                        f"{model.num_layers} layers are loaded: route with more layers (--route-layers "
