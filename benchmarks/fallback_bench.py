@@ -9,11 +9,13 @@ router logits and the pooled inputs of the candidate layers. Each method is then
 from them as `moa calibrate` does (`moa.fallback.fit_fallback`: centroids on --train, threshold
 on --valid at --acceptance) and measured on --test ((a) routing accuracy counting a fallback as
 wrong, and the in-domain acceptance) and on --generic ((b) the fraction that falls back). Rows:
-`distance` (the layer chosen by the held-out-domain rule, as calibrate chooses), `distance@L`
-(each candidate layer forced), `msp`, `energy`. The calibrated `distance` fallback is then put in
-force on the model and the test and generic prompts are routed again through
-`MoAModel.route` (the path generate, serve and the gateway take): its decisions must equal the
-ones computed from the features.
+`distance` (per-domain spreads, the layer chosen among `moa.fallback.default_layers` by the
+held-out-domain rule: what `moa calibrate` stores), `distance@L` (layer L forced, L in --layers
+and the defaults), `distance-shared@L` (one spread shared by the domains), `msp`, `energy`.
+The centroids use the first 200 training prompts per domain, as calibrate does. The calibrated
+`distance` fallback is then put in force on the model and the generic prompts and the first 50
+test prompts are routed again through `MoAModel.route` (the path generate, serve and the
+gateway take): its decisions must equal the ones computed from the features.
 """
 
 import argparse
@@ -43,8 +45,8 @@ def main() -> None:
     ap.add_argument("--generic", default="benchmarks/generic_prompts.jsonl",
                     help="JSONL prompts from no domain ({\"prompt\": ...} or {\"messages\": [...]})")
     ap.add_argument("--acceptance", type=float, default=0.99)
-    ap.add_argument("--layers", default=None,
-                    help="candidate layers of the distance method (default: moa.fallback.DEFAULT_LAYERS)")
+    ap.add_argument("--layers", default="0,3",
+                    help="more layers to report distance@L rows for, beside moa.fallback.default_layers")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
@@ -52,7 +54,8 @@ def main() -> None:
     import torch
 
     from moa.data import read_prompts, read_records
-    from moa.fallback import (METHODS, candidate_layers, fit_fallback, prompt_features, set_fallback)
+    from moa.fallback import (MAX_TRAIN_PER_DOMAIN, METHODS, candidate_layers, first_per_domain, fit_fallback,
+                              prompt_features, set_fallback)
     from moa.generation import encode_prompts
     from moa.model import MoAModel
     from moa.router import decide
@@ -61,7 +64,9 @@ def main() -> None:
     model = MoAModel.from_pretrained(args.moa)
     set_fallback(model, "off")
     domains = model.domains
-    layers = candidate_layers(model, "distance", [int(x) for x in args.layers.split(",")] if args.layers else None)
+    defaults = candidate_layers(model, "distance")
+    extra = candidate_layers(model, "distance", [int(x) for x in args.layers.split(",")]) if args.layers else []
+    layers = sorted({*defaults, *extra})
     how = "last" if model.routing_default == "last" else "vote"
 
     def labelled(path):
@@ -71,6 +76,8 @@ def main() -> None:
     with open(args.generic, encoding="utf-8") as f:
         generic = [m for m, _ in read_prompts(f, args.generic)]
     train, ytr = labelled(args.train)
+    keep = first_per_domain([argparse.Namespace(domain=domains[int(y)]) for y in ytr], MAX_TRAIN_PER_DOMAIN)
+    train, ytr = [train[i] for i in keep], ytr[keep]
     valid, yva = labelled(args.valid)
     test, yte = labelled(args.test)
     _, ftr = prompt_features(model, train, layers, args.batch_size, desc="train", logits=False)
@@ -95,26 +102,28 @@ def main() -> None:
 
     rows, chosen = {}, None
     for method in METHODS:
-        fb = fit_fallback(domains, method, args.acceptance, ftr if method == "distance" else {}, ytr, lva, fva, yva,
-                          how)
+        cands = {l: ftr[l] for l in defaults} if method == "distance" else {}
+        fb = fit_fallback(domains, method, args.acceptance, cands, ytr, lva, fva, yva, how)
         rows[method], decided = measure(fb)
         if method == "distance":
             rows[method]["held_out_domain_rejection"] = fb.calibration["held_out_domain_rejection"]
             chosen = (fb, decided)
-            for l in layers:
-                rows[f"distance@{l}"] = measure(fit_fallback(domains, method, args.acceptance, {l: ftr[l]}, ytr, lva,
-                                                             fva, yva, how))[0]
+            for shared in (False, True):
+                for l in layers:
+                    fl = fit_fallback(domains, method, args.acceptance, {l: ftr[l]}, ytr, lva, fva, yva, how,
+                                      per_domain_scale=not shared)
+                    rows[f"distance{'-shared' if shared else ''}@{l}"] = measure(fl)[0]
 
     # The real path: the calibrated distance fallback in force, prompts routed by MoAModel.route.
     fb, decided = chosen
     model.fallback = fb
     same = True
-    for name, prompts in (("test", test), ("generic", generic)):
+    for name, prompts in (("test", test[:50]), ("generic", generic)):
         got = []
         for s in range(0, len(prompts), args.batch_size):
             ids, mask = encode_prompts(model, prompts[s : s + args.batch_size])
             got.append(model.route(ids, mask, routing=how)[0].cpu())
-        same &= torch.equal(torch.cat(got), decided[name])
+        same &= torch.equal(torch.cat(got), decided[name][: len(prompts)])
 
     result = {"moa": args.moa, "domains": domains, "routing": how, "acceptance": args.acceptance,
               "n": {"train": len(train), "valid": len(valid), "test": len(test), "generic": len(generic)},

@@ -10,11 +10,15 @@ Scores (higher = farther from the domains):
 
 - `distance` (default): the masked mean of the prompt's hidden states at the input of one
   decoder layer (what that layer's router reads), compared with each domain's centroid of the
-  training prompts in units of a shared per-dimension standard deviation (the within-domain
-  spread of the training prompts): `min_k mean_h ((x_h - mu_kh) / s_h)^2`, a diagonal
-  Mahalanobis distance to the nearest domain. The layer is chosen at calibration by holding
-  each domain out in turn (it plays the unknown prompts) and keeping the layer that rejects
-  the held-out domains most at the in-domain acceptance asked for.
+  training prompts in units of that domain's own per-dimension standard deviation:
+  `min_k mean_h ((x_h - mu_kh) / s_kh)^2`, a diagonal Mahalanobis distance to the nearest
+  domain. Per domain, because the domains' spreads differ by an order of magnitude (code
+  prompts vary far more than JSON ones): with one shared scale the threshold is set by the
+  widest domain and a generic question passes as a loose member of a narrow one. Each s_k is
+  shrunk toward the pooled spread (`SHRINK` pseudo-prompts) so a small domain's estimate stays
+  stable. The layer is chosen at calibration by holding each domain out in turn (it plays the
+  unknown prompts) and keeping the candidate layer that rejects the held-out domains most at
+  the in-domain acceptance asked for.
 - `msp`: 1 - the decision's maximum router probability (vote: mean over the layers).
 - `energy`: -logsumexp of the router logits, mean over the deciding layers.
 
@@ -54,10 +58,14 @@ from moa.router import decide
 METHODS = ("distance", "msp", "energy")
 FILE = "fallback.safetensors"
 DEFAULT_ACCEPTANCE = 0.99
-DEFAULT_LAYERS = (0, 1, 2, 3)
-"""Candidate layers of the distance method: early layers (measured best on the demo, see
-docs/RESULTS.md), and within the gateway's default routing part (4 layers), which can then
-run the fallback without loading more of the model."""
+DEFAULT_DEPTHS = (0.4, 0.5, 0.6)
+"""Candidate layers of the distance method, as fractions of the depth (layers 12, 15, 18 of 30):
+on the demo the middle layers separate generic questions from the domains, the first ones
+(bag of words) and the last ones do not (docs/RESULTS.md "Out-of-domain fallback")."""
+SHRINK = 10
+"""Pseudo-prompts of the pooled within-domain spread mixed into each domain's own."""
+MAX_TRAIN_PER_DOMAIN = 200
+"""Training prompts per domain the centroids and spreads are estimated from (the first ones)."""
 
 
 @dataclass
@@ -79,7 +87,7 @@ class FallbackConfig:
     centroids: Tensor | None = None
     """distance: (E, H) float32 mean pooled input of each domain's training prompts."""
     scale: Tensor | None = None
-    """distance: (H,) float32 within-domain standard deviation per dimension (shared by the domains)."""
+    """distance: (E, H) float32 each domain's standard deviation per dimension (or (H,), one shared)."""
     calibration: dict = field(default_factory=dict)
     """What calibrate measured (data sizes, acceptance and routing accuracy on the validation prompts)."""
 
@@ -89,7 +97,8 @@ class FallbackConfig:
         if self.method == "distance":
             if self.layer is None or self.centroids is None or self.scale is None:
                 raise MoAError("the distance fallback needs a layer, centroids and scale")
-            if self.centroids.shape[0] != len(self.domains) or self.centroids.shape[1:] != self.scale.shape:
+            if self.centroids.shape[0] != len(self.domains) or self.scale.shape not in (self.centroids.shape,
+                                                                                        self.centroids.shape[1:]):
                 raise MoAError(f"fallback centroids of shape {tuple(self.centroids.shape)} and scale of shape "
                                f"{tuple(self.scale.shape)} do not fit {len(self.domains)} domains")
         if self.valid_scores.ndim != 1 or self.valid_scores.numel() == 0:
@@ -158,7 +167,7 @@ class FallbackConfig:
 
 
 def distances(x: Tensor, centroids: Tensor, scale: Tensor) -> Tensor:
-    """x (B, H), centroids (E, H), scale (H,) -> (B, E) mean squared standardized distance."""
+    """x (B, H), centroids (E, H), scale (E, H) or (H,) -> (B, E) mean squared standardized distance."""
     z = (x[:, None, :] - centroids[None]) / scale  # (B, E, H)
     return z.pow(2).mean(-1)  # (B, E)
 
@@ -259,14 +268,24 @@ def prompt_features(model, prompts: Sequence, layers: Sequence[int] = (), batch_
     return out, pooled
 
 
-def _centroids(x: Tensor, y: Tensor, E: int) -> tuple[Tensor, Tensor]:
-    """Per-domain means (E, H) and the shared within-domain standard deviation (H,) of x (N, H)."""
+def _centroids(x: Tensor, y: Tensor, E: int, per_domain: bool = True) -> tuple[Tensor, Tensor]:
+    """Per-domain means (E, H) and standard deviations (E, H) of x (N, H), each domain's variance
+    shrunk toward the pooled within-domain one by `SHRINK` pseudo-prompts (per_domain=False:
+    the pooled one alone, (H,))."""
     mu = torch.stack([x[y == k].mean(0) for k in range(E)])  # (E, H)
-    scale = (x - mu[y]).pow(2).mean(0).sqrt()  # (H,)
-    return mu, scale.clamp(min=scale.max() * 1e-6 + 1e-12)
+    pooled = (x - mu[y]).pow(2).mean(0)  # (H,)
+    if per_domain:
+        n = torch.stack([(y == k).sum() for k in range(E)]).to(x.dtype)[:, None]  # (E, 1)
+        own = torch.stack([(x[y == k] - mu[k]).pow(2).mean(0) for k in range(E)])  # (E, H)
+        var = (n * own + SHRINK * pooled) / (n + SHRINK)  # (E, H)
+    else:
+        var = pooled
+    scale = var.sqrt()
+    return mu, scale.clamp(min=float(scale.max()) * 1e-6 + 1e-12)
 
 
-def _held_out_rejection(xtr: Tensor, ytr: Tensor, xva: Tensor, yva: Tensor, E: int, acceptance: float) -> float:
+def _held_out_rejection(xtr: Tensor, ytr: Tensor, xva: Tensor, yva: Tensor, E: int, acceptance: float,
+                        per_domain: bool = True) -> float:
     """Mean over domains d of the fraction of d's validation prompts rejected by a distance
     fallback calibrated without d: how well this layer tells an unseen kind of prompt apart."""
     rates = []
@@ -275,7 +294,7 @@ def _held_out_rejection(xtr: Tensor, ytr: Tensor, xva: Tensor, yva: Tensor, E: i
         remap = torch.full((E,), -1, dtype=torch.long)
         remap[keep] = torch.arange(len(keep))
         tr = ytr != d
-        mu, scale = _centroids(xtr[tr], remap[ytr[tr]], len(keep))
+        mu, scale = _centroids(xtr[tr], remap[ytr[tr]], len(keep), per_domain)
         score = distances(xva, mu, scale).min(1).values  # (N,)
         t = threshold_at(score[yva != d], acceptance)
         rates.append(float((score[yva == d] > t).float().mean()))
@@ -284,7 +303,8 @@ def _held_out_rejection(xtr: Tensor, ytr: Tensor, xva: Tensor, yva: Tensor, E: i
 
 def calibrate(model, train_records: Sequence, valid_records: Sequence, *, method: str = "distance",
               acceptance: float = DEFAULT_ACCEPTANCE, layers: Sequence[int] | None = None,
-              batch_size: int = 16, progress: bool = True) -> FallbackConfig:
+              batch_size: int = 16, progress: bool = True,
+              max_train_per_domain: int | None = MAX_TRAIN_PER_DOMAIN) -> FallbackConfig:
     """Calibrate the out-of-domain fallback of `model` (a MoAModel, full or routing part).
 
     Args:
@@ -293,8 +313,10 @@ def calibrate(model, train_records: Sequence, valid_records: Sequence, *, method
             the validation prompts. Records of other domains are an error.
         method: "distance", "msp" or "energy" (see the module docstring).
         acceptance: the fraction of in-domain validation prompts the threshold keeps.
-        layers: distance: candidate layers (default `DEFAULT_LAYERS` within the model); the one
-            that best rejects a held-out domain is kept.
+        layers: distance: candidate layers (default `default_layers`); the one that best rejects
+            a held-out domain is kept.
+        max_train_per_domain: distance: the centroids use the first N training prompts of each
+            domain (None: all); the routing pass over them is the costly part of calibration.
     Returns:
         the FallbackConfig (not yet in force nor saved: see `calibrate_checkpoint`, `set_fallback`).
     """
@@ -304,6 +326,8 @@ def calibrate(model, train_records: Sequence, valid_records: Sequence, *, method
     cands = candidate_layers(model, method, layers)
     ftr = {}
     if cands:
+        keep = first_per_domain(train_records, max_train_per_domain)
+        train_records, ytr = [train_records[i] for i in keep], ytr[keep]
         missing = [d for k, d in enumerate(domains) if not bool((ytr == k).any())]
         if missing:
             raise MoAError(f"the training records have no prompt of domain(s) {', '.join(missing)}: the distance "
@@ -320,13 +344,13 @@ def calibrate(model, train_records: Sequence, valid_records: Sequence, *, method
 
 def candidate_layers(model, method: str, layers: Sequence[int] | None = None) -> list[int]:
     """The layers whose pooled input `method` may read: none but for distance, where they are
-    `layers` (default `DEFAULT_LAYERS`) checked against the layers the routing pass computes."""
+    `layers` (default `default_layers`) checked against the layers the routing pass computes."""
     if method not in METHODS:
         raise MoAError(f"unknown fallback method {method!r} (choose from {', '.join(METHODS)})")
     if method != "distance":
         return []
     top = min(model.num_layers, model.route_layers)  # layers whose input the routing pass computes
-    cands = list(layers) if layers is not None else [l for l in DEFAULT_LAYERS if l < top] or [0]
+    cands = list(layers) if layers is not None else default_layers(top)
     if model.num_experts < 2:  # nothing to hold out: the first candidate
         cands = cands[:1]
     bad = [l for l in cands if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < top]
@@ -335,20 +359,27 @@ def candidate_layers(model, method: str, layers: Sequence[int] | None = None) ->
     return cands
 
 
+def default_layers(num_layers: int) -> list[int]:
+    """`DEFAULT_DEPTHS` of a model with `num_layers` decoder layers (12, 15, 18 of 30)."""
+    return sorted({min(num_layers - 1, round(f * num_layers)) for f in DEFAULT_DEPTHS})
+
+
 def fit_fallback(domains: list[str], method: str, acceptance: float, ftr: dict[int, Tensor], ytr: Tensor,
-                 lva: Tensor, fva: dict[int, Tensor], yva: Tensor, how: str = "vote") -> FallbackConfig:
+                 lva: Tensor, fva: dict[int, Tensor], yva: Tensor, how: str = "vote",
+                 per_domain_scale: bool = True) -> FallbackConfig:
     """The fallback from prompt features (`prompt_features`): ftr {layer: (N, H)} / ytr (N,) the
     training prompts' pooled inputs and domain ids (distance only), lva (M, K, E) / fva / yva the
     validation prompts' router logits, pooled inputs and domain ids. Distance keeps the layer of
-    ftr that best rejects a held-out domain."""
+    ftr that best rejects a held-out domain; per_domain_scale=False: one shared spread (measured
+    worse, kept for the comparison in benchmarks/fallback_bench.py)."""
     E = len(domains)
     held_out = {}
     if method == "distance":
         cands = sorted(ftr)
-        held_out = {l: round(_held_out_rejection(ftr[l], ytr, fva[l], yva, E, acceptance), 4) for l in cands} \
-            if E >= 2 else {cands[0]: None}
+        held_out = {l: round(_held_out_rejection(ftr[l], ytr, fva[l], yva, E, acceptance, per_domain_scale), 4)
+                    for l in cands} if E >= 2 else {cands[0]: None}
         layer = max(cands, key=lambda l: (held_out[l] or 0, -l))
-        mu, scale = _centroids(ftr[layer], ytr, E)
+        mu, scale = _centroids(ftr[layer], ytr, E, per_domain_scale)
         probe = FallbackConfig("distance", 0.0, domains, torch.zeros(1), acceptance, layer, mu, scale)
     else:
         probe = FallbackConfig(method, 0.0, domains, torch.zeros(1), acceptance)
@@ -365,6 +396,17 @@ def fit_fallback(domains: list[str], method: str, acceptance: float, ftr: dict[i
     return fb
 
 
+def first_per_domain(records: Sequence, n: int | None) -> list[int]:
+    """Indices of the first n records of each domain (all when n is None)."""
+    seen: dict[str, int] = {}
+    out = []
+    for i, r in enumerate(records):
+        if n is None or seen.get(r.domain, 0) < n:
+            seen[r.domain] = seen.get(r.domain, 0) + 1
+            out.append(i)
+    return out
+
+
 def _labels(records: Sequence, domains: list[str], what: str) -> Tensor:
     if not records:
         raise MoAError(f"the fallback calibration needs {what} records")
@@ -378,7 +420,8 @@ def _labels(records: Sequence, domains: list[str], what: str) -> Tensor:
 def calibrate_checkpoint(moa_dir: str | Path, train_records: Sequence, valid_records: Sequence,
                          out: str | Path | None = None, *, method: str = "distance",
                          acceptance: float = DEFAULT_ACCEPTANCE, layers: Sequence[int] | None = None,
-                         batch_size: int = 16, progress: bool = True, overwrite: bool = False) -> dict:
+                         batch_size: int = 16, progress: bool = True, overwrite: bool = False,
+                         max_train_per_domain: int | None = MAX_TRAIN_PER_DOMAIN) -> dict:
     """Calibrate the fallback of the checkpoint `moa_dir` and write it into `out` (default: in
     place): the checkpoint's files unchanged, plus the `fallback` block in moa_config.json and
     `fallback.safetensors`, written atomically (the new directory replaces the old in one rename).
@@ -402,7 +445,7 @@ def calibrate_checkpoint(moa_dir: str | Path, train_records: Sequence, valid_rec
         check_out_dir(target, overwrite=overwrite, protect=[moa_dir])
     model = load_routing_part(MoAModel, moa_dir)
     fb = calibrate(model, train_records, valid_records, method=method, acceptance=acceptance, layers=layers,
-                   batch_size=batch_size, progress=progress)
+                   batch_size=batch_size, progress=progress, max_train_per_domain=max_train_per_domain)
     raw = json.loads((moa_dir / CONFIG_FILE).read_text())  # as written: fields this moa does not know survive
     with atomic_dir(target) as tmp:
         for p in moa_dir.iterdir():

@@ -41,7 +41,8 @@ def register(sub) -> None:
                         "('{domain}') and the fallback is on")
     p.add_argument("--route-layers", type=int, default=None, metavar="K",
                    help=f"decide from the routers of the first K layers; only the embeddings and those layers are "
-                        f"loaded and run (0: all layers; default: {DEFAULT_ROUTE_LAYERS}, or all if the model has fewer)")
+                        f"loaded and run, and up to the layer the checkpoint's distance fallback reads when it is on "
+                        f"(0: all layers; default: {DEFAULT_ROUTE_LAYERS}, or all if the model has fewer)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=9000, help="TCP port (default: 9000)")
     p.add_argument("--api-key", default=os.environ.get("MOA_API_KEY"),
@@ -79,17 +80,23 @@ def _cmd_gateway(args) -> int:
         raise MoAError(f"--upstream-timeout must be > 0, got {args.upstream_timeout}")
     check_template(args.upstream_model_template)
     upstreams = Upstreams(args.upstream, args.upstream_cooldown)
-    total = _num_layers(MoAConfig.read(args.moa))
+    cfg = MoAConfig.read(args.moa)
+    total = _num_layers(cfg)
     K = args.route_layers
     if K is None:
         K = DEFAULT_ROUTE_LAYERS if total is None else min(DEFAULT_ROUTE_LAYERS, total)
     if K < 0 or (total is not None and K > total):
         raise MoAError(f"--route-layers must be 0 (all) or 1..{total or 'the number of layers'}, got {K}")
     K = K or None  # 0: all layers
-    model = load_routing_part(MoAModel, args.moa, K)  # on --device, base in --dtype (moa.cli's placement)
+    # The distance fallback reads the input of its layer: load up to it, the routers still decide from K.
+    fallback_layer = (cfg.fallback or {}).get("layer") if args.fallback != "off" else None
+    load = None if K is None or fallback_layer is None else max(K, fallback_layer + 1)
+    model = load_routing_part(MoAModel, args.moa, load or K)  # on --device, base in --dtype (moa.cli's placement)
+    if K is not None:
+        model.route_layers = K
     from moa.fallback import set_fallback
 
-    set_fallback(model, args.fallback)  # the distance fallback must read a layer within the K loaded
+    set_fallback(model, args.fallback)
     device = model.device
     app = create_gateway_app(model, upstreams, template=args.upstream_model_template, api_key=args.api_key,
                              upstream_api_key=args.upstream_api_key, timeout_s=args.upstream_timeout,
@@ -99,6 +106,7 @@ def _cmd_gateway(args) -> int:
         print(f"moa gateway: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     print(f"moa gateway: {args.moa}, routers of {model.route_layers}/{total or model.route_layers} layers on {device} "
+          f"(fallback: {'off' if model.fallback is None else f'{model.fallback.method}, layer {model.fallback.layer}'}) "
           f"({', '.join(model.domains)}) -> {', '.join(upstreams.urls)} as '{args.upstream_model_template}'; "
           f"http://{args.host}:{args.port}/v1 (models: moa, moa:<domain>)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
