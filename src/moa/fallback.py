@@ -31,7 +31,7 @@ The threshold is the `acceptance` quantile of the scores of the in-domain valida
 calibration, so `--fallback P` can move the threshold to another acceptance P without
 recalibrating. On disk (see `moa.checkpoint`): a `fallback` block in moa_config.json
 (method, threshold, acceptance, layer, domains, calibration summary) and `fallback.safetensors`
-(`valid_scores` (N,), and for `distance` `centroids` (E, H) and `scale` (H,)). A checkpoint
+(`valid_scores` (N,), and for `distance` `centroids` (E, H) and `scale` (E, H)). A checkpoint
 without them loads with the fallback off. Anything that changes the experts or the routers
 (add/remove/retrain-expert, stage 2) drops the calibration instead of keeping a stale one.
 
