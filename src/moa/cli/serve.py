@@ -14,8 +14,9 @@ def register(sub) -> None:
         help="OpenAI-compatible HTTP server with continuous batching",
         description="Serve an MoA checkpoint over HTTP with the OpenAI API: POST /v1/chat/completions "
                     "(stream: true for server-sent events), POST /v1/completions, GET /v1/models, GET /health. "
-                    "Model 'moa' routes each request automatically; 'moa:<domain>' forces that expert; 'base' "
-                    "answers without any expert. GET / is a playground page showing the routers at work. "
+                    "Model 'moa' routes each request automatically (to the base model when the checkpoint's "
+                    "calibrated fallback finds the prompt out of domain: moa.domain null, moa.fallback true); "
+                    "'moa:<domain>' forces that expert; 'base' answers without any expert. GET / is a playground page showing the routers at work. "
                     "Requests join and leave the running batch at every decode step (each with its own expert and "
                     "sampling parameters) and stream token by token. POST /v1/admin/reload {\"path\": DIR} swaps "
                     "in another checkpoint without dropping requests; GET /metrics is Prometheus text.",
