@@ -131,7 +131,8 @@ def test_a_moa_domain_model_forces_the_domain(client, upstream_client):
     prompt = PROMPTS["math"][0]
     r = chat(client, prompt, model="moa:echo")
     assert r.model == "moa:echo"
-    assert r.model_extra["moa"] == {"domain": "echo", "router_probs": None, "routing": "explicit"}
+    assert r.model_extra["moa"] == {"domain": "echo", "router_probs": None, "routing": "explicit",
+                                        "fallback": False}
     direct = chat(upstream_client, prompt, model="moa:echo")
     assert r.choices[0].message.content == direct.choices[0].message.content
 

@@ -145,3 +145,33 @@ def test_without_a_browser_the_reason_is_given(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no chromium, no chromedriver
     with pytest.raises(NoBrowser, match="chromium: missing, chromedriver: missing"):
         headless_chromium()
+
+
+def test_the_playground_marks_an_out_of_domain_answer_as_a_fallback(routed_moa_dir, tmp_path):
+    """A routed prompt the checkpoint's fallback sends to the base model: badge 'base (fallback)'."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from conftest import synthetic_records, write_jsonl
+    from moa.data import read_records
+    from moa.fallback import calibrate_checkpoint
+
+    train = read_records(write_jsonl(tmp_path / "train.jsonl", synthetic_records(16)))[0]
+    valid = read_records(write_jsonl(tmp_path / "valid.jsonl", synthetic_records(12, seed=5)))[0]
+    calibrate_checkpoint(routed_moa_dir, train, valid, tmp_path / "moa", progress=False)
+    app = create_app(MoAModel.from_pretrained(tmp_path / "moa"), max_new_tokens_limit=32)
+    with serving(app) as url:
+        browser = _chromium()
+        try:
+            wait = WebDriverWait(browser, 60)
+            browser.get(url)
+            force = Select(browser.find_element(By.ID, "force"))
+            wait.until(lambda b: len(force.options) == 2 + len(ROUTED_DOMAINS))
+            max_tokens = browser.find_element(By.ID, "max-tokens")
+            max_tokens.clear()
+            max_tokens.send_keys("8")
+            _send(browser, wait, "~~~ {{{ ]]] ||| ^^^ ``` ~~~ {{{ ]]] ||| ^^^ ```", turns=1)
+            assert _text(browser, "expert") == "base (fallback)"
+            assert "out of domain" in browser.find_element(By.CSS_SELECTOR, ".turn .routing").text
+        finally:
+            browser.quit()

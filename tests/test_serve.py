@@ -99,7 +99,8 @@ def test_explicit_model_forces_the_expert(client):
     prompt = PROMPTS["math"][1]
     forced = chat(client, prompt, model="moa:echo")
     assert forced.model == "moa:echo"
-    assert forced.model_extra["moa"] == {"domain": "echo", "router_probs": None, "routing": "explicit"}
+    assert forced.model_extra["moa"] == {"domain": "echo", "router_probs": None, "routing": "explicit",
+                                        "fallback": False}
     # the routed request runs the math expert: same text as forcing it
     routed, forced_math = chat(client, prompt), chat(client, prompt, model="moa:math")
     assert routed.choices[0].message.content == forced_math.choices[0].message.content
@@ -163,15 +164,16 @@ def test_return_layer_probs_adds_one_row_per_layer(client, http):
 def test_clients_that_do_not_ask_see_no_new_field(client):
     prompt = PROMPTS["math"][2]
     for extra in ({}, {"extra_body": {"moa": {"return_layer_probs": False}}}, {"extra_body": {"moa": {}}}):
-        assert set(chat(client, prompt, **extra).model_extra["moa"]) == {"domain", "router_probs", "routing"}
+        assert set(chat(client, prompt, **extra).model_extra["moa"]) == {"domain", "router_probs", "routing", "fallback"}
         for c in chat(client, prompt, stream=True, **extra):
-            assert set(c.model_extra["moa"]) == {"domain", "router_probs", "routing"}
+            assert set(c.model_extra["moa"]) == {"domain", "router_probs", "routing", "fallback"}
 
 
 def test_the_base_model_answers_without_an_expert(client, routed_moa_dir):
     prompt = PROMPTS["math"][0]
     r = chat(client, prompt, model="base", max_tokens=8)
-    assert r.model == "base" and r.model_extra["moa"] == {"domain": None, "router_probs": None, "routing": "base"}
+    assert r.model == "base" and r.model_extra["moa"] == {"domain": None, "router_probs": None, "routing": "base",
+                                                   "fallback": False}
     want = MoAModel.from_pretrained(routed_moa_dir).generate([prompt], domains=[None], max_new_tokens=8)[0]
     assert r.choices[0].message.content == want.text
     # not what any expert says (the experts are random, non-zero LoRAs)

@@ -9,6 +9,8 @@ domain under `experts/<domain>/`, and `router.safetensors`; plus reading stage-1
                                base_model.model.<module path>.lora_A.weight [r, in] / .lora_B.weight
                                [out, r]): loadable by peft.PeftModel as is
       router.safetensors       layers.<i>.weight (E, H) / layers.<i>.bias (E,)
+      fallback.safetensors     optional: the out-of-domain fallback's tensors, described by the
+                               `fallback` block of moa_config.json (see moa.fallback)
 
 Safetensors only, never pickle; every write is atomic (a complete temp dir, then a rename).
 The model class (`moa.model.MoAModel`) holds no I/O: its from_pretrained / from_adapters /
@@ -62,6 +64,8 @@ class MoAConfig:
     eta: float = 1.0
     routing_default: str = "vote"
     provenance: dict = field(default_factory=dict)
+    fallback: dict | None = None
+    """The out-of-domain fallback's calibration (`moa.fallback.FallbackConfig.to_block`); None: off."""
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -103,10 +107,17 @@ def save_checkpoint(model: "MoAModel", out_dir: str | Path, provenance: dict | N
         router={"pooling": "masked_mean", "input": "layer_input", "num_layers": model.num_layers},
         eta=model.eta, routing_default=model.routing_default, provenance=model.provenance,
     )
+    calibration = getattr(model, "fallback_calibration", None)
+    if calibration is not None:
+        cfg.fallback = calibration.to_block()
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
+        if calibration is not None:
+            save_tensors(tmp / calibration.to_block()["file"], calibration.tensors())
+        # no fallback: no block at all, so the file is what this moa wrote before the fallback existed
         atomic_write_json(tmp / CONFIG_FILE, {"format_version": cfg.format_version,
-                                              **{k: v for k, v in cfg.to_dict().items() if k != "format_version"}})
+                                              **{k: v for k, v in cfg.to_dict().items()
+                                                 if k != "format_version" and not (k == "fallback" and v is None)}})
         for d in model.domains:
             atomic_write_json(tmp / "experts" / d / "adapter_config.json",
                               peft_adapter_config(model.base_ref, model.experts[d]))
@@ -135,6 +146,7 @@ def load_checkpoint(model_cls, moa_dir: str | Path, base: str | Path | None = No
     for name in cfg.domains:
         moa.add_expert(name, read_adapter(moa_dir / "experts" / name), check_base=False)
     moa.load_router_state_dict(load_tensors(moa_dir / "router.safetensors"))
+    attach_fallback(moa, moa_dir, cfg)
     return moa
 
 
@@ -183,7 +195,31 @@ def load_routing_part(model_cls, moa_dir: str | Path, route_layers: int | None =
     moa.load_router_state_dict(load_tensors(moa_dir / "router.safetensors"))
     moa._layers[-1].to("meta")
     moa.routing_only = True
+    attach_fallback(moa, moa_dir, cfg)
+    if moa.fallback is not None and moa.fallback.layer is not None and moa.fallback.layer >= K:
+        moa.fallback = None  # it reads a layer not loaded here (set_fallback(moa, "auto") says so)
     return moa
+
+
+def attach_fallback(model: "MoAModel", moa_dir: Path, cfg: MoAConfig, in_force: bool = True) -> None:
+    """Read the checkpoint's fallback calibration (if any) into `model.fallback_calibration` and,
+    unless `in_force` is False, put it in force (`--fallback auto`)."""
+    if not cfg.fallback:
+        return
+    from moa.fallback import FallbackConfig
+
+    where = str(moa_dir / CONFIG_FILE)
+    block = cfg.fallback
+    name = block.get("file", "fallback.safetensors") if isinstance(block, dict) else ""
+    if not isinstance(name, str) or "/" in name or "\\" in name or not name:
+        raise MoAError(f"{where}: the fallback block names an invalid file {name!r}")
+    fb = FallbackConfig.from_block(block, load_tensors(moa_dir / name), where)
+    if fb.domains != list(model.domains):
+        raise MoAError(f"{where}: the fallback was calibrated for domains {fb.domains}, but the checkpoint has "
+                       f"{model.domains} (run `moa calibrate` again, or delete its fallback block)")
+    model.fallback_calibration = fb
+    if in_force:
+        model.fallback = fb
 
 
 def assemble(model_cls, adapter_dirs: Sequence[str | Path], domains: Sequence[str] | None = None,

@@ -138,12 +138,16 @@ def peft_system(name: str, base: str, adapter: str | Path | None, max_new_tokens
                   lambda prompts, doms: [(t, None) for t in _hf_generate(model, tok, prompts, max_new_tokens, batch_size)])
 
 
-def moa_system(name: str, moa_dir, routing: str, max_new_tokens: int, batch_size: int, model=None) -> System:
+def moa_system(name: str, moa_dir, routing: str, max_new_tokens: int, batch_size: int, model=None,
+               fallback: str | float | None = None) -> System:
+    """fallback: `--fallback` off|auto|P for a model loaded here (None: the checkpoint's, auto)."""
+    from moa.fallback import set_fallback
     from moa.model import MoAModel
     from moa.scoring import moa_forward
 
     if model is None:
         model = MoAModel.from_pretrained(moa_dir)
+        set_fallback(model, fallback)
     fwd, _ = moa_forward(model, routing)
 
     def gen(prompts, doms):
@@ -283,8 +287,12 @@ DEFAULT_SYSTEMS = ["base", "single_lora", "mixed_lora", "moa"]
 def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=None, single_lora=None,
              extra: dict[str, str] | None = None, limit_per_domain: int | None = None,
              generate_limit_per_domain: int | None = None, batch_size: int = 8, max_new_tokens: int = 64,
-             max_length: int = 1024, generate: bool = True, progress: bool = True) -> dict:
+             max_length: int = 1024, generate: bool = True, progress: bool = True,
+             fallback: str | float | None = None) -> dict:
     """Evaluate `systems` on the labelled JSONL `data`; writes metrics.json, generations.jsonl, plots.
+
+    fallback: the MoA systems' out-of-domain fallback, `--fallback` off|auto|P (None: auto); a
+    routed prompt sent to the base model counts as routed wrong.
 
     limit_per_domain: use only the first N records of each domain (all when None).
     generate_limit_per_domain: of those, generate replies (text metrics) for the first N only.
@@ -335,7 +343,10 @@ def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=Non
         elif name in ("moa", "moa_last", "moa_layer", "moa_explicit"):
             r = {"moa": routing, "moa_last": "last", "moa_layer": "layer", "moa_explicit": "explicit"}[name]
             if moa_model is None:
+                from moa.fallback import set_fallback
+
                 moa_model = MoAModel.from_pretrained(moa_dir)
+                set_fallback(moa_model, fallback)
             sys_ = moa_system(name, moa_dir, r, max_new_tokens, batch_size, model=moa_model)
         elif name in extra:
             path = Path(extra[name])
@@ -344,7 +355,7 @@ def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=Non
             elif (path / "classifier.json").is_file():
                 sys_ = classifier_system(name, path, max_new_tokens, batch_size)
             elif (path / "moa_config.json").is_file():
-                sys_ = moa_system(name, path, "vote", max_new_tokens, batch_size)
+                sys_ = moa_system(name, path, "vote", max_new_tokens, batch_size, fallback=fallback)
             elif (path / "adapter_config.json").is_file():
                 sys_ = peft_system(name, base, path, max_new_tokens, batch_size)
             else:
@@ -431,7 +442,8 @@ def _fmt(v, nd):
 
 @torch.no_grad()
 def route_records(model, examples, routing: str = "vote", batch_size: int = 16, progress: bool = True):
-    """Route each example's prompt. Returns (predicted domain per example, probs (N, E) or None)."""
+    """Route each example's prompt. Returns (predicted domain per example, None where the model's
+    fallback chose the base model; probs (N, E) or None)."""
     from tqdm.auto import tqdm
 
     from moa.data import IGNORE_INDEX, Example, collate
@@ -446,22 +458,32 @@ def route_records(model, examples, routing: str = "vote", batch_size: int = 16, 
             idx = order[s : s + batch_size]
             b = collate([prompts[i] for i in idx], model.tokenizer.pad_token_id, padding_side="left")
             ids, probs_b = model.route(b["input_ids"], b["attention_mask"], routing=routing)
+            names = model.domain_names(ids)  # None: the fallback sent the prompt to the base model
             for k, i in enumerate(idx):
-                preds[i] = model.domains[int(ids[k])]
+                preds[i] = names[k]
                 if probs_b is not None:
                     probs[i] = probs_b[k].float()
             bar.update(len(idx))
     return preds, probs
 
 
-def routing_report(labels: list[str], preds: list[str], domains: list[str]) -> dict:
-    """accuracy, per_domain accuracy and confusion {true: {predicted: count}}."""
-    confusion = {d: {p: 0 for p in domains} for d in sorted(set(labels), key=lambda d: (d not in domains, d))}
+FALLBACK_COLUMN = "(base)"
+"""The confusion matrix's column of prompts the fallback sent to the base model (no domain name
+can be spelled so); such a prompt counts as routed wrong."""
+
+
+def routing_report(labels: list[str], preds: list[str | None], domains: list[str]) -> dict:
+    """accuracy, per_domain accuracy, confusion {true: {predicted: count}} and fallback (the
+    fraction of prompts sent to the base model: predicted None)."""
+    cols = domains + ([FALLBACK_COLUMN] if None in preds else [])
+    confusion = {d: {p: 0 for p in cols} for d in sorted(set(labels), key=lambda d: (d not in domains, d))}
+    preds = [FALLBACK_COLUMN if p is None else p for p in preds]
     for t, p in zip(labels, preds):
         confusion[t][p] = confusion[t].get(p, 0) + 1
     per = {d: (row.get(d, 0) / max(1, sum(row.values()))) for d, row in confusion.items()}
     acc = sum(t == p for t, p in zip(labels, preds)) / max(1, len(labels))
-    return {"accuracy": acc, "per_domain": per, "confusion": confusion, "n": len(labels)}
+    fallback = sum(p == FALLBACK_COLUMN for p in preds) / max(1, len(preds))
+    return {"accuracy": acc, "per_domain": per, "confusion": confusion, "n": len(labels), "fallback": fallback}
 
 
 def plot_confusion(report: dict, path: Path, title: str) -> None:

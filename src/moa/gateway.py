@@ -10,6 +10,11 @@ unchanged except for `model`, which becomes the domain's adapter name on the ups
 (`--upstream-model-template`: "{domain}" for vLLM's `--lora-modules <domain>=...`,
 "moa:{domain}" for `moa serve`). The upstream engine batches and decodes.
 
+A routed prompt that the checkpoint's out-of-domain fallback (moa.fallback, `--fallback`) finds
+far from every domain goes to the upstream's base model, the name it serves the model under with
+no LoRA (`--upstream-base-model`; by default derived from the template, see
+`default_base_model`), and the answer says `moa: {"domain": null, "fallback": true, ...}`.
+
 - `model: "moa"` is routed; `"moa:<domain>"` forces that domain (no routing pass).
 - The response is the upstream's, with `model` set back to what the client asked for and
   `moa: {domain, router_probs, routing}` added (router_probs: null when forced), as `moa serve`
@@ -71,6 +76,16 @@ def model_name(template: str, domain: str) -> str:
     except (KeyError, IndexError, ValueError) as e:
         raise MoAError(f"--upstream-model-template {template!r} is not a valid template with the one "
                        f"field {{domain}} ({type(e).__name__}: {e})") from None
+
+
+def default_base_model(template: str) -> str | None:
+    """The upstream's name of the base model (no LoRA) guessed from the domain template:
+    "moa:{domain}" (moa serve) -> "base"; otherwise the template without "{domain}" and the
+    separators around it ("llama-{domain}" -> "llama"); None when nothing is left ("{domain}",
+    vLLM: its base model's name is its --served-model-name, which the gateway cannot know)."""
+    if template.startswith("moa:"):
+        return "base"
+    return template.replace("{domain}", "").strip(" :/-_.@") or None
 
 
 def check_template(template: str) -> None:
@@ -137,7 +152,8 @@ class Upstreams:
 class Route:
     """What the routers decided for one prompt."""
 
-    domain: str
+    domain: str | None
+    """None: the fallback chose the base model."""
     router_probs: dict[str, float]
     """{domain: probability} of the decision (vote: mean over the K routers; last: router K's)."""
     layer_probs: list[list[float]]
@@ -321,8 +337,14 @@ class _Gateway:
     """What the endpoints share: the routing model and its queue, the upstreams, an HTTP client."""
 
     def __init__(self, model, upstreams: Upstreams, *, template: str, upstream_api_key: str | None,
-                 timeout_s: float, max_prompt_tokens: int | None, queue: RoutingQueue):
+                 timeout_s: float, max_prompt_tokens: int | None, queue: RoutingQueue,
+                 base_model: str | None = None):
         check_template(template)
+        self.base_model = base_model or default_base_model(template)
+        if getattr(model, "fallback", None) is not None and not self.base_model:
+            raise MoAError(f"the out-of-domain fallback is on, but the upstream's name of the base model cannot be "
+                           f"guessed from --upstream-model-template {template!r}: pass --upstream-base-model NAME "
+                           "(e.g. vLLM's --served-model-name) or --fallback off")
         if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
             raise MoAError(f"max_prompt_tokens must be a positive integer, got {max_prompt_tokens!r}")
         self.model = model
@@ -365,7 +387,7 @@ class _Gateway:
         forced = self.forced_domain(body.get("model"))
         want_layers = _layer_probs_asked(body)
         if forced is not None and not want_layers:
-            return {"domain": forced, "router_probs": None, "routing": "explicit"}
+            return {"domain": forced, "router_probs": None, "routing": "explicit", "fallback": False}
         messages = prompt_messages(body, path)
         ids = self.tokenize(messages, "messages" if path == CHAT else "prompt")
         try:
@@ -379,6 +401,7 @@ class _Gateway:
             info = {"domain": forced, "router_probs": None, "routing": "explicit"}
         else:
             info = {"domain": route.domain, "router_probs": route.router_probs, "routing": self.queue.how}
+        info["fallback"] = forced is None and route.domain is None
         if want_layers:
             info["layer_probs"] = route.layer_probs
         return info
@@ -442,7 +465,7 @@ def create_gateway_app(model, upstreams: list[str] | Upstreams, *, template: str
                        api_key: str | None = None, upstream_api_key: str | None = None,
                        timeout_s: float = 600.0, cooldown_s: float = COOLDOWN_S, max_batch_size: int = 16,
                        max_queue: int = 256, max_prompt_tokens: int | None = None,
-                       batch_wait_ms: float = BATCH_WAIT_MS):
+                       batch_wait_ms: float = BATCH_WAIT_MS, upstream_base_model: str | None = None):
     """The gateway's ASGI app.
 
     Args:
@@ -456,6 +479,9 @@ def create_gateway_app(model, upstreams: list[str] | Upstreams, *, template: str
         max_batch_size / max_queue / batch_wait_ms: the routing queue (see `RoutingQueue`).
         max_prompt_tokens: longest prompt accepted, in tokens after the chat template (None: no
             limit here; the upstream applies its own).
+        upstream_base_model: the upstream's model name of the base model with no LoRA, where the
+            fallback sends out-of-domain prompts (default: `default_base_model(template)`; needed
+            when that is None and the model's fallback is on).
     """
     import httpx
     from fastapi import FastAPI, Request
@@ -468,7 +494,7 @@ def create_gateway_app(model, upstreams: list[str] | Upstreams, *, template: str
         raise MoAError(f"the upstream timeout must be > 0 seconds, got {timeout_s}")
     queue = RoutingQueue(model, max_batch_size, max_queue, batch_wait_ms)
     gw = _Gateway(model, upstreams, template=template, upstream_api_key=upstream_api_key, timeout_s=timeout_s,
-                  max_prompt_tokens=max_prompt_tokens, queue=queue)
+                  max_prompt_tokens=max_prompt_tokens, queue=queue, base_model=upstream_base_model)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -500,7 +526,9 @@ def create_gateway_app(model, upstreams: list[str] | Upstreams, *, template: str
     async def health():
         return _json_response({"status": "ok", "domains": gw.domains, "route_layers": model.route_layers,
                                "routing": queue.how, "upstreams": upstreams.state(),
-                               "upstream_model_template": template, "queue": queue.depth, **queue.stats})
+                               "upstream_model_template": template, "upstream_base_model": gw.base_model,
+                               "fallback": None if model.fallback is None else model.fallback.method,
+                               "queue": queue.depth, **queue.stats})
 
     @app.get("/v1/models")
     async def models():
@@ -526,7 +554,7 @@ def create_gateway_app(model, upstreams: list[str] | Upstreams, *, template: str
         info = await gw.decide(body, path)
         asked = body["model"]
         upstream_body = {k: v for k, v in body.items() if k != "moa"}  # our field: the upstream may refuse it
-        upstream_body["model"] = model_name(template, info["domain"])
+        upstream_body["model"] = gw.base_model if info["fallback"] else model_name(template, info["domain"])
         url, response = await gw.send(path, upstream_body, stream)
         if response.status_code >= 400:
             return await _passthrough(response)

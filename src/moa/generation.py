@@ -22,6 +22,7 @@ class GenerationResult:
     text: str
     """The completion, without the end-of-turn token and cut before any stop string."""
     domain: str | None
+    """The expert that answered; None: the base model (named so, or sent there by the fallback)."""
     router_probs: dict[str, float] | None
     """{domain: probability} of the routing decision; None for explicit routing."""
     prompt_tokens: int
@@ -132,7 +133,8 @@ def prefill(model, input_ids: Tensor, attention_mask: Tensor, routing: str, doma
     """Decide each row's expert on its prompt and fill the KV cache with that decision.
 
     input_ids / attention_mask: (B, T) left padded (as `encode_prompts` gives them).
-    routing: "explicit" (domains name each row's expert, None = base) or vote/last/layer.
+    routing: "explicit" (domains name each row's expert, None = base) or vote/last/layer; under
+        vote / last the model's fallback may send a row to the base model (expert -1, domain None).
     """
     B = input_ids.shape[0]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
@@ -149,11 +151,15 @@ def prefill(model, input_ids: Tensor, attention_mask: Tensor, routing: str, doma
         # trained routers nearly always do, it is exactly the prefill of that decision and
         # decoding continues from it; otherwise the prompt is run again with the decision.
         check_pool_mask(attention_mask.bool())
-        state = RoutingState("layer", pool_mask=attention_mask.bool())
+        fallback = getattr(model, "fallback", None)
+        pool_at = fallback.pool_layers if fallback is not None and routing != "layer" else ()
+        state = RoutingState("layer", pool_mask=attention_mask.bool(), pool_at=pool_at)
         with model.routing(state):
             out = model.base_model(**_step_kwargs(model, input_ids, attention_mask, position_ids, None))
-        # vote / last: from the first route_layers routers, as the early-exit routing pass decides
-        per_row, probs = decide(state.logits, routing) if routing == "layer" else model.decide(state.logits, routing)
+        # vote / last: from the first route_layers routers, as the early-exit routing pass decides; a
+        # row the fallback sends to the base model (-1) differs from every layer's choice: run again
+        per_row, probs = (decide(state.logits, routing) if routing == "layer"
+                          else model.decide(state.logits, routing, state.pooled))
         per_layer = state.logits
         layer_choice = torch.stack(state.decisions)  # (L, B): each layer's own choice
         # layer: each layer keeps its own router's choice on the prompt

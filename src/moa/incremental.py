@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from moa.errors import MoAError
+from moa.fallback import drop_calibration
 from moa.io import check_out_dir
 
 
@@ -73,6 +74,7 @@ def add_expert(*, moa_dir, domain: str, out, adapter=None, train_data=None, data
                          targets=list(model.target_modules), cfg=expert_cfg, resume=resume, overwrite=True,
                          records=new_records)
     before = {d: _copy(model.expert_state_dict(d)) for d in model.domains}
+    dropped = drop_calibration(model, f"the new domain '{domain}' changes the experts")
     model.add_expert(domain, adapter)
     summary = train_mixture(moa_dir=moa_dir, data=data or train_data, out=out, model=model, records=replay,
                             router_only=not tune_new_expert, experts_trainable=[domain] if tune_new_expert else False,
@@ -82,6 +84,7 @@ def add_expert(*, moa_dir, domain: str, out, adapter=None, train_data=None, data
     if not unchanged:  # the design guarantees it; a failure here is a bug worth stopping for
         raise RuntimeError("an old expert changed during add-expert")
     summary["old_experts_unchanged"] = unchanged
+    summary["fallback_dropped"] = dropped
     return summary
 
 
@@ -94,9 +97,10 @@ def remove_expert(*, moa_dir, domain: str, out, overwrite: bool = False) -> dict
     if len(model.domains) == 1:
         raise MoAError("cannot remove the only expert")
     check_out_dir(out, overwrite=overwrite)  # the model is in memory: replacing --moa itself is allowed
+    dropped = drop_calibration(model, f"removing '{domain}' changes the domains")
     model.remove_expert(domain)
     model.save_pretrained(out, provenance={"removed": domain, "from": str(Path(moa_dir).resolve())})
-    return {"out": str(out), "domains": list(model.domains)}
+    return {"out": str(out), "domains": list(model.domains), "fallback_dropped": dropped}
 
 
 def retrain_expert(*, moa_dir, domain: str, data, out, cfg=None, router_steps: int = 30,
@@ -114,6 +118,7 @@ def retrain_expert(*, moa_dir, domain: str, data, out, cfg=None, router_steps: i
     cfg = cfg or TrainConfig(max_steps=60, lr=2e-4)
     model = MoAModel.from_pretrained(moa_dir, base=base)
     model.domain_index(domain)  # unknown domain: an error naming the known ones
+    dropped = drop_calibration(model, f"retraining '{domain}' changes its expert and the routers")
     records = load_training_records(data, None, skip_invalid)
     own = [r for r in records if r.domain == domain]
     if not own:
@@ -150,7 +155,7 @@ def retrain_expert(*, moa_dir, domain: str, data, out, cfg=None, router_steps: i
         s2 = None
     if not all(_equal(others[d], model.expert_state_dict(d)) for d in others):
         raise RuntimeError("an untouched expert changed during retrain-expert")
-    return {"retrain": s1, "router_refit": s2, "out": str(out), "eta": eta}
+    return {"retrain": s1, "router_refit": s2, "out": str(out), "eta": eta, "fallback_dropped": dropped}
 
 
 def _copy(t: dict):

@@ -118,6 +118,11 @@ class MoAModel(nn.Module):
         self.route_layers = route_layers
         self.routing_only = False
         """Loaded for routing alone (`moa.checkpoint.load_routing_part`): the first layers, no LM head."""
+        self.fallback_calibration = None
+        """The checkpoint's out-of-domain calibration (`moa.fallback.FallbackConfig`), saved with it."""
+        self.fallback = None
+        """The fallback in force (`moa.fallback.set_fallback`: off, the calibration, or another
+        threshold): vote / last routing sends a prompt beyond it to the base model (expert -1)."""
         self.eval()
 
     # ------------------------------------------------------------------ properties
@@ -197,6 +202,7 @@ class MoAModel(nn.Module):
                            f"{self.base_ref} (pass check_base=False if they are the same model)")
         self._check_fits(adapter)
         self._append_expert(domain, adapter)
+        self._drop_fallback()
 
     def remove_expert(self, domain: str) -> None:
         """Drop a domain's expert from every module and its row from every router."""
@@ -209,6 +215,12 @@ class MoAModel(nn.Module):
             router.remove_output(e)
         del self._domains[e]
         del self.experts[domain]
+        self._drop_fallback()
+
+    def _drop_fallback(self) -> None:
+        """The fallback was calibrated on the old domains: a changed set of experts drops it
+        (`moa calibrate` computes a new one) rather than keep a stale threshold."""
+        self.fallback_calibration = self.fallback = None
 
     def domain_index(self, domain: str) -> int:
         try:
@@ -437,18 +449,35 @@ class MoAModel(nn.Module):
 
         Returns (expert per row (B,), decision probs (B, E), per-layer logits [(B, E)] * K).
         """
-        check_pool_mask(pool_mask)
         K = self._check_route_layers(route_layers) or self.route_layers
+        pool_at = self.fallback.pool_layers if self.fallback is not None and how != "layer" else ()
+        state = self._routing_pass(input_ids, attention_mask, pool_mask, position_ids, max((K - 1, *pool_at)), pool_at)
+        logits = state.logits[:K]  # the fallback may have read a later layer's input
+        expert_ids, probs = self._decide(logits, how, state.pooled)
+        return expert_ids, probs, logits
+
+    def _routing_pass(self, input_ids: Tensor, attention_mask: Tensor, pool_mask: Tensor,
+                      position_ids: Tensor | None, stop_after: int, pool_at: tuple[int, ...] = ()) -> RoutingState:
+        """Layer-mode pass over the prompt up to router `stop_after`; the state holds every router's
+        logits and the pooled inputs of the layers `pool_at`."""
+        check_pool_mask(pool_mask)
         # Causality: the prompt's hidden states do not depend on later tokens, so cut them.
         T = int(pool_mask.any(0).nonzero().max()) + 1
-        state = RoutingState("layer", pool_mask=pool_mask[:, :T], stop_after=K - 1)
+        state = RoutingState("layer", pool_mask=pool_mask[:, :T], stop_after=stop_after, pool_at=tuple(pool_at))
         kwargs = dict(input_ids=input_ids[:, :T], attention_mask=attention_mask[:, :T], use_cache=False)
         if position_ids is not None:
             kwargs["position_ids"] = position_ids[:, :T]
         with self.routing(state):
             self.base_model(**kwargs)
-        expert_ids, probs = decide(state.logits, how)
-        return expert_ids, probs, state.logits
+        return state
+
+    def _decide(self, logits: Sequence[Tensor], how: str, pooled: dict[int, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """`moa.router.decide`, then the out-of-domain fallback (vote / last only): a row whose
+        prompt lies beyond its threshold gets expert -1, the base model. (index (B,), probs (B, E))."""
+        expert_ids, probs = decide(logits, how)
+        if self.fallback is not None and how in ("vote", "last"):
+            expert_ids = self.fallback.apply(expert_ids, logits, pooled or {}, how)
+        return expert_ids, probs
 
     def route(self, input_ids: Tensor, attention_mask: Tensor | None = None, routing: str = "vote",
               prompt_mask: Tensor | None = None, route_layers: int | None = None) -> tuple[Tensor, Tensor]:
@@ -474,10 +503,12 @@ class MoAModel(nn.Module):
         expert_ids, probs, _ = self._route(input_ids, attention_mask, pool_mask, position_ids, routing, route_layers)
         return expert_ids, probs
 
-    def decide(self, router_logits: Sequence[Tensor], how: str) -> tuple[Tensor, Tensor]:
+    def decide(self, router_logits: Sequence[Tensor], how: str,
+               pooled: dict[int, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """`moa.router.decide` over the routers of the first `route_layers` layers only: what a
-        forward that ran every router (a routed prefill) decides, as the early-exit pass would."""
-        return decide(list(router_logits)[: self.route_layers], how)
+        forward that ran every router (a routed prefill) decides, as the early-exit pass would,
+        the fallback included (`pooled`: the RoutingState's, of `fallback.pool_layers`)."""
+        return self._decide(list(router_logits)[: self.route_layers], how, pooled)
 
     def _check_full(self, what: str) -> None:
         if self.routing_only:

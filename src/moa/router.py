@@ -173,6 +173,11 @@ class RoutingState:
     experts that produced those states."""
     stop_after: int | None = None
     """End the forward (raise RoutingDone) once this layer's router has run: a routing pass."""
+    pool_at: tuple[int, ...] = ()
+    """Layers whose pooled input (the masked mean the routers read) is kept in `pooled` (the
+    out-of-domain fallback's distance reads it; see moa.fallback)."""
+    pooled: dict[int, Tensor] = field(default_factory=dict)
+    """{layer: (B, H) float32 pooled input} for the layers of `pool_at`, when the routers ran."""
     logits: list[Tensor] = field(default_factory=list)
     """Per layer, in order: router logits (B, E), when the routers ran."""
     decisions: list[Tensor] = field(default_factory=list)
@@ -208,6 +213,8 @@ class RoutingState:
                 )
             logits = router(hidden.detach() if self.detach_router_inputs else hidden, self.pool_mask)  # (B, E)
             self.logits.append(logits)
+            if i in self.pool_at:
+                self.pooled[i] = router.pool(hidden.detach(), self.pool_mask)  # (B, H)
             if self.stop_after == i:
                 raise RoutingDone
         if self.mode == "explicit":

@@ -100,12 +100,16 @@ def load_peft_adapter(model, adapter_dir):
     return m
 
 
-def moa_forward(moa, routing: str, base=None):
+def moa_forward(moa, routing: str, base=None, fallback: str | float | None = None):
     """Forward fn for an MoA checkpoint (a directory or a loaded MoAModel); extras per row:
-    domain_routed and router_probs."""
+    domain_routed (None: the fallback chose the base model) and router_probs. fallback:
+    `--fallback` off|auto|P (None: leave the model's as it is)."""
+    from moa.fallback import set_fallback
     from moa.model import MoAModel
 
     model = moa if isinstance(moa, MoAModel) else MoAModel.from_pretrained(moa, base=base)
+    if fallback is not None:
+        set_fallback(model, fallback)
     model.eval()
     index = {d: k for k, d in enumerate(model.domains)}
 

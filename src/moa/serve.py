@@ -6,8 +6,10 @@
 
 `model: "moa"` lets the routers pick the expert (vote of all layer routers); `"moa:<domain>"`
 forces one; `"base"` answers with the base model alone (no expert). Every response carries the
-OpenAI fields plus `moa: {domain, router_probs, routing}` (routing: "vote", "explicit" or "base";
-domain is null for the base model).
+OpenAI fields plus `moa: {domain, router_probs, routing, fallback}` (routing: "vote", "explicit" or
+"base"; domain is null for the base model; fallback is true when a routed request went to the
+base model because its prompt lies far from every domain: the checkpoint's out-of-domain
+fallback, see moa.fallback and `moa serve --fallback`).
 
 An optional request field asks for more (strictly checked: unknown keys or wrong types -> 400):
 
@@ -662,7 +664,9 @@ def _chat_messages(messages) -> list[dict]:
 def _moa_info(info, job: Job) -> dict:
     """The response's moa field from a result or the start event's info."""
     get = info.get if isinstance(info, dict) else lambda k: getattr(info, k)
-    out = {"domain": get("domain"), "router_probs": get("router_probs"), "routing": job.routing}
+    # Routed, yet no expert: the out-of-domain fallback sent it to the base model.
+    out = {"domain": get("domain"), "router_probs": get("router_probs"), "routing": job.routing,
+           "fallback": job.routing == "vote" and get("domain") is None}
     if job.layer_probs:
         out["layer_probs"] = get("layer_probs")
     return out
@@ -947,10 +951,14 @@ def create_app(model, *, api_key: str | None = None, max_batch_size: int = 8, ma
 
 
 def _default_loader(path: str, current) -> Any:
-    """Load a checkpoint like the one being served: same device, same dtype."""
+    """Load a checkpoint like the one being served: same device, same dtype, same --fallback
+    (applied to the new checkpoint's own calibration)."""
+    from moa.fallback import set_fallback
     from moa.model import MoAModel
 
-    return MoAModel.from_pretrained(path, device=getattr(current, "device", None), dtype=_dtype_of(current))
+    model = MoAModel.from_pretrained(path, device=getattr(current, "device", None), dtype=_dtype_of(current))
+    set_fallback(model, getattr(current, "fallback_spec", "auto"))
+    return model
 
 
 def _dtype_of(model):

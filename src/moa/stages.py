@@ -366,6 +366,9 @@ def train_mixture(
     out = Path(out)
     if model is None:
         model = MoAModel.from_pretrained(moa_dir, base=base)
+    from moa.fallback import drop_calibration
+
+    drop_calibration(model, "training changes the routers and experts it was measured on")
     domains = list(model.domains)
     if records is None:
         records = load_training_records(data, None, skip_invalid)

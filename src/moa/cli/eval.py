@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moa.cli.options import add_device_args
+from moa.cli.options import add_device_args, add_fallback_arg
 from moa.errors import MoAError
 from moa.cli.judge import add_eval_judge_args
 from moa.evaluate import DEFAULT_SYSTEMS
@@ -33,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="records scored / generated together")
     p.add_argument("--no-generate", action="store_true", help="skip generation (PPL and routing only)")
     add_eval_judge_args(p)
+    add_fallback_arg(p)
     add_device_args(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -55,7 +56,8 @@ def _cmd_eval(args) -> int:
     metrics = run_eval(args.moa, args.data, args.out, systems, routing=args.routing, mixed_lora=args.mixed_lora,
                        single_lora=args.single_lora, extra=extra, limit_per_domain=args.limit,
                        generate_limit_per_domain=args.generate_limit, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, generate=not args.no_generate)
+                       max_new_tokens=args.max_new_tokens, generate=not args.no_generate,
+                       fallback=args.fallback)
     print(format_table(metrics))
     judge_after_eval(args, metrics)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from moa.cli.options import add_device_args
+from moa.cli.options import add_device_args, add_fallback_arg
 from moa.errors import MoAError
 
 DEFAULT_ROUTE_LAYERS = 4
@@ -33,9 +33,16 @@ def register(sub) -> None:
     p.add_argument("--upstream-model-template", default="{domain}",
                    help="the upstream's model name of a domain: '{domain}' for vLLM --lora-modules <domain>=..., "
                         "'moa:{domain}' for moa serve (default: {domain})")
+    p.add_argument("--upstream-base-model", default=None, metavar="NAME",
+                   help="the upstream's model name of the base model with no LoRA, where the out-of-domain "
+                        "fallback sends prompts (vLLM: its --served-model-name or model path). Default: 'base' for "
+                        "a 'moa:{domain}' template (moa serve), else the template without '{domain}' and the "
+                        "separators around it ('llama-{domain}' -> 'llama'); required when that leaves nothing "
+                        "('{domain}') and the fallback is on")
     p.add_argument("--route-layers", type=int, default=None, metavar="K",
                    help=f"decide from the routers of the first K layers; only the embeddings and those layers are "
-                        f"loaded and run (0: all layers; default: {DEFAULT_ROUTE_LAYERS}, or all if the model has fewer)")
+                        f"loaded and run, and up to the layer the checkpoint's distance fallback reads when it is on "
+                        f"(0: all layers; default: {DEFAULT_ROUTE_LAYERS}, or all if the model has fewer)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=9000, help="TCP port (default: 9000)")
     p.add_argument("--api-key", default=os.environ.get("MOA_API_KEY"),
@@ -51,6 +58,7 @@ def register(sub) -> None:
                    help="most prompts waiting to be routed; beyond it clients get 503 (default: 256)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted, in tokens (default: no limit here; the upstream has its own)")
+    add_fallback_arg(p)
     add_device_args(p)
     p.set_defaults(func=_cmd_gateway)
 
@@ -72,23 +80,33 @@ def _cmd_gateway(args) -> int:
         raise MoAError(f"--upstream-timeout must be > 0, got {args.upstream_timeout}")
     check_template(args.upstream_model_template)
     upstreams = Upstreams(args.upstream, args.upstream_cooldown)
-    total = _num_layers(MoAConfig.read(args.moa))
+    cfg = MoAConfig.read(args.moa)
+    total = _num_layers(cfg)
     K = args.route_layers
     if K is None:
         K = DEFAULT_ROUTE_LAYERS if total is None else min(DEFAULT_ROUTE_LAYERS, total)
     if K < 0 or (total is not None and K > total):
         raise MoAError(f"--route-layers must be 0 (all) or 1..{total or 'the number of layers'}, got {K}")
     K = K or None  # 0: all layers
-    model = load_routing_part(MoAModel, args.moa, K)  # on --device, base in --dtype (moa.cli's placement)
+    # The distance fallback reads the input of its layer: load up to it, the routers still decide from K.
+    fallback_layer = (cfg.fallback or {}).get("layer") if args.fallback != "off" else None
+    load = None if K is None or fallback_layer is None else max(K, fallback_layer + 1)
+    model = load_routing_part(MoAModel, args.moa, load or K)  # on --device, base in --dtype (moa.cli's placement)
+    if K is not None:
+        model.route_layers = K
+    from moa.fallback import set_fallback
+
+    set_fallback(model, args.fallback)
     device = model.device
     app = create_gateway_app(model, upstreams, template=args.upstream_model_template, api_key=args.api_key,
                              upstream_api_key=args.upstream_api_key, timeout_s=args.upstream_timeout,
                              max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                             max_prompt_tokens=args.max_prompt_tokens)
+                             max_prompt_tokens=args.max_prompt_tokens, upstream_base_model=args.upstream_base_model)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"moa gateway: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     print(f"moa gateway: {args.moa}, routers of {model.route_layers}/{total or model.route_layers} layers on {device} "
+          f"(fallback: {'off' if model.fallback is None else f'{model.fallback.method}, layer {model.fallback.layer}'}) "
           f"({', '.join(model.domains)}) -> {', '.join(upstreams.urls)} as '{args.upstream_model_template}'; "
           f"http://{args.host}:{args.port}/v1 (models: moa, moa:<domain>)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

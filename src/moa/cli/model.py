@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from moa.cli.options import add_device_args
+from moa.cli.options import add_device_args, add_fallback_arg
 from moa.errors import MoAError
 from moa.router import ROUTINGS
 
@@ -40,8 +40,38 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts routed together")
     p.add_argument("--max-length", type=int, default=1024, help="truncate records to this many tokens")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad JSONL lines instead of stopping")
+    add_fallback_arg(p)
     add_device_args(p)
     p.set_defaults(func=_cmd_route)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="calibrate the out-of-domain fallback of an MoA checkpoint",
+        description="Measure how far prompts lie from the domains and store a fallback threshold in the "
+                    "checkpoint: under vote/last routing a prompt beyond it goes to the base model with no expert "
+                    "(domain null). The domain centroids come from --train, the threshold from --valid so that "
+                    "the fraction --acceptance of its prompts keep their expert. Writes the checkpoint in place "
+                    "(or into --out): a 'fallback' block in moa_config.json plus fallback.safetensors. Prints a "
+                    "JSON summary.",
+    )
+    p.add_argument("--moa", required=True, help="MoA checkpoint directory")
+    p.add_argument("--train", required=True, metavar="FILE", help="labelled training JSONL (the domain centroids)")
+    p.add_argument("--valid", required=True, metavar="FILE", help="labelled validation JSONL (the threshold)")
+    p.add_argument("--out", default=None, help="write the calibrated checkpoint here (default: --moa, in place)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--method", choices=["distance", "msp", "energy"], default="distance",
+                   help="the score: distance (diagonal Mahalanobis distance of the pooled prompt to the nearest "
+                        "domain centroid), msp (1 - the routers' top probability) or energy (-logsumexp of the "
+                        "router logits); docs/RESULTS.md compares them")
+    p.add_argument("--acceptance", type=float, default=0.99,
+                   help="fraction of the in-domain validation prompts the threshold keeps")
+    p.add_argument("--layers", default=None, metavar="L,L,...",
+                   help="distance: candidate layers whose pooled input is compared (the one that best rejects a "
+                        "held-out domain is kept) (default: 0,1,2,3)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts routed together")
+    p.add_argument("--skip-invalid", action="store_true", help="skip bad JSONL lines instead of stopping")
+    add_device_args(p)
+    p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser(
         "generate",
@@ -59,6 +89,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="with --input: prompts generated together")
     _add_decoding_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON object (text, domain, router_probs)")
+    add_fallback_arg(p)
     add_device_args(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -73,6 +104,7 @@ def register(sub) -> None:
     p.add_argument("--system", default=None, help="a system message that starts the conversation "
                    "(default: none)")
     _add_decoding_args(p)
+    add_fallback_arg(p)
     add_device_args(p)
     p.set_defaults(func=_cmd_chat)
 
@@ -111,20 +143,55 @@ def _cmd_route(args) -> int:
     from moa.data import encode_records, read_records
     from moa.io import atomic_write_json
     from moa.evaluate import plot_confusion, route_records, routing_report
-    from moa.model import MoAModel
 
     records, skipped = read_records(args.data, skip_invalid=args.skip_invalid)
     if skipped:
         print(f"moa: skipped {skipped} invalid line(s) in {args.data}", file=sys.stderr)
-    model = MoAModel.from_pretrained(args.moa)
+    model = _load(args)
     examples, _ = encode_records(model.tokenizer, records, args.max_length)
     preds, _ = route_records(model, examples, args.routing, args.batch_size)
     report = routing_report([e.domain for e in examples], preds, list(model.domains))
     report["routing"] = args.routing
+    report["fallback_threshold"] = None if model.fallback is None else model.fallback.threshold
     out = Path(args.out)
     atomic_write_json(out, report)
     plot_confusion(report, out.with_suffix(".png"), f"routing ({args.routing})")
-    print(json.dumps({"accuracy": round(report["accuracy"], 4), "per_domain": report["per_domain"]}))
+    print(json.dumps({"accuracy": round(report["accuracy"], 4), "per_domain": report["per_domain"],
+                      "fallback": round(report["fallback"], 4)}))
+    return 0
+
+
+def _load(args):
+    """The checkpoint of --moa with its --fallback in force."""
+    from moa.fallback import set_fallback
+    from moa.model import MoAModel
+
+    model = MoAModel.from_pretrained(args.moa)
+    set_fallback(model, args.fallback)
+    return model
+
+
+def _cmd_calibrate(args) -> int:
+    from moa.data import read_records
+    from moa.fallback import calibrate_checkpoint
+
+    if args.batch_size < 1:
+        raise MoAError(f"--batch-size must be >= 1, got {args.batch_size}")
+    layers = None
+    if args.layers:
+        try:
+            layers = [int(x) for x in args.layers.split(",") if x.strip()]
+        except ValueError:
+            raise MoAError(f"--layers must be comma-separated layer numbers like 0,1,2, got {args.layers!r}") from None
+    records = {}
+    for name in ("train", "valid"):
+        records[name], skipped = read_records(getattr(args, name), skip_invalid=args.skip_invalid)
+        if skipped:
+            print(f"moa: skipped {skipped} invalid line(s) in {getattr(args, name)}", file=sys.stderr)
+    summary = calibrate_checkpoint(args.moa, records["train"], records["valid"], args.out, method=args.method,
+                                   acceptance=args.acceptance, layers=layers, batch_size=args.batch_size,
+                                   overwrite=args.overwrite)
+    print(json.dumps(summary))
     return 0
 
 
@@ -137,12 +204,19 @@ def _decoding(args) -> dict:
 
 def _result_json(res, routing: str) -> dict:
     return {"text": res.text, "domain": res.domain, "router_probs": res.router_probs, "routing": routing,
-            "finish_reason": res.finish_reason}
+            "fallback": _fell_back(res, routing), "finish_reason": res.finish_reason}
+
+
+def _fell_back(res, routing: str) -> bool:
+    """Routed, yet no expert: the out-of-domain fallback chose the base model."""
+    return routing in ("vote", "last") and res.domain is None
+
+
+def _label(res, routing: str) -> str:
+    return "base (fallback)" if _fell_back(res, routing) else str(res.domain)
 
 
 def _cmd_generate(args) -> int:
-    from moa.model import MoAModel
-
     if (args.prompt is None) == (args.input is None):
         raise MoAError("give one prompt or --input FILE (JSONL, '-' for stdin), not both and not neither")
     if args.prompt is not None and not args.prompt.strip():
@@ -163,7 +237,7 @@ def _cmd_generate(args) -> int:
                 prompts = read_prompts(f, str(path))
     else:
         prompts = [([{"role": "user", "content": args.prompt}], None)]
-    model = MoAModel.from_pretrained(args.moa)
+    model = _load(args)
     for _, d in prompts:
         if d is not None:
             model.domain_index(d)  # an unknown domain fails before any generation
@@ -172,7 +246,7 @@ def _cmd_generate(args) -> int:
     results = _generate_all(model, prompts, args.domain, args.routing, args.batch_size, decoding)
     if args.input is None:
         res, routing = results[0]
-        print(json.dumps(_result_json(res, routing)) if args.json else f"[{res.domain}] {res.text}")
+        print(json.dumps(_result_json(res, routing)) if args.json else f"[{_label(res, routing)}] {res.text}")
         return 0
     lines = "".join(json.dumps({"index": i, **_result_json(res, routing)}) + "\n"
                     for i, (res, routing) in enumerate(results))
@@ -208,10 +282,8 @@ def _generate_all(model, prompts, domain, routing, batch_size, decoding) -> list
 
 
 def _cmd_chat(args) -> int:
-    from moa.model import MoAModel
-
     decoding = _decoding(args)
-    model = MoAModel.from_pretrained(args.moa)
+    model = _load(args)
     forced = args.domain
     if forced:
         model.domain_index(forced)
@@ -249,5 +321,5 @@ def _cmd_chat(args) -> int:
         res = model.generate([history], routing="explicit" if forced else args.routing,
                              domains=[forced] if forced else None, **decoding)[0]
         history.append({"role": "assistant", "content": res.text})
-        print(f"[{res.domain}] {res.text}", flush=True)
+        print(f"[{_label(res, 'explicit' if forced else args.routing)}] {res.text}", flush=True)
     return 0

@@ -25,6 +25,18 @@ def add_device_args(p, *, dtype: bool = True) -> None:
                             "decide). Experts, routers and optimizer state stay float32")
 
 
+def add_fallback_arg(p) -> None:
+    """--fallback of every command that routes (moa.fallback.set_fallback applies it)."""
+    from moa.fallback import parse_fallback
+
+    p.add_argument("--fallback", type=parse_fallback, default="auto", metavar="off|auto|P",
+                   help="out-of-domain fallback under vote/last routing: a prompt far from every domain goes to the "
+                        "base model with no expert (domain null). auto: the checkpoint's calibrated threshold (off "
+                        "if it has none; see `moa calibrate`); off: never; P, a number in (0, 1]: the threshold that "
+                        "keeps the fraction P of the calibration's in-domain validation prompts (lower P: more "
+                        "fallbacks). A forced domain never falls back (default: auto)")
+
+
 def add_train_args(p, *, lr: float = 2e-4, batch_size: int = 8, steps_help: str = "optimizer steps",
                    default_steps: int | None = None) -> None:
     """The options every training command shares, --device / --dtype, and `--config`."""

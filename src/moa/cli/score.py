@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from moa.cli.options import add_device_args
+from moa.cli.options import add_device_args, add_fallback_arg
 from moa.base import DEFAULT_BASE
 from moa.errors import MoAError
 from moa.router import ROUTINGS
@@ -30,6 +30,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="records scored together")
     p.add_argument("--max-length", type=int, default=1024, help="truncate records to this many tokens")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad JSONL lines instead of stopping")
+    add_fallback_arg(p)
     add_device_args(p)
     p.set_defaults(func=_cmd_score)
 
@@ -47,7 +48,7 @@ def _cmd_score(args) -> int:
     if args.domain:
         records = select_domains(records, [args.domain], args.data)
     if args.moa:
-        forward, tok = moa_forward(args.moa, args.routing, args.base)
+        forward, tok = moa_forward(args.moa, args.routing, args.base, args.fallback)
     else:
         from moa.base import load_base
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from moa.cli.options import add_device_args
+from moa.cli.options import add_device_args, add_fallback_arg
 from moa.errors import MoAError
 
 def register(sub) -> None:
@@ -14,8 +14,9 @@ def register(sub) -> None:
         help="OpenAI-compatible HTTP server with continuous batching",
         description="Serve an MoA checkpoint over HTTP with the OpenAI API: POST /v1/chat/completions "
                     "(stream: true for server-sent events), POST /v1/completions, GET /v1/models, GET /health. "
-                    "Model 'moa' routes each request automatically; 'moa:<domain>' forces that expert; 'base' "
-                    "answers without any expert. GET / is a playground page showing the routers at work. "
+                    "Model 'moa' routes each request automatically (to the base model when the checkpoint's "
+                    "calibrated fallback finds the prompt out of domain: moa.domain null, moa.fallback true); "
+                    "'moa:<domain>' forces that expert; 'base' answers without any expert. GET / is a playground page showing the routers at work. "
                     "Requests join and leave the running batch at every decode step (each with its own expert and "
                     "sampling parameters) and stream token by token. POST /v1/admin/reload {\"path\": DIR} swaps "
                     "in another checkpoint without dropping requests; GET /metrics is Prometheus text.",
@@ -40,6 +41,7 @@ def register(sub) -> None:
                    help="longest prompt accepted, in tokens (default: the model's context length)")
     p.add_argument("--route-layers", type=int, default=None, metavar="K",
                    help="routed requests ('moa') are decided by the routers of the first K layers (default: all)")
+    add_fallback_arg(p)
     add_device_args(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -59,6 +61,9 @@ def _cmd_serve(args) -> int:
     model = MoAModel.from_pretrained(args.moa)  # on --device, base in --dtype (moa.cli runs us in that placement)
     if args.route_layers is not None:
         model.route_layers = args.route_layers  # outside 1..L: a one-line error
+    from moa.fallback import set_fallback
+
+    set_fallback(model, args.fallback)  # also applied to a checkpoint hot-reloaded later
     device = model.device
     app = create_app(model, api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                      max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
@@ -67,7 +72,8 @@ def _cmd_serve(args) -> int:
         print(f"moa serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     print(f"moa serve: {args.moa} on {device} ({', '.join(model.domains)}); "
-          f"http://{args.host}:{args.port}/v1 (models: moa, moa:<domain>, base); "
+          f"http://{args.host}:{args.port}/v1 (models: moa, moa:<domain>, base); fallback: "
+          f"{'off' if model.fallback is None else model.fallback.method + ' > ' + format(model.fallback.threshold, '.4g')}; "
           f"playground: http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

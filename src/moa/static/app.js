@@ -143,9 +143,11 @@ const ROUTING_LABEL = {
 
 function showMoa(view, moa, isPrimary) {
   view.badge.classList.remove("pending");
-  view.badge.textContent = moa.domain === null ? "base" : moa.domain;
+  view.badge.textContent = moa.fallback ? "base (fallback)" : moa.domain === null ? "base" : moa.domain;
   view.badge.classList.toggle("base", moa.domain === null);
-  view.routing.textContent = ROUTING_LABEL[moa.routing] || moa.routing;
+  // routed, yet no expert: the prompt lies far from every domain (the checkpoint's fallback)
+  view.routing.textContent = moa.fallback ? "routed: out of domain, answered by the base model"
+    : ROUTING_LABEL[moa.routing] || moa.routing;
   if (isPrimary && moa.layer_probs) drawRouters(moa);
 }
 
@@ -232,7 +234,10 @@ function drawRouters(moa) {
 
   const decision = $("decision");
   decision.textContent = "";
-  if (moa.routing === "vote") {
+  if (moa.fallback) {
+    decision.append(`The prompt lies far from every domain: the base model answered (the routers leaned to `
+      + `${domains[top]}). `);
+  } else if (moa.routing === "vote") {
     decision.append(`The routers chose ${moa.domain} (vote of ${probs.length} layers). `);
   } else {
     decision.append(`Not used for this answer (${moa.routing === "base" ? "base model" : "forced expert"}); `
