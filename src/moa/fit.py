@@ -80,6 +80,9 @@ class FitConfig:
     experts stay as stage 1 left them (their best validation weights under "converge")."""
     router_epochs: float = 2.0
     """stage2 "routers": passes over the largest domain's records (balanced batches)."""
+    fallback_acceptance: float = 0.99
+    """Calibrate the out-of-domain fallback (`moa.fallback`) on the validation data so that this
+    fraction of in-domain prompts keeps its expert (0: no fallback)."""
     allocation: float = 1.0
     """Stage-1 steps of a domain proportional to (its records) ** allocation (1: the same epochs
     for every expert, as the mixed LoRA sees each domain)."""
@@ -118,6 +121,8 @@ class FitConfig:
                 raise MoAError(f"{name} must be positive, got {getattr(self, name)}")
         if self.eta < 0:
             raise MoAError(f"eta must be >= 0, got {self.eta}")
+        if not 0 <= self.fallback_acceptance <= 1:
+            raise MoAError(f"--fallback-acceptance must be in [0, 1] (0: no fallback), got {self.fallback_acceptance}")
 
 
 def allocate_steps(sizes: dict[str, int], total: int, alpha: float) -> dict[str, int]:
@@ -416,6 +421,8 @@ class _Runner:
             cfg=stage2_cfg, resume=_resumable(out / "moa"), overwrite=True, records=self.records,
             expert_lr_scaling=c.lr_scaling, router_only=routers_only))
 
+        if c.fallback_acceptance and self.valid_path is not None:
+            self.stage("fallback", self.calibrate)
         systems, extra = ["base", "single_lora", "moa"], {}
         if "mixed_lora" in wanted:
             mixed_lora()
@@ -456,6 +463,18 @@ class _Runner:
         systems += list(extra)
         return systems, extra
 
+    def calibrate(self) -> dict:
+        """The out-of-domain fallback of RUN/moa: centroids on the training prompts, threshold on
+        the validation prompts (in place; see moa.fallback)."""
+        from moa.data import read_records
+        from moa.fallback import calibrate_checkpoint
+
+        valid, _ = read_records(self.valid_path)
+        summary = calibrate_checkpoint(self.out / "moa", self.records, valid, acceptance=self.cfg.fallback_acceptance)
+        say(f"fallback: {summary['method']} at layer {summary.get('layer')}, threshold {summary['threshold']:g}, "
+            f"keeps {summary.get('valid_acceptance')} of the validation prompts")
+        return summary
+
     def eta_sweep(self, plan: dict) -> None:
         from moa.stages import train_mixture
 
@@ -495,7 +514,8 @@ class _Runner:
                            limit_per_domain=c.eval_per_domain, generate_limit_per_domain=c.generate_per_domain,
                            max_new_tokens=c.max_new_tokens, batch_size=8)
         self.timings["eval"] = time.time() - t
-        metrics["routing_full_test"] = {"accuracy": route["accuracy"], "n": route["n"]}
+        metrics["routing_full_test"] = {"accuracy": route["accuracy"], "n": route["n"],
+                                        "fallback": route.get("fallback", 0.0)}
         if "eta_sweep" in self.state.data["stages"]:
             metrics["eta_sweep"] = self.state.data["stages"]["eta_sweep"]
         atomic_write_json(out / "metrics.json", metrics)
@@ -612,11 +632,19 @@ def render_report(summary: dict, metrics: dict | None, label: str) -> str:
              f"Domains: {', '.join(f'{d} ({n} records)' for d, n in summary['records'].items())}.",
              f"Budget policy: **{summary['budget']}**. " + _budget_line(summary), ""]
     lines += ["## Trainings", "", *training_table(summary), ""]
+    fb = summary["stages"].get("fallback")
+    if fb:
+        lines += [f"Out-of-domain fallback: {fb['method']} at layer {fb.get('layer')}, calibrated to keep "
+                  f"{fb['acceptance']:g} of the in-domain validation prompts (kept: {fb.get('valid_acceptance')}). "
+                  "Under vote/last routing a prompt beyond it goes to the base model with no expert; "
+                  "`--fallback off` on the serving commands switches it off.", ""]
     if metrics is not None:
         s = metrics["systems"]
+        rt = metrics["routing_full_test"]
         lines += ["## Results on the test split", "", format_table(metrics), "",
-                  f"Routing accuracy (vote): **{metrics['routing_full_test']['accuracy']:.4f}** on "
-                  f"{metrics['routing_full_test']['n']} records.", ""]
+                  f"Routing accuracy (vote): **{rt['accuracy']:.4f}** on {rt['n']} records"
+                  + (f"; {100 * rt['fallback']:.1f}% fell back to the base model (counted as wrong)."
+                     if rt.get("fallback") else "."), ""]
         if "moa" in s and "mixed_lora" in s:
             better = [d for d in domains if s["moa"][d]["ppl"] < s["mixed_lora"][d]["ppl"]]
             lines.append(f"MoA PPL below the mixed-data LoRA on {len(better)}/{len(domains)} domains"

@@ -120,7 +120,9 @@ def moa_forward(moa, routing: str, base=None, fallback: str | float | None = Non
                 raise MoAError("--routing explicit needs each record's domain")
             kw["domains"] = batch["domain_names"]
         with torch.no_grad():
-            if routing in ("vote", "last"):
+            if routing in ("vote", "last") and getattr(model, "fallback", None) is None:
+                # (with a fallback in force, the routed forward below: the fallback reads pooled
+                # states the one-pass decision does not keep)
                 logits, expert_ids, probs_all = _routed_in_one_pass(model, batch, routing)
                 names = model.domain_names(expert_ids)
             else:

@@ -83,6 +83,9 @@ def _register_fit(sub) -> None:
                    help="joint: stage 2 trains routers and experts (the paper); routers: the routers only")
     p.add_argument("--router-epochs", type=float, default=d.router_epochs,
                    help="--stage2 routers: passes over the largest domain's records")
+    p.add_argument("--fallback-acceptance", type=float, default=d.fallback_acceptance, metavar="P",
+                   help="calibrate the out-of-domain fallback (prompts far from every domain go to the base model) "
+                        "so that fraction P of the in-domain validation prompts keep their expert; 0: no fallback")
     p.add_argument("--validations", type=int, default=d.validations, help="equal budget: validations per training "
                    "(needs validation data; 0: none)")
     p.add_argument("--test-per-domain", type=int, default=d.eval_per_domain, metavar="N",
@@ -114,7 +117,7 @@ def _cmd_fit(args) -> int:
         batch_size=args.batch_size, lr=args.lr, stage2_lr=args.stage2_lr, router_lr=args.router_lr, eta=args.eta,
         lr_scaling=args.lr_scaling, rank=args.rank, alpha=args.alpha, max_length=args.max_length,
         seed_steps=args.seed_steps, expert_init=args.expert_init, stage2=args.stage2,
-        router_epochs=args.router_epochs, validations=args.validations, eval_per_domain=args.test_per_domain, generate_per_domain=args.generate_per_domain,
+        router_epochs=args.router_epochs, fallback_acceptance=args.fallback_acceptance, validations=args.validations, eval_per_domain=args.test_per_domain, generate_per_domain=args.generate_per_domain,
         max_new_tokens=args.max_new_tokens,
         ablations=args.ablations,
     )

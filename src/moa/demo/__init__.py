@@ -24,15 +24,16 @@ PROFILES = {
     # one-letter answers steps more carefully than one of paragraphs. Chosen on the valid split
     # (docs/RESULTS.md). No validation during training (time); the valid split serves the eta sweep.
     # The paper's recipe (fresh experts, joint stage 2) at equal compute: what the demo measures.
+    # No out-of-domain fallback (time; `moa calibrate` adds one to the demo's checkpoint).
     "quick": Profile(expert_steps=16, stage2_steps=24, batch_size=4, lr=2e-3, stage2_lr=1e-3, router_lr=3e-3,
                      eta=0.1, max_length=192, eval_per_domain=None, generate_per_domain=10, max_new_tokens=40,
                      allocation=1.0, lr_scaling="tokens", validations=0, budget="equal", expert_init="fresh",
-                     stage2="joint"),
+                     stage2="joint", fallback_acceptance=0),
     # The comparison of docs/RESULTS.md: all baselines and ablations, and the eta sweep.
     "full": Profile(expert_steps=24, stage2_steps=32, batch_size=4, lr=2e-3, stage2_lr=1e-3, router_lr=3e-3,
                     eta=0.1, max_length=256, eval_per_domain=None, generate_per_domain=10, max_new_tokens=40,
                     ablations=True, allocation=1.0, lr_scaling="tokens", validations=0, budget="equal",
-                    expert_init="fresh", stage2="joint"),
+                    expert_init="fresh", stage2="joint", fallback_acceptance=0),
 }
 
 
