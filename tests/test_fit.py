@@ -131,7 +131,7 @@ def test_fit_seed_recipe_starts_experts_from_the_mixed_lora_and_stage2_trains_ro
     assert "MoA starts every expert from it" in report and "| stage2 (routers only) |" in report
     # the out-of-domain fallback is calibrated on the validation prompts, after stage 2
     assert order.index("fallback") > order.index("stage2")
-    assert json.loads((out / "moa" / "moa_config.json").read_text())["fallback"]["acceptance"] == 0.99
+    assert json.loads((out / "moa" / "moa_config.json").read_text())["fallback"]["acceptance"] == 1.0
     assert "Out-of-domain fallback: distance" in report
     with pytest.raises(SystemExit) as e:  # argparse's choices: one line, exit 2
         main(["fit", "--data", str(train), "--out", str(tmp_path / "bad"), "--expert-init", "mixed"])

@@ -80,7 +80,7 @@ class FitConfig:
     experts stay as stage 1 left them (their best validation weights under "converge")."""
     router_epochs: float = 2.0
     """stage2 "routers": passes over the largest domain's records (balanced batches)."""
-    fallback_acceptance: float = 0.99
+    fallback_acceptance: float = 1.0
     """Calibrate the out-of-domain fallback (`moa.fallback`) on the validation data so that this
     fraction of in-domain prompts keeps its expert (0: no fallback)."""
     allocation: float = 1.0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from moa.cli.options import add_device_args, add_fallback_arg
 from moa.errors import MoAError
+from moa.fallback import DEFAULT_ACCEPTANCE
 from moa.router import ROUTINGS
 
 
@@ -63,11 +64,12 @@ def register(sub) -> None:
                    help="the score: distance (diagonal Mahalanobis distance of the pooled prompt to the nearest "
                         "domain centroid), msp (1 - the routers' top probability) or energy (-logsumexp of the "
                         "router logits); docs/RESULTS.md compares them")
-    p.add_argument("--acceptance", type=float, default=0.99,
+    p.add_argument("--acceptance", type=float, default=DEFAULT_ACCEPTANCE,
                    help="fraction of the in-domain validation prompts the threshold keeps")
     p.add_argument("--layers", default=None, metavar="L,L,...",
                    help="distance: candidate layers whose pooled input is compared (the one that best rejects a "
-                        "held-out domain is kept) (default: 0,1,2,3)")
+                        "held-out domain is kept; ties: the deepest) (default: the layers at 40%%, 50%% and 60%% of the "
+                        "depth)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts routed together")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad JSONL lines instead of stopping")
     add_device_args(p)
