@@ -425,7 +425,8 @@ class _Runner:
             self.stage("fallback", self.calibrate)
         systems, extra = ["base", "single_lora", "moa"], {}
         if "mixed_lora" in wanted:
-            mixed_lora()
+            if seed_dir != bdir / "mixed_lora":  # else trained above, as the seed
+                mixed_lora()
             systems.insert(2, "mixed_lora")
         if "mixed_lora_wide" in wanted:  # parameter parity: rank x domains, same alpha / r
             wide = c.rank * len(domains)
