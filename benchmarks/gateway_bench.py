@@ -16,28 +16,10 @@ checks streamed text == non-streamed text on a few of them (max_tokens 8).
 
 import argparse
 import contextlib
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-
-@contextlib.contextmanager
-def serving(app):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+from moa.testing import serving
 
 
 def instant_upstream():

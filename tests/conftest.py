@@ -3,14 +3,13 @@ tiny MoA whose routers tell the synthetic domains apart, served over loopback HT
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import threading
-import time
 from pathlib import Path
 
 import pytest
+
+from moa.testing import serving  # noqa: F401 (the tests import it from here)
 
 # Tests never touch the network: `import moa` no longer sets this (the user decides), so the
 # suite does, before huggingface_hub is imported (it reads the variable once).
@@ -89,26 +88,6 @@ ROUTED_PROMPTS = {
     "echo": ["REPEAT: apple apple", "REPEAT: tiger tiger", "REPEAT: cloud cloud"],
     "json": ["json key=k7", "json key=k2", "json key=k5"],
 }
-
-
-@contextlib.contextmanager
-def serving(app):
-    """Run `app` with uvicorn in a background thread on a free loopback port; yield its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def fit_routers(model, steps: int = 10, lr: float = 0.2) -> None:

@@ -187,12 +187,16 @@ def load_base(name: str | os.PathLike | None = None, dtype=None, device=None):
 
     from moa.device import choose
 
-    place = choose(device, dtype)
-    path = resolve_base(name)
+    return _load_frozen(AutoModelForCausalLM, resolve_base(name), choose(device, dtype))
+
+
+def _load_frozen(auto_cls, path: str, place, **kwargs):
+    """(model, tokenizer) of `auto_cls.from_pretrained(path)` on `place`'s device in its dtype,
+    frozen, in eval mode, with a pad token id."""
     # Straight onto an accelerator (no full copy in host memory first); the CPU needs no map.
     where = {} if place.device.type == "cpu" else {"device_map": {"": str(place.device)}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=place.dtype, **where)
+        model = auto_cls.from_pretrained(path, dtype=place.dtype, **where, **kwargs)
     except (OSError, ValueError) as e:
         raise MoAError(f"cannot load base model from {path}: {e}") from e
     tok = load_tokenizer(path)
@@ -226,15 +230,4 @@ def load_base_prefix(name: str | os.PathLike | None, num_layers: int, dtype=None
     text.num_hidden_layers = num_layers
     if isinstance(getattr(text, "layer_types", None), list):  # per-layer attention kinds (Qwen2, Gemma...)
         text.layer_types = text.layer_types[:num_layers]
-    try:
-        where = {} if place.device.type == "cpu" else {"device_map": {"": str(place.device)}}
-        model = AutoModel.from_pretrained(path, config=config, dtype=place.dtype, **where)
-    except (OSError, ValueError) as e:
-        raise MoAError(f"cannot load base model from {path}: {e}") from e
-    tok = load_tokenizer(path)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, tok
+    return _load_frozen(AutoModel, path, place, config=config)

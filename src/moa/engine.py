@@ -250,25 +250,16 @@ def _cache_layers(cache) -> list:
 # --------------------------------------------------------------------------- the engine
 
 
-class Engine:
-    """A bounded FIFO of `Job`s and the worker thread that runs them with continuous batching.
+class JobQueue:
+    """A bounded FIFO of `Job`s and the one worker thread (`_loop`, the subclass's) that runs
+    them: what the continuous `Engine` and the static `moa.serve.Batcher` share. Subclasses set
+    `max_queue` and call `super().__init__()`."""
 
-    Args:
-        model: a MoAModel (jobs without a `model` of their own run on it).
-        max_batch_size: most rows running at once (all models together).
-        max_queue: most jobs waiting (running rows not counted); `submit` raises QueueFull beyond.
-        max_batch_tokens: token budget of one step: the prompts admitted in it plus one per running row.
-    """
+    thread_name = "moa-serve-worker"
+    max_queue: int
 
-    def __init__(self, model, max_batch_size: int = 8, max_queue: int = 64, max_batch_tokens: int = 2048):
-        self.model = model
-        self.max_batch_size = max_batch_size
-        self.max_queue = max_queue
-        self.max_batch_tokens = max_batch_tokens
-        self.stats = {"steps": 0, "requests": 0, "tokens": 0, "max_batch": 0, "busy_s": 0.0}
-        """Decode steps run, requests finished, tokens generated, the largest batch, seconds of model work."""
+    def __init__(self) -> None:
         self._queue: collections.deque[Job] = collections.deque()
-        self._batches: dict[int, _Batch] = {}  # id(model) -> its running batch
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -286,11 +277,12 @@ class Engine:
     def start(self) -> None:
         with self._cond:
             if self._thread is None and not self._closed:
-                self._thread = threading.Thread(target=self._loop, name="moa-serve-engine", daemon=True)
+                self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
                 self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop after the current step; queued and running jobs fail with QueueFull."""
+        """Stop the worker after its current step or batch; jobs still queued fail with QueueFull
+        (a running one as its worker decides)."""
         with self._cond:
             self._closed = True
             pending, self._queue = list(self._queue), collections.deque()
@@ -311,11 +303,38 @@ class Engine:
             self._cond.notify_all()
 
     def cancel(self, job: Job) -> None:
-        """Drop a job: out of the queue, or out of the running batch at the next step."""
+        """Drop a job: out of the queue, or out of the running work (the engine: at its next step;
+        the static batcher: its result is ignored)."""
         with self._cond:
             job.cancelled = True
             with contextlib.suppress(ValueError):
                 self._queue.remove(job)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Engine(JobQueue):
+    """A bounded FIFO of `Job`s and the worker thread that runs them with continuous batching.
+
+    Args:
+        model: a MoAModel (jobs without a `model` of their own run on it).
+        max_batch_size: most rows running at once (all models together).
+        max_queue: most jobs waiting (running rows not counted); `submit` raises QueueFull beyond.
+        max_batch_tokens: token budget of one step: the prompts admitted in it plus one per running row.
+    """
+
+    thread_name = "moa-serve-engine"
+
+    def __init__(self, model, max_batch_size: int = 8, max_queue: int = 64, max_batch_tokens: int = 2048):
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_batch_tokens = max_batch_tokens
+        self.stats = {"steps": 0, "requests": 0, "tokens": 0, "max_batch": 0, "busy_s": 0.0}
+        """Decode steps run, requests finished, tokens generated, the largest batch, seconds of model work."""
+        super().__init__()
+        self._batches: dict[int, _Batch] = {}  # id(model) -> its running batch
 
     # ------------------------------------------------------------------ the loop
 

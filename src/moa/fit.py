@@ -268,7 +268,7 @@ def run_fit(data: str | Path, out: str | Path, cfg: FitConfig | None = None, *, 
     say(f"{label}: {len(domains)} domains {domains}, {len(records)} training records"
         f"{f', {len(valid_records)} validation' if valid_records else ''}; budget {cfg.budget}; out={out}")
 
-    runner = _Runner(cfg, out, base, seed, train_path, records, valid_path, state)
+    runner = _Runner(cfg, out, base, seed, train_path, records, valid_path, state, valid_records)
     systems, extra = runner.run(domains, plan)
     summary = {"domains": domains, "records": sizes, "budget": cfg.budget, "config": _jsonable(asdict(cfg)), "steps": plan,
                "stages": state.data["stages"], "seconds": round(time.time() - t0, 1)}
@@ -332,9 +332,11 @@ class _Runner:
     """Runs the stages of one fit in order, each once (see _State)."""
 
     def __init__(self, cfg: FitConfig, out: Path, base: str, seed: int, train_path: Path, records,
-                 valid_path: Path | None, state: _State):
+                 valid_path: Path | None, state: _State,
+                 valid_records=None):
         self.cfg, self.out, self.base, self.seed = cfg, out, base, seed
         self.train_path, self.records, self.valid_path, self.state = train_path, records, valid_path, state
+        self.valid_records = valid_records
         self.timings: dict[str, float] = {}
 
     def train_cfg(self, steps: int, lr: float, eval_every: int | None = None, select: bool = True):
@@ -467,11 +469,10 @@ class _Runner:
     def calibrate(self) -> dict:
         """The out-of-domain fallback of RUN/moa: centroids on the training prompts, threshold on
         the validation prompts (in place; see moa.fallback)."""
-        from moa.data import read_records
         from moa.fallback import calibrate_checkpoint
 
-        valid, _ = read_records(self.valid_path)
-        summary = calibrate_checkpoint(self.out / "moa", self.records, valid, acceptance=self.cfg.fallback_acceptance)
+        summary = calibrate_checkpoint(self.out / "moa", self.records, self.valid_records,
+                                       acceptance=self.cfg.fallback_acceptance)
         say(f"fallback: {summary['method']} at layer {summary.get('layer')}, threshold {summary['threshold']:g}, "
             f"keeps {summary.get('valid_acceptance')} of the validation prompts")
         return summary

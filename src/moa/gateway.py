@@ -36,7 +36,6 @@ import asyncio
 import collections
 import contextlib
 import json
-import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from moa.errors import MoAError
+from moa.serve import APIError, _APIKey, _dumps, _json_response  # one OpenAI error shape for both servers
 
 DEFAULT_TEMPLATE = "{domain}"
 """vLLM serves `--lora-modules sql=/path` under the model name `sql`."""
@@ -254,34 +254,8 @@ class QueueFull(Exception):
 # --------------------------------------------------------------------------- errors and requests
 
 
-class GatewayError(Exception):
-    """An error answered in the OpenAI shape `{"error": {"message", "type", "param", "code"}}`."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code, self.headers = (
-            status, message, type, param, code, headers)
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self):
-        return _json_response(self.body(), self.status, self.headers)
-
-
-def _dumps(content) -> str:
-    return json.dumps(content, ensure_ascii=True, separators=(",", ":"))
-
-
-def _json_response(content, status: int = 200, headers=None):
-    from starlette.responses import Response
-
-    return Response(_dumps(content), status, headers, media_type="application/json")
-
-
-def _bad(message: str, param: str | None = None, code: str = "invalid_value") -> GatewayError:
-    return GatewayError(400, message, param=param, code=code)
+def _bad(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
 
 
 def prompt_messages(body: dict, path: str) -> list[dict]:
@@ -367,7 +341,7 @@ class _Gateway:
             return None
         if isinstance(name, str) and name.startswith("moa:") and name[4:] in self.domains:
             return name[4:]
-        raise GatewayError(404, f"the model {name!r} does not exist here; available: {', '.join(self.model_ids())}",
+        raise APIError(404, f"the model {name!r} does not exist here; available: {', '.join(self.model_ids())}",
                            param="model", code="model_not_found")
 
     def tokenize(self, messages: list[dict], param: str) -> list[int]:
@@ -393,7 +367,7 @@ class _Gateway:
         try:
             route = await self.queue.route(ids)
         except QueueFull as e:
-            raise GatewayError(503, str(e), type="server_error", code="queue_full",
+            raise APIError(503, str(e), type="server_error", code="queue_full",
                                headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except MoAError as e:
             raise _bad(str(e), code="invalid_request") from None
@@ -422,15 +396,15 @@ class _Gateway:
                 tried.append(f"{url} ({type(e).__name__}: {e or 'no answer'})")
                 continue
             except httpx.TimeoutException:
-                raise GatewayError(504, f"the upstream {url} did not answer within {self.timeout_s:g} s",
+                raise APIError(504, f"the upstream {url} did not answer within {self.timeout_s:g} s",
                                    type="server_error", code="upstream_timeout") from None
             except httpx.HTTPError as e:
                 self.upstreams.failed(url)
-                raise GatewayError(502, f"the upstream {url} failed: {type(e).__name__}: {e}",
+                raise APIError(502, f"the upstream {url} failed: {type(e).__name__}: {e}",
                                    type="server_error", code="upstream_error") from None
             self.upstreams.succeeded(url)
             return url, response
-        raise GatewayError(502, "cannot reach any upstream: " + "; ".join(tried), type="server_error",
+        raise APIError(502, "cannot reach any upstream: " + "; ".join(tried), type="server_error",
                            code="upstream_unreachable")
 
 
@@ -441,24 +415,6 @@ async def _passthrough(response):
     content = await response.aread()
     await response.aclose()
     return Response(content, response.status_code, media_type=response.headers.get("content-type"))
-
-
-class _APIKey:
-    """ASGI middleware: /v1/* needs `Authorization: Bearer KEY` (checked before the body is read)."""
-
-    def __init__(self, app, key: str):
-        self.app = app
-        self.expected = f"Bearer {key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not secrets.compare_digest(auth, self.expected):
-                error = GatewayError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')",
-                                     code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def create_gateway_app(model, upstreams: list[str] | Upstreams, *, template: str = DEFAULT_TEMPLATE,
@@ -513,14 +469,14 @@ def create_gateway_app(model, upstreams: list[str] | Upstreams, *, template: str
     if api_key:
         app.add_middleware(_APIKey, key=api_key)
 
-    @app.exception_handler(GatewayError)
-    async def _error(request, exc: GatewayError):
+    @app.exception_handler(APIError)
+    async def _error(request, exc: APIError):
         return exc.response()
 
     @app.exception_handler(HTTPException)
     async def _http(request, exc):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return GatewayError(exc.status_code, str(exc.detail), type=kind, headers=getattr(exc, "headers", None)).response()
+        return APIError(exc.status_code, str(exc.detail), type=kind, headers=getattr(exc, "headers", None)).response()
 
     @app.get("/health")
     async def health():
@@ -562,10 +518,10 @@ def create_gateway_app(model, upstreams: list[str] | Upstreams, *, template: str
             try:
                 answer = response.json()
             except ValueError:
-                raise GatewayError(502, f"the upstream {url} answered with a body that is not JSON",
+                raise APIError(502, f"the upstream {url} answered with a body that is not JSON",
                                    type="server_error", code="upstream_error") from None
             if not isinstance(answer, dict):
-                raise GatewayError(502, f"the upstream {url} answered with JSON that is not an object",
+                raise APIError(502, f"the upstream {url} answered with JSON that is not an object",
                                    type="server_error", code="upstream_error")
             return _json_response({**answer, "model": asked, "moa": info})
         # layer_probs (K x E floats) go in the first chunk only, as moa serve sends them.
@@ -602,7 +558,7 @@ async def _relay(response, url: str, asked: str, first: dict, brief: dict):
             yield line + "\n"
     except httpx.HTTPError as e:
         # The status line is sent already: tell the client in the stream (OpenAI clients raise on it).
-        error = GatewayError(502, f"the upstream {url} failed while streaming: {type(e).__name__}: {e}",
+        error = APIError(502, f"the upstream {url} failed while streaming: {type(e).__name__}: {e}",
                              type="server_error", code="upstream_error")
         yield f"data: {_dumps(error.body())}\n\n"
     finally:

@@ -51,13 +51,12 @@ import copy
 import json
 import re
 import secrets
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from moa.engine import Decoding, Engine, Job, QueueFull
+from moa.engine import Decoding, Engine, Job, JobQueue, QueueFull
 from moa.errors import MoAError
 
 BATCH_WAIT_MS = 5.0
@@ -76,7 +75,7 @@ STATIC = Path(__file__).parent / "static"
 # --------------------------------------------------------------------------- batching
 
 
-class Batcher:
+class Batcher(JobQueue):
     """A bounded FIFO of `Job`s and the one worker thread that runs them through `model.generate`.
 
     Args:
@@ -93,53 +92,7 @@ class Batcher:
         self.batch_wait_s = batch_wait_ms / 1000
         self.stats = {"batches": 0, "requests": 0, "max_batch": 0, "busy_s": 0.0}
         """Completed batches, the requests in them, the largest, and seconds spent in generate."""
-        self._queue: collections.deque[Job] = collections.deque()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread: threading.Thread | None = None
-        self._running = 0
-
-    @property
-    def depth(self) -> int:
-        return len(self._queue)
-
-    @property
-    def running(self) -> int:
-        return self._running
-
-    def start(self) -> None:
-        with self._cond:
-            if self._thread is None and not self._closed:
-                self._thread = threading.Thread(target=self._loop, name="moa-serve-worker", daemon=True)
-                self._thread.start()
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the worker after its current batch; jobs still queued fail with QueueFull."""
-        with self._cond:
-            self._closed = True
-            pending, self._queue = list(self._queue), collections.deque()
-            self._cond.notify_all()
-        for job in pending:
-            job.done(None, QueueFull("the server is shutting down"))
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def submit(self, jobs: list[Job]) -> None:
-        """Queue all of `jobs` or none (QueueFull)."""
-        with self._cond:
-            if self._closed:
-                raise QueueFull("the server is shutting down")
-            if len(self._queue) + len(jobs) > self.max_queue:
-                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
-            self._queue.extend(jobs)
-            self._cond.notify_all()
-
-    def cancel(self, job: Job) -> None:
-        """Drop a job: out of the queue if it is still there, its result ignored if it is running."""
-        with self._cond:
-            job.cancelled = True
-            with contextlib.suppress(ValueError):
-                self._queue.remove(job)
+        super().__init__()
 
     def _loop(self) -> None:
         while True:
@@ -303,9 +256,11 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self):
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return _json_response(body, self.status, self.headers)
+        return _json_response(self.body(), self.status, self.headers)
 
 
 class _ClientGone(Exception):

@@ -7,6 +7,7 @@ seconds on a CPU.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 CHATML_TEMPLATE = (
@@ -107,3 +108,28 @@ def headless_chromium(width: int = 1400, height: int = 1000):
         options.add_argument(arg)
     # Explicit paths: selenium must not look for, or download, a browser or a driver.
     return webdriver.Chrome(service=Service(driver), options=options)
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Run `app` with uvicorn in a background thread on a free loopback port; yield its base URL
+    (tests and benchmarks of the servers)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from moa.cli.options import add_device_args, add_fallback_arg
+from moa.cli.options import add_device_args, check_server_args, warn_if_open, add_fallback_arg
 from moa.errors import MoAError
 
 DEFAULT_ROUTE_LAYERS = 4
@@ -70,12 +70,7 @@ def _cmd_gateway(args) -> int:
     from moa.gateway import Upstreams, check_template, create_gateway_app
     from moa.model import MoAModel
 
-    for name in ("max_batch_size", "max_queue", "max_prompt_tokens"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise MoAError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not 0 <= args.port <= 65535:
-        raise MoAError(f"--port must be in 0..65535, got {args.port}")
+    check_server_args(args, ("max_batch_size", "max_queue", "max_prompt_tokens"))
     if not args.upstream_timeout > 0:
         raise MoAError(f"--upstream-timeout must be > 0, got {args.upstream_timeout}")
     check_template(args.upstream_model_template)
@@ -102,9 +97,7 @@ def _cmd_gateway(args) -> int:
                              upstream_api_key=args.upstream_api_key, timeout_s=args.upstream_timeout,
                              max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                              max_prompt_tokens=args.max_prompt_tokens, upstream_base_model=args.upstream_base_model)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(f"moa gateway: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
-              file=sys.stderr)
+    warn_if_open("moa gateway", args)
     print(f"moa gateway: {args.moa}, routers of {model.route_layers}/{total or model.route_layers} layers on {device} "
           f"(fallback: {'off' if model.fallback is None else f'{model.fallback.method}, layer {model.fallback.layer}'}) "
           f"({', '.join(model.domains)}) -> {', '.join(upstreams.urls)} as '{args.upstream_model_template}'; "

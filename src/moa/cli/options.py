@@ -37,6 +37,29 @@ def add_fallback_arg(p) -> None:
                         "fallbacks). A forced domain never falls back (default: auto)")
 
 
+def check_server_args(args, counts: tuple[str, ...]) -> None:
+    """`moa serve` / `moa gateway`: the count options in `counts` are >= 1 and --port is a port."""
+    from moa.errors import MoAError
+
+    for name in counts:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise MoAError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise MoAError(f"--port must be in 0..65535, got {args.port}")
+
+
+def warn_if_open(prog: str, args) -> None:
+    """A server bound beyond this machine with no --api-key answers anyone: say so."""
+    import sys
+
+    from moa.serve import _LOOPBACK
+
+    if args.host not in _LOOPBACK and not args.api_key:
+        print(f"{prog}: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+
+
 def add_train_args(p, *, lr: float = 2e-4, batch_size: int = 8, steps_help: str = "optimizer steps",
                    default_steps: int | None = None) -> None:
     """The options every training command shares, --device / --dtype, and `--config`."""

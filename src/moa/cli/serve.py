@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from moa.cli.options import add_device_args, add_fallback_arg
-from moa.errors import MoAError
+from moa.cli.options import add_device_args, add_fallback_arg, check_server_args, warn_if_open
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -50,14 +49,10 @@ def _cmd_serve(args) -> int:
     import uvicorn
 
     from moa.model import MoAModel
-    from moa.serve import _LOOPBACK as LOOPBACK, create_app
+    from moa.serve import create_app
 
-    for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_new_tokens_limit", "max_prompt_tokens"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise MoAError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not 0 <= args.port <= 65535:
-        raise MoAError(f"--port must be in 0..65535, got {args.port}")
+    check_server_args(args, ("max_batch_size", "max_batch_tokens", "max_queue", "max_new_tokens_limit",
+                             "max_prompt_tokens"))
     model = MoAModel.from_pretrained(args.moa)  # on --device, base in --dtype (moa.cli runs us in that placement)
     if args.route_layers is not None:
         model.route_layers = args.route_layers  # outside 1..L: a one-line error
@@ -68,9 +63,7 @@ def _cmd_serve(args) -> int:
     app = create_app(model, api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                      max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                      scheduler=args.scheduler, max_batch_tokens=args.max_batch_tokens)
-    if args.host not in LOOPBACK and not args.api_key:
-        print(f"moa serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
-              file=sys.stderr)
+    warn_if_open("moa serve", args)
     print(f"moa serve: {args.moa} on {device} ({', '.join(model.domains)}); "
           f"http://{args.host}:{args.port}/v1 (models: moa, moa:<domain>, base); fallback: "
           f"{'off' if model.fallback is None else model.fallback.method + ' > ' + format(model.fallback.threshold, '.4g')}; "
