@@ -235,3 +235,83 @@ def test_router_confidence_methods_calibrate_and_need_the_same_routers(routed_mo
     model.route_layers = 1
     with pytest.raises(MoAError, match="calibrated on the routers of 2 layers"):
         set_fallback(model, "auto")
+
+
+# --------------------------------------------------------------------------- reference prompts (the margin)
+
+
+def test_the_reference_margin_lies_in_the_gap_and_never_below_the_in_domain_threshold():
+    from moa.fallback import REFERENCE_QUANTILE, reference_margin
+
+    far = torch.linspace(8.0, 20.0, 100)
+    threshold, info = reference_margin(2.0, far)
+    near = float(far.quantile(REFERENCE_QUANTILE))
+    assert threshold == pytest.approx((2.0 * near) ** 0.5) and 2.0 < threshold < near
+    assert info["reference_rejection"] == 1.0 and info["margin"] > 0 and info["n_references"] == 100
+    # references that overlap the domains: no margin, the in-domain threshold stands
+    overlap = torch.linspace(1.0, 5.0, 100)
+    threshold, info = reference_margin(2.0, overlap)
+    assert threshold == 2.0 and info["margin"] == 0 and 0 < info["reference_rejection"] < 1
+    # scores of any sign (energy): the arithmetic middle
+    assert reference_margin(-4.0, torch.full((10,), -2.0))[0] == pytest.approx(-3.0)
+
+
+def test_references_choose_the_layer_that_rejects_them_and_keep_a_new_in_domain_prompt():
+    from moa.fallback import fit_fallback
+
+    g = torch.Generator().manual_seed(0)
+    E, H = 2, 8
+    centres = torch.tensor([[0.0] * H, [4.0] * H])
+
+    def domain_points(n):
+        y = torch.arange(n) % E
+        return centres[y] + torch.randn(n, H, generator=g), y
+
+    xtr, ytr = domain_points(200)
+    xva, yva = domain_points(40)
+    refs_far = torch.randn(50, H, generator=g) + 30.0  # layer 0: the references are far from both domains
+    refs_near = centres[torch.arange(50) % E] + torch.randn(50, H, generator=g)  # layer 1: they are not
+    ftr, fva, fref = {0: xtr, 1: xtr}, {0: xva, 1: xva}, {0: refs_far, 1: refs_near}
+    lva = torch.zeros(len(yva), 1, E)
+    plain = fit_fallback(["a", "b"], "distance", 1.0, ftr, ytr, lva, fva, yva)
+    fb = fit_fallback(["a", "b"], "distance", 1.0, ftr, ytr, lva, fva, yva, fref=fref)
+    # without references the layers tie (same in-domain features) and the deepest is kept
+    assert plain.layer == 1 and plain.threshold == pytest.approx(float(plain.valid_scores.max()))
+    assert fb.layer == 0 and fb.calibration["reference_rejection_by_layer"] == {"0": 1.0,
+                                                                                "1": pytest.approx(0.0, abs=0.1)}
+    start = fb.calibration["in_domain_threshold"]
+    assert start == pytest.approx(plain.threshold) and fb.threshold > start
+    # a new in-domain prompt a little beyond every validation prompt keeps its expert with the margin only
+    new = (centres[0] + float(start) ** 0.5 * 1.15 * torch.ones(H))[None]  # standardized distance ~1.3x start
+    score = float(fb.score([torch.zeros(1, E)], {0: new}, "vote"))
+    assert plain.threshold < score <= fb.threshold
+    assert fb.calibration["valid_acceptance"] == 1.0 and fb.calibration["reference_rejection"] == 1.0
+
+
+def test_calibrate_cli_takes_references_default_none_or_a_file(routed_moa_dir, records, tmp_path, capsys):
+    _, _, root = records
+    base = ["calibrate", "--moa", str(routed_moa_dir), "--train", str(root / "train.jsonl"), "--valid",
+            str(root / "valid.jsonl")]
+    runs = {}
+    for name, refs in (("default", []), ("none", ["--references", "none"]),
+                       ("file", ["--references", str(write_jsonl(tmp_path / "far.jsonl", [{"prompt": FAR}] * 4))])):
+        assert main(base + ["--out", str(tmp_path / name)] + refs) == 0
+        runs[name] = json.loads(capsys.readouterr().out)
+    assert runs["default"]["n_references"] == 100 and "n_references" not in runs["none"]
+    assert runs["file"]["n_references"] == 4 and runs["file"]["reference_rejection"] == 1.0
+    assert runs["file"]["threshold"] >= runs["file"]["in_domain_threshold"] == pytest.approx(runs["none"]["threshold"])
+    assert main(base + ["--out", str(tmp_path / "bad"), "--references", str(tmp_path / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "reference prompts" in err and "missing.jsonl" in err and not (tmp_path / "bad").exists()
+
+
+def test_the_bundled_references_are_not_the_prompts_that_measure_the_fallback():
+    from pathlib import Path
+
+    from moa.fallback import reference_prompts
+
+    refs = reference_prompts()
+    assert len(refs) == 100 and all(m[-1]["role"] == "user" and m[-1]["content"].strip() for m in refs)
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "generic_prompts.jsonl"
+    measured = {json.loads(line)["prompt"] for line in bench.read_text().splitlines() if line.strip()}
+    assert not measured & {m[-1]["content"] for m in refs}

@@ -26,9 +26,15 @@ docs/RESULTS.md "Out-of-domain fallback" has the measurement that chose `distanc
 routers are trained to separate the domains from each other, never from anything else, so
 their confidence is high on most generic questions too.
 
-The threshold is the `acceptance` quantile of the scores of the in-domain validation prompts
-(default 1.0: every one of them keeps its expert, the threshold is their largest score; on
-the demo 0.99 sent 2% of in-domain test prompts to the base model, 1.0 0.8%). Those sorted scores are stored with the
+The threshold starts at the `acceptance` quantile of the scores of the in-domain validation
+prompts (default 1.0: every one of them keeps its expert, their largest score; on the demo 0.99
+sent 2% of in-domain test prompts to the base model, 1.0 0.8%). A maximum over a few dozen
+prompts is a low estimate of how far a new in-domain prompt may lie (on the recipe search's
+`writing` data 3 of 60 test prompts lay beyond it), so calibration also scores **reference
+prompts** of no domain (`REFERENCES`, or the user's own): where even the nearest of them
+(their `REFERENCE_QUANTILE` score) lie beyond that start, the threshold moves to the geometric
+middle of the gap, a margin for in-domain prompts that still rejects the references. Where
+the references overlap the domains (domains of general questions), there is no gap and no margin. Those sorted scores are stored with the
 calibration, so `--fallback P` can move the threshold to another acceptance P without
 recalibrating. On disk (see `moa.checkpoint`): a `fallback` block in moa_config.json
 (method, threshold, acceptance, layer, domains, calibration summary) and `fallback.safetensors`
@@ -65,6 +71,12 @@ on the demo the middle layers separate generic questions from the domains, the f
 (bag of words) do not (docs/RESULTS.md "Out-of-domain fallback"). Where the held-out-domain
 rule rates candidates equally, the deepest is kept (on the demo it caught the most generic
 questions at the same in-domain acceptance)."""
+REFERENCES = Path(__file__).parent / "resources" / "reference_prompts.jsonl"
+"""100 everyday questions and requests of no particular domain (none of them in
+benchmarks/generic_prompts.jsonl, which measures the fallback): the default out-of-domain
+references of `calibrate`."""
+REFERENCE_QUANTILE = 0.05
+"""The reference score that bounds the threshold's margin: the 5% of references nearest the domains."""
 SHRINK = 10
 """Pseudo-prompts of the pooled within-domain spread mixed into each domain's own."""
 MAX_TRAIN_PER_DOMAIN = 200
@@ -135,7 +147,8 @@ class FallbackConfig:
         return torch.where(far, torch.full_like(expert_ids, -1), expert_ids)
 
     def at_acceptance(self, p: float) -> "FallbackConfig":
-        """A copy whose threshold keeps the fraction `p` of the in-domain validation prompts."""
+        """A copy whose threshold keeps the fraction `p` of the in-domain validation prompts (no
+        reference margin: exactly that quantile)."""
         return replace(self, threshold=threshold_at(self.valid_scores, p), acceptance=float(p))
 
     # ------------------------------------------------------------------ on disk
@@ -307,7 +320,8 @@ def _held_out_rejection(xtr: Tensor, ytr: Tensor, xva: Tensor, yva: Tensor, E: i
 def calibrate(model, train_records: Sequence, valid_records: Sequence, *, method: str = "distance",
               acceptance: float = DEFAULT_ACCEPTANCE, layers: Sequence[int] | None = None,
               batch_size: int = 16, progress: bool = True,
-              max_train_per_domain: int | None = MAX_TRAIN_PER_DOMAIN) -> FallbackConfig:
+              max_train_per_domain: int | None = MAX_TRAIN_PER_DOMAIN,
+              references: Sequence | None = None) -> FallbackConfig:
     """Calibrate the out-of-domain fallback of `model` (a MoAModel, full or routing part).
 
     Args:
@@ -320,6 +334,9 @@ def calibrate(model, train_records: Sequence, valid_records: Sequence, *, method
             a held-out domain is kept.
         max_train_per_domain: distance: the centroids use the first N training prompts of each
             domain (None: all); the routing pass over them is the costly part of calibration.
+        references: prompts (chat messages) of no domain (`reference_prompts()`); they pick the
+            distance layer that rejects them most and set the margin above the in-domain
+            threshold (see the module docstring). None: neither.
     Returns:
         the FallbackConfig (not yet in force nor saved: see `calibrate_checkpoint`, `set_fallback`).
     """
@@ -339,8 +356,12 @@ def calibrate(model, train_records: Sequence, valid_records: Sequence, *, method
                               "fallback: train", logits=False)[1]
     lva, fva = prompt_features(model, [r.prompt_messages for r in valid_records], cands, batch_size, progress,
                                "fallback: valid")
+    lref = fref = None
+    if references:
+        lref, fref = prompt_features(model, list(references), cands, batch_size, progress, "fallback: references",
+                                     logits=method != "distance")
     how = "last" if model.routing_default == "last" else "vote"
-    fb = fit_fallback(domains, method, acceptance, ftr, ytr, lva, fva, yva, how)
+    fb = fit_fallback(domains, method, acceptance, ftr, ytr, lva, fva, yva, how, lref=lref, fref=fref)
     fb.calibration.update(n_train=len(train_records), route_layers=model.route_layers)
     return fb
 
@@ -369,34 +390,100 @@ def default_layers(num_layers: int) -> list[int]:
 
 def fit_fallback(domains: list[str], method: str, acceptance: float, ftr: dict[int, Tensor], ytr: Tensor,
                  lva: Tensor, fva: dict[int, Tensor], yva: Tensor, how: str = "vote",
-                 per_domain_scale: bool = True) -> FallbackConfig:
+                 per_domain_scale: bool = True, lref: Tensor | None = None,
+                 fref: dict[int, Tensor] | None = None) -> FallbackConfig:
     """The fallback from prompt features (`prompt_features`): ftr {layer: (N, H)} / ytr (N,) the
     training prompts' pooled inputs and domain ids (distance only), lva (M, K, E) / fva / yva the
-    validation prompts' router logits, pooled inputs and domain ids. Distance keeps the layer of
-    ftr that best rejects a held-out domain; per_domain_scale=False: one shared spread (measured
-    worse, kept for the comparison in benchmarks/fallback_bench.py)."""
+    validation prompts' router logits, pooled inputs and domain ids, lref (R, K, E) / fref the
+    reference prompts' (optional; msp / energy read lref, distance fref). Distance keeps the layer
+    of ftr that rejects the most references at the in-domain threshold, then (ties, or without
+    references) the one that best rejects a held-out domain, then the deepest;
+    per_domain_scale=False: one shared spread (measured worse, kept for the comparison in
+    benchmarks/fallback_bench.py)."""
     E = len(domains)
-    held_out = {}
+    held_out, ref_rejection = {}, {}
+    with_refs = (fref if method == "distance" else lref) is not None
+    logits = list(lva.unbind(1))  # [(M, E)] * K
+    ref_logits = list(lref.unbind(1)) if lref is not None else []  # [(R, E)] * K
+
+    def probe_at(layer: int | None) -> FallbackConfig:
+        if layer is None:
+            return FallbackConfig(method, 0.0, domains, torch.zeros(1), acceptance)
+        mu, scale = _centroids(ftr[layer], ytr, E, per_domain_scale)
+        return FallbackConfig("distance", 0.0, domains, torch.zeros(1), acceptance, layer, mu, scale)
+
     if method == "distance":
         cands = sorted(ftr)
         held_out = {l: round(_held_out_rejection(ftr[l], ytr, fva[l], yva, E, acceptance, per_domain_scale), 4)
                     for l in cands} if E >= 2 else {cands[0]: None}
-        layer = max(cands, key=lambda l: (held_out[l] or 0, l))  # ties: the deepest (see DEFAULT_DEPTHS)
-        mu, scale = _centroids(ftr[layer], ytr, E, per_domain_scale)
-        probe = FallbackConfig("distance", 0.0, domains, torch.zeros(1), acceptance, layer, mu, scale)
+        if with_refs and len(cands) > 1:
+            for l in cands:
+                p = probe_at(l)
+                t = threshold_at(p.score(logits, fva, how), acceptance)
+                ref_rejection[l] = round(float((p.score(ref_logits, fref, how) > t).float().mean()), 4)
+        # ties: the deepest (see DEFAULT_DEPTHS)
+        layer = max(cands, key=lambda l: (ref_rejection.get(l, 0), held_out[l] or 0, l))
+        probe = probe_at(layer)
     else:
-        probe = FallbackConfig(method, 0.0, domains, torch.zeros(1), acceptance)
-    logits = list(lva.unbind(1))  # [(M, E)] * K
+        probe = probe_at(None)
     scores = probe.score(logits, fva, how)  # (M,)
-    fb = replace(probe, valid_scores=scores.sort().values, threshold=threshold_at(scores, acceptance))
+    start = threshold_at(scores, acceptance)
+    threshold, margin = start, {}
+    if with_refs:
+        ref_scores = probe.score(ref_logits, fref, how)  # (R,)
+        threshold, margin = reference_margin(start, ref_scores)
+    fb = replace(probe, valid_scores=scores.sort().values, threshold=threshold)
     decided = fb.apply(decide(logits, how)[0], logits, fva, how)  # (M,)
     fb.calibration = {
         "n_valid": len(yva), "routing": how,
         "valid_acceptance": round(float((decided >= 0).float().mean()), 4),
         "valid_routing_accuracy": round(float((decided == yva).float().mean()), 4),
         **({"held_out_domain_rejection": {str(k): v for k, v in held_out.items()}} if held_out else {}),
+        **({"reference_rejection_by_layer": {str(k): v for k, v in ref_rejection.items()}} if ref_rejection else {}),
+        **margin,
     }
     return fb
+
+
+def reference_margin(start: float, ref_scores: Tensor) -> tuple[float, dict]:
+    """The threshold with its margin: `start` (the in-domain validation threshold) moved to the
+    geometric middle between it and the `REFERENCE_QUANTILE` score of the references when that
+    lies beyond it (scores are positive distances there), else to the arithmetic middle for
+    scores of any sign; `start` itself where the references overlap the domains. Returns
+    (threshold, a summary for the calibration record)."""
+    ref_scores = ref_scores.float()
+    near = float(ref_scores.quantile(REFERENCE_QUANTILE))
+    if near > start:
+        threshold = math.sqrt(start * near) if start > 0 else (start + near) / 2
+    else:
+        threshold = start
+    return threshold, {
+        "in_domain_threshold": round(start, 6), "n_references": int(ref_scores.numel()),
+        "reference_near_score": round(near, 6),
+        "reference_rejection": round(float((ref_scores > threshold).float().mean()), 4),
+        "margin": round(threshold - start, 6),
+    }
+
+
+def resolve_references(spec: str | Path | None) -> list[list[dict]] | None:
+    """`--references` default | none | FILE: the bundled reference prompts, none (no margin), or
+    the user's JSONL of prompts (e.g. real traffic that no expert should take)."""
+    if spec is None or str(spec) == "none":
+        return None
+    return reference_prompts(None if str(spec) == "default" else spec)
+
+
+def reference_prompts(path: str | Path | None = None) -> list[list[dict]]:
+    """The reference prompts of no domain as chat messages: `path` (JSONL of {"prompt": ...} or
+    {"messages": [...]}, as `moa generate` reads) or the bundled `REFERENCES`."""
+    from moa.data import read_prompts
+
+    path = Path(path) if path is not None else REFERENCES
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [messages for messages, _ in read_prompts(f, str(path))]
+    except OSError as e:
+        raise MoAError(f"cannot read the fallback reference prompts {path}: {e.strerror}") from None
 
 
 def first_per_domain(records: Sequence, n: int | None) -> list[int]:
@@ -424,12 +511,14 @@ def calibrate_checkpoint(moa_dir: str | Path, train_records: Sequence, valid_rec
                          out: str | Path | None = None, *, method: str = "distance",
                          acceptance: float = DEFAULT_ACCEPTANCE, layers: Sequence[int] | None = None,
                          batch_size: int = 16, progress: bool = True, overwrite: bool = False,
-                         max_train_per_domain: int | None = MAX_TRAIN_PER_DOMAIN) -> dict:
+                         max_train_per_domain: int | None = MAX_TRAIN_PER_DOMAIN,
+                         references: Sequence | None = None) -> dict:
     """Calibrate the fallback of the checkpoint `moa_dir` and write it into `out` (default: in
     place): the checkpoint's files unchanged, plus the `fallback` block in moa_config.json and
     `fallback.safetensors`, written atomically (the new directory replaces the old in one rename).
 
-    train_records / valid_records: `moa.data.read_records` records of the checkpoint's domains.
+    train_records / valid_records: `moa.data.read_records` records of the checkpoint's domains;
+    references: prompts of no domain (`reference_prompts()`, or None: no margin).
     Only the routing part of the model is loaded (no LM head). Returns a summary: method,
     layer, threshold, acceptance, valid_acceptance, valid_routing_accuracy, n_train, n_valid,
     held_out_domain_rejection (distance), out.
@@ -448,7 +537,8 @@ def calibrate_checkpoint(moa_dir: str | Path, train_records: Sequence, valid_rec
         check_out_dir(target, overwrite=overwrite, protect=[moa_dir])
     model = load_routing_part(MoAModel, moa_dir)
     fb = calibrate(model, train_records, valid_records, method=method, acceptance=acceptance, layers=layers,
-                   batch_size=batch_size, progress=progress, max_train_per_domain=max_train_per_domain)
+                   batch_size=batch_size, progress=progress, max_train_per_domain=max_train_per_domain,
+                   references=references)
     raw = json.loads((moa_dir / CONFIG_FILE).read_text())  # as written: fields this moa does not know survive
     with atomic_dir(target) as tmp:
         for p in moa_dir.iterdir():

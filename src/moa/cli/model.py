@@ -70,6 +70,11 @@ def register(sub) -> None:
                    help="distance: candidate layers whose pooled input is compared (the one that best rejects a "
                         "held-out domain is kept; ties: the deepest) (default: the layers at 40%%, 50%% and 60%% of the "
                         "depth)")
+    p.add_argument("--references", default="default", metavar="default|none|FILE",
+                   help="prompts of no domain (JSONL, as `moa generate` reads): they choose the distance layer that "
+                        "rejects them most, and where they lie beyond the in-domain threshold it moves to the middle "
+                        "of the gap (a margin for new in-domain prompts); default: 100 bundled everyday questions; "
+                        "none: no margin")
     p.add_argument("--batch-size", type=int, default=16, help="prompts routed together")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad JSONL lines instead of stopping")
     add_device_args(p)
@@ -175,7 +180,7 @@ def _load(args):
 
 def _cmd_calibrate(args) -> int:
     from moa.data import read_records
-    from moa.fallback import calibrate_checkpoint
+    from moa.fallback import calibrate_checkpoint, resolve_references
 
     if args.batch_size < 1:
         raise MoAError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -192,7 +197,7 @@ def _cmd_calibrate(args) -> int:
             print(f"moa: skipped {skipped} invalid line(s) in {getattr(args, name)}", file=sys.stderr)
     summary = calibrate_checkpoint(args.moa, records["train"], records["valid"], args.out, method=args.method,
                                    acceptance=args.acceptance, layers=layers, batch_size=args.batch_size,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, references=resolve_references(args.references))
     print(json.dumps(summary))
     return 0
 
