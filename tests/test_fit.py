@@ -10,6 +10,7 @@ import pytest
 from conftest import synthetic_records, write_jsonl
 from moa.cli import main
 from moa.data import read_records
+from moa.errors import MoAError
 from moa.fit import FitConfig, split_valid
 
 COMMON = ["--batch-size", "3", "--max-length", "64", "--generate-per-domain", "1", "--max-new-tokens", "3",
@@ -125,6 +126,12 @@ def test_fit_seed_recipe_starts_experts_from_the_mixed_lora_and_stage2_trains_ro
         a = load_file(out / "moa_assembled" / "experts" / d / "adapter_model.safetensors")
         b = load_file(out / "moa" / "experts" / d / "adapter_model.safetensors")
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    # --seed-select domain (the default): each expert starts from its domain's best weights of the mixed run
+    best = fit["stages"]["mixed_lora"]["best_by_domain"]
+    assert sorted(best) == ["echo", "json", "math"]
+    for d in best:
+        init = json.loads((out / "experts" / d / "train_config.json").read_text())["init_adapter"]
+        assert init == str((out / "baselines" / "mixed_lora" / "best_by_domain" / d).resolve())
     routers = [load_file(out / x / "router.safetensors") for x in ("moa_assembled", "moa")]
     assert any(not routers[0][k].equal(routers[1][k]) for k in routers[0])
     report = (out / "report.md").read_text()
@@ -176,3 +183,42 @@ def read_records_of(rows):
     from moa.data import parse_record
 
     return [parse_record(r, f"row {i}", i) for i, r in enumerate(rows)]
+
+
+def test_keep_best_per_domain_keeps_each_domains_own_best_weights(tiny_base, tmp_path):
+    """A mixed run validated per domain: each domain's loss is its own records' (their token-weighted
+    mean is the total), and OUT/best_by_domain/<d> holds weights whose loss on d is d's best."""
+    from moa.stages import BEST_BY_DOMAIN, train_expert
+    from moa.trainer import TrainConfig
+
+    train = write_jsonl(tmp_path / "t.jsonl", synthetic_records(6, seed=5))
+    valid = write_jsonl(tmp_path / "v.jsonl", synthetic_records(3, seed=6))
+    out = tmp_path / "mixed"
+    summary = train_expert(data=train, domain=None, out=out, base=str(tiny_base), rank=4, cfg=TrainConfig(
+        max_steps=6, batch_size=4, lr=2e-2, max_length=64, eval_data=str(valid), eval_every=1, keep_best=True,
+        keep_best_per_domain=True))
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    vals = [r for r in rows if "val_loss" in r]
+    assert len(vals) == 6 and all(sorted(r["val_loss_by_domain"]) == ["echo", "json", "math"] for r in vals)
+    best = summary["best_by_domain"]
+    for d in ("echo", "json", "math"):
+        losses = [r["val_loss_by_domain"][d] for r in vals]
+        assert best[d]["val_loss"] == min(losses) and best[d]["step"] == vals[losses.index(min(losses))]["step"]
+        # the saved weights give that loss on d's records (validated at step 0 of a run from them)
+        again = train_expert(data=train, domain=d, out=tmp_path / f"check_{d}", base=str(tiny_base), rank=4,
+                             init_adapter=out / BEST_BY_DOMAIN / d, cfg=TrainConfig(
+                                 max_steps=1, batch_size=4, lr=1e-9, max_length=64, eval_data=str(valid),
+                                 eval_every=1, keep_best=True))
+        assert again["best"]["val_loss"] == pytest.approx(best[d]["val_loss"], abs=2e-3)
+    # the domains' losses weighted by their label tokens are the total validation loss
+    from moa.data import encode_records, read_records
+    from moa.base import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_base))
+    examples, _ = encode_records(tok, read_records(valid)[0], 64)
+    n = {d: sum(sum(l != -100 for l in e.labels[1:]) for e in examples if e.domain == d) for d in best}
+    for r in vals:
+        mean = sum(r["val_loss_by_domain"][d] * n[d] for d in n) / sum(n.values())
+        assert mean == pytest.approx(r["val_loss"], rel=1e-3)
+    with pytest.raises(MoAError, match="need --eval-data"):
+        TrainConfig(max_steps=1, keep_best_per_domain=True)

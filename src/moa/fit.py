@@ -35,6 +35,7 @@ EXPERT_INITS = ("fresh", "seed")
 DEFAULT_VALID_FRACTION = 0.2
 """Held out of each domain's records when a "converge" fit is given no validation file."""
 STAGE2_MODES = ("joint", "routers")
+SEED_SELECTS = ("domain", "overall")
 BASELINES = ("mixed_lora", "moe_lora", "classifier_loras", "mixed_lora_wide")
 
 
@@ -75,6 +76,14 @@ class FitConfig:
     """"fresh": every expert starts from zero (the paper); "seed": every expert starts from a LoRA
     trained on all the data (under "converge" that is the mixed-data LoRA baseline itself), so an
     expert is the mixed LoRA specialised on its domain, keeping what the domains share."""
+    seed_select: str = "domain"
+    """expert_init "seed" under "converge": "domain": each expert starts from the mixed-data
+    LoRA's weights at the validation where *its domain's* loss was lowest (domains stop improving
+    at different points of one run: small ones overfit first); "overall": from the mixed LoRA
+    baseline itself (its lowest total validation loss)."""
+    seed_lr_scale: float = 1.0
+    """expert_init "seed": each expert's lr as a fraction of `lr` (before the per-expert
+    lr rule); fine-tuning a trained LoRA further on one domain may want a smaller step."""
     stage2: str = "routers"
     """"joint": stage 2 trains routers and experts (the paper); "routers": the routers only, the
     experts stay as stage 1 left them (their best validation weights under "converge")."""
@@ -83,6 +92,9 @@ class FitConfig:
     fallback_acceptance: float = 1.0
     """Calibrate the out-of-domain fallback (`moa.fallback`) on the validation data so that this
     fraction of in-domain prompts keeps its expert (0: no fallback)."""
+    fallback_references: str = "default"
+    """Prompts of no domain for the fallback's margin and layer (`moa.fallback.resolve_references`):
+    "default" (bundled), "none", or a JSONL file."""
     allocation: float = 1.0
     """Stage-1 steps of a domain proportional to (its records) ** allocation (1: the same epochs
     for every expert, as the mixed LoRA sees each domain)."""
@@ -106,6 +118,8 @@ class FitConfig:
             raise MoAError(f"--budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         if self.expert_init not in EXPERT_INITS:
             raise MoAError(f"--expert-init must be one of {', '.join(EXPERT_INITS)}, got {self.expert_init!r}")
+        if self.seed_select not in SEED_SELECTS:
+            raise MoAError(f"--seed-select must be one of {', '.join(SEED_SELECTS)}, got {self.seed_select!r}")
         if self.stage2 not in STAGE2_MODES:
             raise MoAError(f"--stage2 must be one of {', '.join(STAGE2_MODES)}, got {self.stage2!r}")
         if self.seed_steps < 0:
@@ -116,7 +130,8 @@ class FitConfig:
         for name in ("batch_size", "max_length", "rank", "patience"):
             if getattr(self, name) < 1:
                 raise MoAError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "stage2_lr", "router_lr", "epochs", "max_epochs", "stage2_ratio", "router_epochs"):
+        for name in ("lr", "stage2_lr", "router_lr", "epochs", "max_epochs", "stage2_ratio", "router_epochs",
+                     "seed_lr_scale"):
             if not getattr(self, name) > 0:
                 raise MoAError(f"{name} must be positive, got {getattr(self, name)}")
         if self.eta < 0:
@@ -241,6 +256,10 @@ def run_fit(data: str | Path, out: str | Path, cfg: FitConfig | None = None, *, 
         unknown = sorted({r.domain for r in valid_records} - set(domains))
         if unknown:
             raise MoAError(f"the validation data has domain(s) {', '.join(unknown)} with no training record")
+    if cfg.fallback_acceptance:
+        from moa.fallback import resolve_references
+
+        resolve_references(cfg.fallback_references)  # a bad file fails now, not after the trainings
     test_records = read_records(test)[0] if test else None
     if test_records is not None:
         unknown = sorted({r.domain for r in test_records} - set(domains))
@@ -339,7 +358,8 @@ class _Runner:
         self.valid_records = valid_records
         self.timings: dict[str, float] = {}
 
-    def train_cfg(self, steps: int, lr: float, eval_every: int | None = None, select: bool = True):
+    def train_cfg(self, steps: int, lr: float, eval_every: int | None = None, select: bool = True,
+                  per_domain: bool = False):
         """select=False: validate for the record only, neither keep the best weights nor stop
         early (a training whose validation loss is not what it optimizes: routers alone)."""
         from moa.trainer import TrainConfig
@@ -356,6 +376,7 @@ class _Runner:
             save_every=max(10, steps // 4),  # what a re-run continues from
             eval_data=str(self.valid_path) if validate else None, eval_every=every,
             keep_best=converge, early_stopping_patience=c.patience if converge else 0,
+            keep_best_per_domain=per_domain and validate,
         )
 
     def stage(self, name: str, fn) -> dict:
@@ -373,17 +394,20 @@ class _Runner:
         return summary
 
     def run(self, domains: list[str], plan: dict) -> tuple[list[str], dict]:
-        from moa.stages import train_expert, train_mixture
+        from moa.stages import BEST_BY_DOMAIN, train_expert, train_mixture
 
         c, out = self.cfg, self.out
         every = plan.get("eval_every") or {}
         bdir = out / "baselines"
         wanted = set(c.baselines) | ({"mixed_lora_wide", "moe_lora", "classifier_loras"} if c.ablations else set())
 
+        seeds_per_domain = plan.get("seed") == "mixed_lora" and c.seed_select == "domain"
+
         def mixed_lora():
             return self.stage("mixed_lora", lambda: train_expert(
                 data=self.train_path, domain=None, out=bdir / "mixed_lora", base=self.base, rank=c.rank,
-                alpha=c.alpha, cfg=self.train_cfg(plan["mixed_lora"], c.lr, every.get("mixed_lora")),
+                alpha=c.alpha, cfg=self.train_cfg(plan["mixed_lora"], c.lr, every.get("mixed_lora"),
+                                                  per_domain=seeds_per_domain),
                 resume=_resumable(bdir / "mixed_lora"), overwrite=True, records=self.records))
 
         seed_dir = None
@@ -399,12 +423,25 @@ class _Runner:
                 cfg=self.train_cfg(plan["seed"], c.lr), resume=_resumable(seed_dir), overwrite=True,
                 records=self.records))
         expert_dirs = {d: out / "experts" / d for d in domains}
+        expert_lr = c.lr * (c.seed_lr_scale if seed_dir is not None else 1.0)
         say("stage 1 steps per domain: " + ", ".join(f"{d} {n}" for d, n in plan["experts"].items()))
+        def init_of(d: str) -> Path | None:
+            """The seed of d's expert: its domain's best weights of the mixed run (seed_select
+            "domain"), else the seed itself."""
+            if seed_dir is None or not seeds_per_domain:
+                return seed_dir
+            own = seed_dir / BEST_BY_DOMAIN / d
+            return own if (own / "adapter_model.safetensors").is_file() else seed_dir
+
+        if seeds_per_domain:
+            best = (self.state.done("mixed_lora") or {}).get("best_by_domain") or {}
+            say("seeds: each expert starts from the mixed-data LoRA at its domain's lowest validation loss: "
+                + ", ".join(f"{d} step {b['step']}" for d, b in best.items()))
         for d in domains:
             self.stage(f"expert:{d}", lambda d=d: train_expert(
                 data=self.train_path, domain=d, out=expert_dirs[d], base=self.base, rank=c.rank, alpha=c.alpha,
-                cfg=self.train_cfg(plan["experts"][d], c.lr, (every.get("experts") or {}).get(d)),
-                resume=_resumable(expert_dirs[d]), overwrite=True, records=self.records, init_adapter=seed_dir,
+                cfg=self.train_cfg(plan["experts"][d], expert_lr, (every.get("experts") or {}).get(d)),
+                resume=_resumable(expert_dirs[d]), overwrite=True, records=self.records, init_adapter=init_of(d),
                 lr_scaling=c.lr_scaling))
 
         def assemble():
@@ -469,11 +506,14 @@ class _Runner:
     def calibrate(self) -> dict:
         """The out-of-domain fallback of RUN/moa: centroids on the training prompts, threshold on
         the validation prompts (in place; see moa.fallback)."""
-        from moa.fallback import calibrate_checkpoint
+        from moa.fallback import calibrate_checkpoint, resolve_references
 
         summary = calibrate_checkpoint(self.out / "moa", self.records, self.valid_records,
-                                       acceptance=self.cfg.fallback_acceptance)
-        say(f"fallback: {summary['method']} at layer {summary.get('layer')}, threshold {summary['threshold']:g}, "
+                                       acceptance=self.cfg.fallback_acceptance,
+                                       references=resolve_references(self.cfg.fallback_references))
+        margin = (f" (in-domain {summary['in_domain_threshold']:g} + a margin toward the reference prompts, "
+                  f"{summary['reference_rejection']:.0%} of which it rejects)" if summary.get("margin") else "")
+        say(f"fallback: {summary['method']} at layer {summary.get('layer')}, threshold {summary['threshold']:g}{margin}, "
             f"keeps {summary.get('valid_acceptance')} of the validation prompts")
         return summary
 
@@ -636,8 +676,14 @@ def render_report(summary: dict, metrics: dict | None, label: str) -> str:
     lines += ["## Trainings", "", *training_table(summary), ""]
     fb = summary["stages"].get("fallback")
     if fb:
+        margin = (f" The threshold ({fb['threshold']:g}) lies a margin beyond the largest in-domain score "
+                  f"({fb['in_domain_threshold']:g}), toward the {fb['n_references']} reference prompts of no domain, "
+                  f"{fb['reference_rejection']:.0%} of which it sends to the base model."
+                  if fb.get("margin") else
+                  f" The {fb['n_references']} reference prompts of no domain overlap the domains (no margin); "
+                  f"{fb['reference_rejection']:.0%} of them go to the base model." if "n_references" in fb else "")
         lines += [f"Out-of-domain fallback: {fb['method']} at layer {fb.get('layer')}, calibrated to keep "
-                  f"{fb['acceptance']:g} of the in-domain validation prompts (kept: {fb.get('valid_acceptance')}). "
+                  f"{fb['acceptance']:g} of the in-domain validation prompts (kept: {fb.get('valid_acceptance')}).{margin} "
                   "Under vote/last routing a prompt beyond it goes to the base model with no expert; "
                   "`--fallback off` on the serving commands switches it off.", ""]
     if metrics is not None:

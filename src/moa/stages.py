@@ -226,13 +226,19 @@ def train_expert(
     if result.best is not None:
         summary["best"] = result.best
         summary["stopped_early"] = result.stopped_early
+    if trainer.best_by_domain:
+        summary["best_by_domain"] = dict(trainer.best_by_domain)
     if result.interrupted:
         return summary
     if trainer.acc.is_main_process:
-        save_adapter(trainer.acc.unwrap_model(trainer.model), out, {
-            "domain": domain, "base": base_reference(base), "base_signature": base_signature(model.config),
-            "train": run_config,
-        })
+        info = {"domain": domain, "base": base_reference(base), "base_signature": base_signature(model.config),
+                "train": run_config}
+        save_adapter(trainer.acc.unwrap_model(trainer.model), out, info)
+        # --keep-best-per-domain: OUT/best_by_domain/<d>/, the weights of d's lowest validation loss
+        for d, state in trainer.best_state_by_domain.items():
+            trainer.load_state_fn(state)
+            save_adapter(trainer.acc.unwrap_model(trainer.model), out / BEST_BY_DOMAIN / d,
+                         {**info, "best_for_domain": d, "best": trainer.best_by_domain[d]})
         write_run_files(out, run_config, result.log, f"expert '{domain or 'mixed'}'")
     trainer.acc.wait_for_everyone()
     return summary
@@ -257,6 +263,10 @@ def load_lora_init(peft_model, src) -> None:
                                f"{tuple(b.shape)}, this base needs {tuple(la.shape)} / {tuple(lb.shape)}")
             la.copy_(a)
             lb.copy_(b)
+
+
+BEST_BY_DOMAIN = "best_by_domain"
+"""train-expert --keep-best-per-domain: OUT/best_by_domain/<domain>/ holds a PEFT adapter per domain."""
 
 
 def save_adapter(peft_model, out: Path, info: dict) -> None:

@@ -65,6 +65,9 @@ class TrainConfig:
     """The run's output is the weights of the validation with the lowest loss, not the last step's."""
     early_stopping_patience: int = 0
     """Stop after this many validations without a lower validation loss (0: never)."""
+    keep_best_per_domain: bool = False
+    """Also validate each domain of eval_data on its own and keep, per domain, the weights of its
+    lowest validation loss (`Trainer.best_by_domain`; `moa fit` starts each expert from them)."""
     report_to: str = "none"
     """Experiment tracker for the scalars: 'none' or 'tensorboard' (events under OUT/tensorboard)."""
 
@@ -87,8 +90,10 @@ class TrainConfig:
             raise MoAError(f"--eval-every must be >= 0, got {self.eval_every}")
         if self.early_stopping_patience < 0:
             raise MoAError(f"--early-stopping-patience must be >= 0, got {self.early_stopping_patience}")
-        if (self.keep_best or self.early_stopping_patience or self.eval_every) and not self.eval_data:
-            raise MoAError("--eval-every, --keep-best and --early-stopping-patience need --eval-data FILE")
+        if (self.keep_best or self.early_stopping_patience or self.eval_every or self.keep_best_per_domain) \
+                and not self.eval_data:
+            raise MoAError("--eval-every, --keep-best, --keep-best-per-domain and --early-stopping-patience need "
+                           "--eval-data FILE")
         if self.eval_data and not Path(self.eval_data).is_file():
             raise MoAError(f"--eval-data {self.eval_data}: no such file")
         if self.report_to not in REPORT_TO:
@@ -269,6 +274,9 @@ class Trainer:
         self.eval_examples = list(eval_examples or [])
         self.best: dict | None = None  # {"step", "val_loss"} of the lowest validation loss so far
         self.best_state: dict[str, torch.Tensor] | None = None  # its weights, with --keep-best
+        # keep_best_per_domain: {domain: {"step", "val_loss"}} and their weights
+        self.best_by_domain: dict[str, dict] = {}
+        self.best_state_by_domain: dict[str, dict[str, torch.Tensor]] = {}
         self.evals_without_improvement = 0
         self.start_is_candidate = start_is_candidate
         self.desc = desc
@@ -352,10 +360,13 @@ class Trainer:
                 (tmp / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.log))
                 if self.best_state is not None:
                     save_tensors(tmp / "best.safetensors", self.best_state)
+                for i, d in enumerate(self.best_by_domain):
+                    save_tensors(tmp / f"best_domain_{i}.safetensors", self.best_state_by_domain[d])
                 (tmp / "state.json").write_text(json.dumps({
                     "step": self.step, "total_steps": self.total, "sampler_position": self.step,
                     "seed": self.cfg.seed, "world_size": self.world, "bf16": self.bf16,
                     "best": self.best, "evals_without_improvement": self.evals_without_improvement,
+                    "best_by_domain": self.best_by_domain,
                 }) + "\n")
         except OSError as e:
             prev = newest_checkpoint(self.out)
@@ -382,6 +393,10 @@ class Trainer:
         self.evals_without_improvement = int(state.get("evals_without_improvement", 0))
         if (path / "best.safetensors").is_file():
             self.best_state = {k: v.to(self.acc.device) for k, v in load_tensors(path / "best.safetensors").items()}
+        self.best_by_domain = dict(state.get("best_by_domain") or {})
+        self.best_state_by_domain = {
+            d: {k: v.to(self.acc.device) for k, v in load_tensors(path / f"best_domain_{i}.safetensors").items()}
+            for i, d in enumerate(self.best_by_domain)}
 
     # ---------------------------------------------------------------- batches
 
@@ -416,33 +431,55 @@ class Trainer:
         try:
             mine = self.eval_examples[self.acc.process_index :: self.world]
             per = max(1, self.cfg.batch_size // (self.world * self.cfg.grad_accum))
+            # per domain: batches of one domain each, so that each domain's NLL sum is its own
+            names = self.eval_domain_names if self.cfg.keep_best_per_domain else [None]
+            groups = [[e for e in mine if d is None or e.domain == d] for d in names]
             nll = tokens = correct = rows = routed = 0.0
-            for s in range(0, len(mine), per):
-                b = collate(mine[s : s + per], self.pad_id, self.domains, padding_side="right")
-                b = {key: v.to(self.acc.device) for key, v in b.items()}
-                b["global_tokens"] = b["global_rows"] = b["global_router_rows"] = 1
-                with self.autocast():
-                    _, m = self.loss_fn(model, b)
-                nll += float(m.get("lm_loss", m["loss"]))
-                tokens += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-                if "router_acc" in m:  # with global_rows 1: the mean over layers of the rows routed right
-                    correct += float(m["router_acc"])
-                    routed = 1.0
-                # the rows the routers were scored on (a prompt cut by --max-length is not)
-                rows += int((b["router_ids"] >= 0).sum()) if "router_ids" in b else len(b["input_ids"])
-            t = torch.tensor([nll, tokens, correct, rows, routed], dtype=torch.float64, device=self.acc.device)
+            by_domain = torch.zeros(len(names), 2, dtype=torch.float64)  # (D, [nll, tokens])
+            for g, group in enumerate(groups):
+                for s in range(0, len(group), per):
+                    b = collate(group[s : s + per], self.pad_id, self.domains, padding_side="right")
+                    b = {key: v.to(self.acc.device) for key, v in b.items()}
+                    b["global_tokens"] = b["global_rows"] = b["global_router_rows"] = 1
+                    with self.autocast():
+                        _, m = self.loss_fn(model, b)
+                    n_tok = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+                    nll += float(m.get("lm_loss", m["loss"]))
+                    tokens += n_tok
+                    by_domain[g, 0] += float(m.get("lm_loss", m["loss"]))
+                    by_domain[g, 1] += n_tok
+                    if "router_acc" in m:  # with global_rows 1: the mean over layers of the rows routed right
+                        correct += float(m["router_acc"])
+                        routed = 1.0
+                    # the rows the routers were scored on (a prompt cut by --max-length is not)
+                    rows += int((b["router_ids"] >= 0).sum()) if "router_ids" in b else len(b["input_ids"])
+            t = torch.tensor([nll, tokens, correct, rows, routed, *by_domain.flatten().tolist()],
+                             dtype=torch.float64, device=self.acc.device)
             if self.world > 1:
                 t = self.acc.reduce(t, reduction="sum")
-            nll, tokens, correct, rows, routed = t.tolist()
+            nll, tokens, correct, rows, routed = t[:5].tolist()
+            by_domain = t[5:].view(-1, 2).cpu()
         finally:
             model.train()
             _set_rng(rng)
         out = {"val_loss": round(nll / max(1.0, tokens), 6)}
         if routed:
             out["val_router_acc"] = round(correct / max(1.0, rows), 6)
+        if self.cfg.keep_best_per_domain:
+            out["val_loss_by_domain"] = {d: round(float(by_domain[g, 0] / max(1.0, float(by_domain[g, 1]))), 6)
+                                         for g, d in enumerate(names)}
         return out
 
+    @property
+    def eval_domain_names(self) -> list[str]:
+        """The domains of the eval records, in order of first appearance."""
+        return list(dict.fromkeys(e.domain for e in self.eval_examples))
+
     def _record_validation(self, val: dict[str, float]) -> None:
+        for d, loss in (val.get("val_loss_by_domain") or {}).items():
+            if d not in self.best_by_domain or loss < self.best_by_domain[d]["val_loss"]:
+                self.best_by_domain[d] = {"step": self.step, "val_loss": loss}
+                self.best_state_by_domain[d] = self.state_fn()
         if self.best is None or val["val_loss"] < self.best["val_loss"]:
             self.best = {"step": self.step, "val_loss": val["val_loss"]}
             self.evals_without_improvement = 0

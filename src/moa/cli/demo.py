@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from moa.cli.options import add_device_args
 from moa.demo import PROFILES
-from moa.fit import BASELINES, BUDGETS, EXPERT_INITS, STAGE2_MODES, FitConfig
+from moa.fit import BASELINES, BUDGETS, EXPERT_INITS, SEED_SELECTS, STAGE2_MODES, FitConfig
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -79,6 +79,12 @@ def _register_fit(sub) -> None:
                    help="fresh: every expert starts from zero (the paper); seed: from a LoRA trained on all the data "
                         "(under --budget converge, the mixed-data LoRA baseline itself), so each expert is the mixed "
                         "LoRA specialised on its domain")
+    p.add_argument("--seed-select", choices=SEED_SELECTS, default=d.seed_select,
+                   help="--expert-init seed under --budget converge: domain: each expert starts from the mixed-data "
+                        "LoRA's weights at its own domain's lowest validation loss; overall: from the mixed LoRA "
+                        "baseline itself")
+    p.add_argument("--seed-lr-scale", type=float, default=d.seed_lr_scale, metavar="F",
+                   help="--expert-init seed: the experts' lr as a fraction of --lr (they continue a trained LoRA)")
     p.add_argument("--stage2", choices=STAGE2_MODES, default=d.stage2,
                    help="joint: stage 2 trains routers and experts (the paper); routers: the routers only")
     p.add_argument("--router-epochs", type=float, default=d.router_epochs,
@@ -86,6 +92,8 @@ def _register_fit(sub) -> None:
     p.add_argument("--fallback-acceptance", type=float, default=d.fallback_acceptance, metavar="P",
                    help="calibrate the out-of-domain fallback (prompts far from every domain go to the base model) "
                         "so that fraction P of the in-domain validation prompts keep their expert; 0: no fallback")
+    p.add_argument("--fallback-references", default=d.fallback_references, metavar="default|none|FILE",
+                   help="prompts of no domain that set the fallback's margin (see `moa calibrate --references`)")
     p.add_argument("--validations", type=int, default=d.validations, help="equal budget: validations per training "
                    "(needs validation data; 0: none)")
     p.add_argument("--test-per-domain", type=int, default=d.eval_per_domain, metavar="N",
@@ -116,8 +124,8 @@ def _cmd_fit(args) -> int:
         stage2_ratio=args.stage2_ratio, max_epochs=args.max_epochs, patience=args.patience,
         batch_size=args.batch_size, lr=args.lr, stage2_lr=args.stage2_lr, router_lr=args.router_lr, eta=args.eta,
         lr_scaling=args.lr_scaling, rank=args.rank, alpha=args.alpha, max_length=args.max_length,
-        seed_steps=args.seed_steps, expert_init=args.expert_init, stage2=args.stage2,
-        router_epochs=args.router_epochs, fallback_acceptance=args.fallback_acceptance, validations=args.validations, eval_per_domain=args.test_per_domain, generate_per_domain=args.generate_per_domain,
+        seed_steps=args.seed_steps, expert_init=args.expert_init, seed_lr_scale=args.seed_lr_scale, seed_select=args.seed_select, stage2=args.stage2,
+        router_epochs=args.router_epochs, fallback_acceptance=args.fallback_acceptance, fallback_references=args.fallback_references, validations=args.validations, eval_per_domain=args.test_per_domain, generate_per_domain=args.generate_per_domain,
         max_new_tokens=args.max_new_tokens,
         ablations=args.ablations,
     )

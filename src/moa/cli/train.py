@@ -37,6 +37,7 @@ def register(sub) -> None:
                    help="tokens: --lr is the lr of one LoRA on all of --data; this expert's lr is scaled by "
                         "sqrt(its label tokens per row / the mean over all the data) (square-root rule for Adam)")
     add_train_args(p)
+    _add_per_domain_arg(p)
     p.set_defaults(func=_cmd_train_expert)
 
     p = sub.add_parser(
@@ -69,6 +70,7 @@ def register(sub) -> None:
     b.add_argument("--out", required=True, help="output directory (the PEFT adapter)")
     _add_lora_args(b)
     add_train_args(b)
+    _add_per_domain_arg(b)
     b.set_defaults(func=_cmd_mixed_lora)
 
     b = kinds.add_parser(
@@ -127,12 +129,20 @@ def _report(summary: dict) -> int:
     return 0
 
 
+def _add_per_domain_arg(p) -> None:
+    p.add_argument("--keep-best-per-domain", action="store_true",
+                   help="also validate each domain of --eval-data on its own and write, for each, the weights of "
+                        "its lowest validation loss to OUT/best_by_domain/<domain>/ (a PEFT adapter; `moa fit` "
+                        "starts each expert from its domain's)")
+
+
 def _cmd_train_expert(args) -> int:
     from moa.stages import train_expert
 
     return _report(train_expert(
         data=args.data, domain=args.domain, out=args.out, base=args.base, rank=args.rank, alpha=args.alpha,
-        dropout=args.dropout, targets=parse_targets(args.targets), cfg=config_from_args(args),
+        dropout=args.dropout, targets=parse_targets(args.targets),
+        cfg=config_from_args(args, keep_best_per_domain=args.keep_best_per_domain),
         resume=args.resume, overwrite=args.overwrite, skip_invalid=args.skip_invalid,
         init_adapter=args.init_adapter, lr_scaling=args.lr_scaling,
     ))
@@ -155,7 +165,8 @@ def _cmd_mixed_lora(args) -> int:
 
     return _report(train_expert(
         data=args.data, domain=None, out=args.out, base=args.base, rank=args.rank, alpha=args.alpha,
-        dropout=args.dropout, targets=parse_targets(args.targets), cfg=config_from_args(args),
+        dropout=args.dropout, targets=parse_targets(args.targets),
+        cfg=config_from_args(args, keep_best_per_domain=args.keep_best_per_domain),
         resume=args.resume, overwrite=args.overwrite, skip_invalid=args.skip_invalid,
     ))
 
