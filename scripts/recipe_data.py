@@ -6,6 +6,8 @@ writes data/recipe/<dataset>/{train,valid,test}.jsonl for
 
 - tools:   units (200 train records), weekday (110), reverse (70), sorting (40)
 - writing: sql (150), initials (120), numwords (90), fractions (45)
+- confirm: email (240), dates (160), extract (100), modulo (60); valid 15, test 30 per domain.
+  Not used to choose anything: the check of the chosen defaults, run once, on its test split.
 
 and demo_small, an imbalanced subset of the bundled demo's train split (exam 100, json 60,
 arithmetic 40, prose 30, code 20; train.jsonl only: its valid and test splits are data/demo's).
@@ -109,12 +111,62 @@ def fractions(rng):
     return f"Write {float(f):g} as a fraction in lowest terms.", f"{f.numerator}/{f.denominator}"
 
 
+GREET = ["Dear {n},", "Hello {n},", "Hi {n},"]
+EVENTS = ["the budget meeting", "the team lunch", "the product demo", "the quarterly review", "the training session",
+          "the client call", "the design workshop", "the board presentation"]
+DAYS = "Monday Tuesday Wednesday Thursday Friday".split()
+FIELDS = {"name": FIRST, "city": ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Perth", "Dakar"],
+          "age": None, "score": None, "id": None}
+
+
+def email(rng):
+    name, event, day = rng.choice(FIRST), rng.choice(EVENTS), rng.choice(DAYS)
+    if rng.random() < 0.5:
+        q = f"Write a short email to {name} declining {event} on {day}."
+        a = (f"{rng.choice(GREET).format(n=name)} thank you for inviting me to {event} on {day}. Unfortunately I "
+             f"cannot attend, but please share the notes with me afterwards. Best regards")
+    else:
+        q = f"Write a short email to {name} confirming that I will attend {event} on {day}."
+        a = (f"{rng.choice(GREET).format(n=name)} thank you for the invitation. I am happy to confirm that I will "
+             f"attend {event} on {day}. See you there. Best regards")
+    return q, a
+
+
+def dates(rng):
+    d = datetime.date(2000, 1, 1) + datetime.timedelta(days=rng.randint(0, 9000))
+    k = rng.randint(1, 60)
+    later = rng.random() < 0.5
+    r = d + datetime.timedelta(days=k if later else -k)
+    q = f"What date is {k} days {'after' if later else 'before'} {d.day} {d:%B %Y}?"
+    return q, f"{r.day} {r:%B %Y}"
+
+
+def extract(rng):
+    rec = {"name": rng.choice(FIRST), "city": rng.choice(FIELDS["city"]), "age": rng.randint(18, 90),
+           "score": rng.randint(0, 100), "id": rng.randint(1000, 9999)}
+    keys = rng.sample(list(rec), 4)
+    want = rng.choice(keys)
+    obj = json.dumps({k: rec[k] for k in keys})
+    return f"Return the value of \"{want}\" in this JSON object: {obj}", str(rec[want])
+
+
+def modulo(rng):
+    a, b = rng.randint(10, 999), rng.randint(2, 12)
+    q = rng.choice(["What is {a} mod {b}?", "What is the remainder when {a} is divided by {b}?"])
+    return q.format(a=a, b=b), str(a % b)
+
+
 DATASETS = {
     "tools": {"units": (units, 200), "weekday": (weekday, 110), "reverse": (reverse, 70), "sorting": (sorting, 40)},
     "writing": {"sql": (sql, 150), "initials": (initials, 120), "numwords": (numwords, 90),
                 "fractions": (fractions, 45)},
+    # not used to choose the recipe: the check of the chosen defaults on data it was not chosen on,
+    # with the sizes of the issue's unseen set (240/160/100/60 train, 30 test records per domain)
+    "confirm": {"email": (email, 240), "dates": (dates, 160), "extract": (extract, 100), "modulo": (modulo, 60)},
 }
 VALID, TEST = 15, 20
+SPLIT_SIZES = {"confirm": (15, 30)}
+"""(valid, test) records per domain where not VALID, TEST."""
 DEMO_SMALL = {"exam": 100, "json": 60, "arithmetic": 40, "prose": 30, "code": 20}
 
 
@@ -124,7 +176,8 @@ def build(name: str, seed: int = 0) -> dict[str, list[dict]]:
     splits = {"train": [], "valid": [], "test": []}
     for domain, (make, n_train) in DATASETS[name].items():
         seen, rows = set(), []
-        want = n_train + VALID + TEST
+        n_valid, n_test = SPLIT_SIZES.get(name, (VALID, TEST))
+        want = n_train + n_valid + n_test
         for _ in range(100 * want):
             if len(rows) == want:
                 break
@@ -136,8 +189,8 @@ def build(name: str, seed: int = 0) -> dict[str, list[dict]]:
         if len(rows) < want:
             raise SystemExit(f"{name}/{domain}: only {len(rows)} distinct prompts, {want} wanted")
         splits["train"] += rows[:n_train]
-        splits["valid"] += rows[n_train:n_train + VALID]
-        splits["test"] += rows[n_train + VALID:]
+        splits["valid"] += rows[n_train:n_train + n_valid]
+        splits["test"] += rows[n_train + n_valid:]
     rng.shuffle(splits["train"])
     return splits
 

@@ -399,3 +399,64 @@ class DomainBalancedSampler:
     def steps_per_epoch(self) -> int:
         n = sum(len(g) for g in self.groups)
         return max(1, -(-n // self.batch_size))
+
+
+@dataclass
+class LengthGroupedSampler:
+    """Batches of similar lengths from another sampler's stream, with its mix kept.
+
+    The rows of the inner sampler's batches at steps [w*window, (w+1)*window) are regrouped by
+    length and served, in a shuffled order, at those same steps: every row of the stream is
+    still served once, in the same window of steps. With `domain_of`, each batch keeps exactly
+    the domains the inner batch at its position had (a domain-balanced batch stays balanced, so
+    the routers' loss still sees every domain each step): batch j of a window takes the j-th
+    shortest share of each domain's rows in the window. Without it, the window's rows are
+    sorted by length outright. Step-indexed and deterministic like the inner sampler, so a
+    resumed run draws the same batches. window 1: the inner sampler's batches unchanged.
+    """
+
+    inner: object
+    """A sampler with `batch(step)` and `batch_size` (DomainBalancedSampler, ShuffledSampler)."""
+    lengths: Sequence[int]
+    """Tokens of every example."""
+    window: int = 8
+    seed: int = 0
+    domain_of: Sequence[int] | None = None
+    """Domain id of every example: keep each batch's domain counts (stage 2)."""
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.window < 1:
+            raise ValueError(f"the length-grouping window must be >= 1 batch, got {self.window}")
+        self.batch_size = self.inner.batch_size
+
+    def _window(self, w: int) -> list[list[int]]:
+        if w not in self._cache:
+            batches = [self.inner.batch(s) for s in range(w * self.window, (w + 1) * self.window)]
+            key = lambda i: self.lengths[i]  # sorted() is stable: ties keep the stream's order
+            if self.domain_of is None:
+                pool = sorted((i for b in batches for i in b), key=key)
+                chunks, at = [], 0
+                for b in batches:
+                    chunks.append(pool[at:at + len(b)])
+                    at += len(b)
+            else:
+                dom = lambda i: int(self.domain_of[i])
+                by_domain: dict[int, list[int]] = {}
+                for b in batches:
+                    for i in b:
+                        by_domain.setdefault(dom(i), []).append(i)
+                queues = {d: iter(sorted(rows, key=key)) for d, rows in by_domain.items()}
+                # batch j: the inner batch j's domain counts, from each domain's next-shortest rows
+                chunks = [[next(queues[dom(i)]) for i in b] for b in batches]
+            self._cache = {w: [chunks[j] for j in _perm(self.window, self.seed + 15485863, w)]}
+        return self._cache[w]
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        if self.window == 1:
+            return self.inner.batch(step, rank, world_size)
+        rows = self._window(step // self.window)[step % self.window]
+        return [k for j, k in enumerate(rows) if j % world_size == rank]
+
+    def steps_per_epoch(self) -> int:
+        return self.inner.steps_per_epoch()

@@ -347,6 +347,7 @@ def train_mixture(
     lora_dropout: float = 0.0,
     checkpoint_eta: float | None = None,
     desc: str = "stage 2",
+    length_window: int = 1,
 ) -> dict:
     """Stage 2: train routers and experts jointly on domain-balanced mixed batches.
 
@@ -359,8 +360,10 @@ def train_mixture(
     the rows) and its label tokens per row.
     `lora_dropout`: dropout on the experts' input while training. `checkpoint_eta`: the eta the
     written checkpoint records (default `eta`; a router re-fit keeps the checkpoint's own).
+    `length_window` W > 1: the balanced batches of every W steps are regrouped by length
+    (`moa.data.LengthGroupedSampler`: less padding; each domain's share holds per W steps).
     """
-    from moa.data import DomainBalancedSampler
+    from moa.data import DomainBalancedSampler, LengthGroupedSampler
     from moa.model import MoAModel
     from moa.trainer import Trainer, TrainConfig, load_eval_examples, start_run, write_run_files
 
@@ -373,6 +376,8 @@ def train_mixture(
         raise MoAError(f"--lora-dropout must be in [0, 1), got {lora_dropout}")
     if expert_lr_scaling not in ("none", "tokens"):
         raise MoAError(f"--expert-lr-scaling must be 'none' or 'tokens', got {expert_lr_scaling!r}")
+    if isinstance(length_window, bool) or not isinstance(length_window, int) or length_window < 1:
+        raise MoAError(f"--length-window must be a whole number of batches >= 1, got {length_window!r}")
     out = Path(out)
     if model is None:
         model = MoAModel.from_pretrained(moa_dir, base=base)
@@ -397,6 +402,8 @@ def train_mixture(
         run_config["router_loss_to_experts"] = False
     if expert_lr_scaling != "none":
         run_config["expert_lr_scaling"] = expert_lr_scaling
+    if length_window > 1:
+        run_config["length_window"] = length_window
     start_run(out, run_config, resume=resume, overwrite=overwrite)
     torch.manual_seed(cfg.seed)
     if init == "random":
@@ -413,6 +420,9 @@ def train_mixture(
     examples = encode_for_training(tok, records, cfg.max_length)
     index = {d: k for k, d in enumerate(domains)}
     sampler = DomainBalancedSampler([index[e.domain] for e in examples], cfg.batch_size, cfg.seed)
+    if length_window > 1:
+        sampler = LengthGroupedSampler(sampler, [len(e.input_ids) for e in examples], length_window, cfg.seed,
+                                       domain_of=[index[e.domain] for e in examples])
     eta = eta if train_routers else 0.0
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -119,6 +119,9 @@ def _add_stage2_args(p) -> None:
                    help="the routers read detached hidden states: the router loss trains the routers only")
     p.add_argument("--lora-dropout", type=float, default=0.0,
                    help="dropout on the experts' input during training")
+    p.add_argument("--length-window", type=int, default=1, metavar="W",
+                   help="regroup the domain-balanced batches of every W steps by length (less padding; each "
+                        "domain's share holds per W steps instead of per batch) (default 1: off)")
 
 
 def _report(summary: dict) -> int:
@@ -156,7 +159,7 @@ def _cmd_train(args) -> int:
         router_only=args.router_only, router_lr=args.router_lr, cfg=config_from_args(args), resume=args.resume,
         overwrite=args.overwrite, skip_invalid=args.skip_invalid, base=args.base,
         expert_lr_scaling=args.expert_lr_scaling, router_loss_to_experts=not args.detach_router_inputs,
-        lora_dropout=args.lora_dropout,
+        lora_dropout=args.lora_dropout, length_window=args.length_window,
     ))
 
 
