@@ -7,7 +7,7 @@ questions (from no domain) sent to the base model, for every fallback method, in
 One routing pass over each file's prompts (chat template, as `moa serve` renders them) gives the
 router logits and the pooled inputs of the candidate layers. Each method is then calibrated
 from them as `moa calibrate` does (`moa.fallback.fit_fallback`: centroids on --train, threshold
-on --valid at --acceptance) and measured on --test ((a) routing accuracy counting a fallback as
+on --valid at --acceptance, the margin and layer from --references) and measured on --test ((a) routing accuracy counting a fallback as
 wrong, and the in-domain acceptance) and on --generic ((b) the fraction that falls back). Rows:
 `distance` (per-domain spreads, the layer chosen among `moa.fallback.default_layers` by the
 held-out-domain rule: what `moa calibrate` stores), `distance@L` (layer L forced, L in --layers
@@ -44,7 +44,10 @@ def main() -> None:
     ap.add_argument("--test", default="data/demo/test.jsonl", help="labelled JSONL: in-domain accuracy")
     ap.add_argument("--generic", default="benchmarks/generic_prompts.jsonl",
                     help="JSONL prompts from no domain ({\"prompt\": ...} or {\"messages\": [...]})")
-    ap.add_argument("--acceptance", type=float, default=0.99)
+    ap.add_argument("--acceptance", type=float, default=1.0)
+    ap.add_argument("--references", default="default", metavar="default|none|FILE",
+                    help="reference prompts of no domain for the margin and the layer, as `moa calibrate "
+                         "--references` (default: the bundled ones; they must not be the --generic prompts)")
     ap.add_argument("--layers", default="0,3",
                     help="more layers to report distance@L rows for, beside moa.fallback.default_layers")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -55,7 +58,7 @@ def main() -> None:
 
     from moa.data import read_prompts, read_records
     from moa.fallback import (MAX_TRAIN_PER_DOMAIN, METHODS, candidate_layers, first_per_domain, fit_fallback,
-                              prompt_features, set_fallback)
+                              prompt_features, resolve_references, set_fallback)
     from moa.generation import encode_prompts
     from moa.model import MoAModel
     from moa.router import decide
@@ -84,6 +87,13 @@ def main() -> None:
     feats = {name: prompt_features(model, prompts, layers, args.batch_size, desc=name)
              for name, prompts in (("valid", valid), ("test", test), ("generic", generic))}
     lva, fva = feats["valid"]
+    references = resolve_references(args.references)
+    lref, fref = (prompt_features(model, references, layers, args.batch_size, desc="references")
+                  if references else (None, None))
+    overlap = {json.dumps(m) for m in generic} & {json.dumps(m) for m in references or []}
+    if overlap:
+        raise SystemExit(f"{len(overlap)} --generic prompts are also reference prompts: the measurement would "
+                         "not be independent of the calibration")
 
     def measure(fb):
         out = {}
@@ -103,11 +113,19 @@ def main() -> None:
     rows, chosen = {}, None
     for method in METHODS:
         cands = {l: ftr[l] for l in defaults} if method == "distance" else {}
-        fb = fit_fallback(domains, method, args.acceptance, cands, ytr, lva, fva, yva, how)
+        refs = ({l: fref[l] for l in defaults} if fref is not None else None) if method == "distance" else fref
+        fb = fit_fallback(domains, method, args.acceptance, cands, ytr, lva, fva, yva, how,
+                          lref=lref if method != "distance" else None, fref=refs if method == "distance" else None)
         rows[method], decided = measure(fb)
+        rows[method].update({k: fb.calibration[k] for k in ("in_domain_threshold", "reference_rejection",
+                                                             "reference_rejection_by_layer")
+                             if k in fb.calibration})
         if method == "distance":
             rows[method]["held_out_domain_rejection"] = fb.calibration["held_out_domain_rejection"]
             chosen = (fb, decided)
+            if references:  # the same without references: the in-domain threshold, the held-out-domain layer
+                plain = fit_fallback(domains, method, args.acceptance, cands, ytr, lva, fva, yva, how)
+                rows["distance (no references)"] = measure(plain)[0]
             for shared in (False, True):
                 for l in layers:
                     fl = fit_fallback(domains, method, args.acceptance, {l: ftr[l]}, ytr, lva, fva, yva, how,
@@ -126,6 +144,7 @@ def main() -> None:
         same &= torch.equal(torch.cat(got), decided[name][: len(prompts)])
 
     result = {"moa": args.moa, "domains": domains, "routing": how, "acceptance": args.acceptance,
+              "references": args.references,
               "n": {"train": len(train), "valid": len(valid), "test": len(test), "generic": len(generic)},
               "dtype": str(next(model.base_model.parameters()).dtype), "cpu": cpu_info(),
               "route_path_matches_features": same, "wall_s": round(time.perf_counter() - t0, 1), "methods": rows}

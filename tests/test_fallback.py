@@ -256,7 +256,7 @@ def test_the_reference_margin_lies_in_the_gap_and_never_below_the_in_domain_thre
     assert reference_margin(-4.0, torch.full((10,), -2.0))[0] == pytest.approx(-3.0)
 
 
-def test_references_choose_the_layer_that_rejects_them_and_keep_a_new_in_domain_prompt():
+def test_references_break_the_layer_tie_and_keep_a_new_in_domain_prompt():
     from moa.fallback import fit_fallback
 
     g = torch.Generator().manual_seed(0)
@@ -275,7 +275,7 @@ def test_references_choose_the_layer_that_rejects_them_and_keep_a_new_in_domain_
     lva = torch.zeros(len(yva), 1, E)
     plain = fit_fallback(["a", "b"], "distance", 1.0, ftr, ytr, lva, fva, yva)
     fb = fit_fallback(["a", "b"], "distance", 1.0, ftr, ytr, lva, fva, yva, fref=fref)
-    # without references the layers tie (same in-domain features) and the deepest is kept
+    # the layers tie on held-out domains (same in-domain features): without references the deepest is kept
     assert plain.layer == 1 and plain.threshold == pytest.approx(float(plain.valid_scores.max()))
     assert fb.layer == 0 and fb.calibration["reference_rejection_by_layer"] == {"0": 1.0,
                                                                                 "1": pytest.approx(0.0, abs=0.1)}

@@ -31,10 +31,11 @@ prompts (default 1.0: every one of them keeps its expert, their largest score; o
 sent 2% of in-domain test prompts to the base model, 1.0 0.8%). A maximum over a few dozen
 prompts is a low estimate of how far a new in-domain prompt may lie (on the recipe search's
 `writing` data 3 of 60 test prompts lay beyond it), so calibration also scores **reference
-prompts** of no domain (`REFERENCES`, or the user's own): where even the nearest of them
-(their `REFERENCE_QUANTILE` score) lie beyond that start, the threshold moves to the geometric
-middle of the gap, a margin for in-domain prompts that still rejects the references. Where
-the references overlap the domains (domains of general questions), there is no gap and no margin. Those sorted scores are stored with the
+prompts** of no domain (`REFERENCES`, or the user's own). They break ties between candidate
+layers, and where even the nearest of them (their `REFERENCE_QUANTILE` score) lie beyond that
+start, the threshold moves to the geometric middle of the gap: a margin for in-domain prompts
+that still rejects the references. Where the references overlap the domains (domains of
+general questions), there is no gap and no margin. The in-domain validation scores are stored with the
 calibration, so `--fallback P` can move the threshold to another acceptance P without
 recalibrating. On disk (see `moa.checkpoint`): a `fallback` block in moa_config.json
 (method, threshold, acceptance, layer, domains, calibration summary) and `fallback.safetensors`
@@ -396,8 +397,8 @@ def fit_fallback(domains: list[str], method: str, acceptance: float, ftr: dict[i
     training prompts' pooled inputs and domain ids (distance only), lva (M, K, E) / fva / yva the
     validation prompts' router logits, pooled inputs and domain ids, lref (R, K, E) / fref the
     reference prompts' (optional; msp / energy read lref, distance fref). Distance keeps the layer
-    of ftr that rejects the most references at the in-domain threshold, then (ties, or without
-    references) the one that best rejects a held-out domain, then the deepest;
+    of ftr that best rejects a held-out domain, on ties the one that rejects the most references
+    at the in-domain threshold, then the deepest;
     per_domain_scale=False: one shared spread (measured worse, kept for the comparison in
     benchmarks/fallback_bench.py)."""
     E = len(domains)
@@ -421,8 +422,8 @@ def fit_fallback(domains: list[str], method: str, acceptance: float, ftr: dict[i
                 p = probe_at(l)
                 t = threshold_at(p.score(logits, fva, how), acceptance)
                 ref_rejection[l] = round(float((p.score(ref_logits, fref, how) > t).float().mean()), 4)
-        # ties: the deepest (see DEFAULT_DEPTHS)
-        layer = max(cands, key=lambda l: (ref_rejection.get(l, 0), held_out[l] or 0, l))
+        # ties: the references rejected, then the deepest (see DEFAULT_DEPTHS)
+        layer = max(cands, key=lambda l: (held_out[l] or 0, ref_rejection.get(l, 0), l))
         probe = probe_at(layer)
     else:
         probe = probe_at(None)

@@ -71,10 +71,10 @@ def register(sub) -> None:
                         "held-out domain is kept; ties: the deepest) (default: the layers at 40%%, 50%% and 60%% of the "
                         "depth)")
     p.add_argument("--references", default="default", metavar="default|none|FILE",
-                   help="prompts of no domain (JSONL, as `moa generate` reads): they choose the distance layer that "
-                        "rejects them most, and where they lie beyond the in-domain threshold it moves to the middle "
-                        "of the gap (a margin for new in-domain prompts); default: 100 bundled everyday questions; "
-                        "none: no margin")
+                   help="prompts of no domain (JSONL, as `moa generate` reads): among distance layers that tie on "
+                        "held-out domains, the one that rejects them most is kept; where they lie beyond the in-domain "
+                        "threshold, it moves to the middle of the gap (a margin for new in-domain prompts); "
+                        "default: 100 bundled everyday questions; none: no margin")
     p.add_argument("--batch-size", type=int, default=16, help="prompts routed together")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad JSONL lines instead of stopping")
     add_device_args(p)
