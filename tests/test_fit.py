@@ -126,12 +126,12 @@ def test_fit_seed_recipe_starts_experts_from_the_mixed_lora_and_stage2_trains_ro
         a = load_file(out / "moa_assembled" / "experts" / d / "adapter_model.safetensors")
         b = load_file(out / "moa" / "experts" / d / "adapter_model.safetensors")
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
-    # --seed-select domain (the default): each expert starts from its domain's best weights of the mixed run
-    best = fit["stages"]["mixed_lora"]["best_by_domain"]
-    assert sorted(best) == ["echo", "json", "math"]
-    for d in best:
-        init = json.loads((out / "experts" / d / "train_config.json").read_text())["init_adapter"]
-        assert init == str((out / "baselines" / "mixed_lora" / "best_by_domain" / d).resolve())
+    # every expert starts from the mixed LoRA itself, at a quarter of its lr (--seed-lr-scale 0.25)
+    for d in ("math", "echo", "json"):
+        run = json.loads((out / "experts" / d / "train_config.json").read_text())
+        assert run["init_adapter"] == str((out / "baselines" / "mixed_lora").resolve())
+        assert run["train"]["lr"] == pytest.approx(FitConfig().lr * 0.25)
+    assert "best_by_domain" not in fit["stages"]["mixed_lora"]
     routers = [load_file(out / x / "router.safetensors") for x in ("moa_assembled", "moa")]
     assert any(not routers[0][k].equal(routers[1][k]) for k in routers[0])
     report = (out / "report.md").read_text()
@@ -143,6 +143,21 @@ def test_fit_seed_recipe_starts_experts_from_the_mixed_lora_and_stage2_trains_ro
     with pytest.raises(SystemExit) as e:  # argparse's choices: one line, exit 2
         main(["fit", "--data", str(train), "--out", str(tmp_path / "bad"), "--expert-init", "mixed"])
     assert e.value.code == 2
+
+
+def test_fit_seed_select_domain_starts_each_expert_from_its_domains_best_mixed_weights(files, tiny_base, tmp_path):
+    train, _ = files
+    out = tmp_path / "per_domain"
+    assert main(["fit", "--data", str(train), "--out", str(out), "--base", str(tiny_base), "--max-epochs", "1",
+                 "--patience", "1", "--seed-select", "domain", "--seed-lr-scale", "1", "--fallback-acceptance", "0",
+                 *COMMON]) == 0
+    fit = json.loads((out / "fit.json").read_text())
+    best = fit["stages"]["mixed_lora"]["best_by_domain"]
+    assert sorted(best) == ["echo", "json", "math"]
+    for d in best:
+        run = json.loads((out / "experts" / d / "train_config.json").read_text())
+        assert run["init_adapter"] == str((out / "baselines" / "mixed_lora" / "best_by_domain" / d).resolve())
+        assert run["train"]["lr"] == pytest.approx(FitConfig().lr)
 
 
 def test_keep_best_counts_the_starting_weights(tiny_base, tmp_path):
