@@ -237,3 +237,22 @@ def test_keep_best_per_domain_keeps_each_domains_own_best_weights(tiny_base, tmp
         assert mean == pytest.approx(r["val_loss"], rel=1e-3)
     with pytest.raises(MoAError, match="need --eval-data"):
         TrainConfig(max_steps=1, keep_best_per_domain=True)
+
+
+def test_the_report_names_experts_that_kept_the_mixed_loras_weights():
+    from moa.fit import kept_seed, render_report
+
+    def stage(step):
+        return {"steps": 4, "best": {"step": step, "val_loss": 1.0}, "wall_s": 1}
+
+    summary = {"domains": ["a", "b"], "records": {"a": 8, "b": 8}, "budget": "converge", "seconds": 60,
+               "steps": {"experts": {"a": 4, "b": 4}, "stage2": 2, "mixed_lora": 8, "seed": "mixed_lora"},
+               "stages": {"mixed_lora": stage(4), "expert:a": stage(0), "expert:b": stage(3)}}
+    assert kept_seed(summary, ["a", "b"]) == ["a"]
+    assert kept_seed({**summary, "steps": {**summary["steps"], "seed": 0}}, ["a", "b"]) == []
+    metrics = {"systems": {s: {d: {"ppl": p, "tokens": 5} for d, p in zip("ab", ppl)}
+                           for s, ppl in (("mixed_lora", (2.0, 2.0)), ("moa", (1.98, 1.5)))},
+               "domains": ["a", "b"], "routing_full_test": {"accuracy": 1.0, "n": 10}}
+    report = render_report(summary, metrics, "fit")
+    assert "The expert of a kept the mixed-data LoRA's weights" in report
+    assert "below the mixed-data LoRA on 2/2 domains" in report
