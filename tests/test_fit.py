@@ -150,6 +150,7 @@ def test_fit_seed_select_domain_starts_each_expert_from_its_domains_best_mixed_w
     out = tmp_path / "per_domain"
     assert main(["fit", "--data", str(train), "--out", str(out), "--base", str(tiny_base), "--max-epochs", "1",
                  "--patience", "1", "--seed-select", "domain", "--seed-lr-scale", "1", "--fallback-acceptance", "0",
+                 "--seed-warmup", "0.5",
                  *COMMON]) == 0
     fit = json.loads((out / "fit.json").read_text())
     best = fit["stages"]["mixed_lora"]["best_by_domain"]
@@ -158,6 +159,8 @@ def test_fit_seed_select_domain_starts_each_expert_from_its_domains_best_mixed_w
         run = json.loads((out / "experts" / d / "train_config.json").read_text())
         assert run["init_adapter"] == str((out / "baselines" / "mixed_lora" / "best_by_domain" / d).resolve())
         assert run["train"]["lr"] == pytest.approx(FitConfig().lr)
+        # --seed-warmup 0.5: half an epoch of the domain's 5 training records (batch 3) = 1 step of its 2
+        assert run["train"]["warmup_ratio"] == pytest.approx(0.5)
 
 
 def test_keep_best_counts_the_starting_weights(tiny_base, tmp_path):

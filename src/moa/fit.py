@@ -82,6 +82,10 @@ class FitConfig:
     weights at the validation where *its domain's* loss was lowest (domains stop improving at
     different points of one run; measured worse: chosen on a domain's few validation records, the
     starting point itself is noisy, docs/RESULTS.md recipe search)."""
+    seed_warmup: float = 0.0
+    """expert_init "seed": epochs of each expert's data over which its lr warms up linearly (0:
+    the trainer's 5% of its steps). A fresh Adam moves every weight by about the lr from the first
+    step, whatever the gradient: a warm-up keeps the trained start from being shaken."""
     seed_lr_scale: float = 0.25
     """expert_init "seed": each expert's lr as a fraction of `lr` (before the per-expert lr
     rule). The experts continue a converged LoRA: at the full lr the first Adam steps jump away
@@ -137,6 +141,8 @@ class FitConfig:
                      "seed_lr_scale"):
             if not getattr(self, name) > 0:
                 raise MoAError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.seed_warmup >= 0:
+            raise MoAError(f"--seed-warmup must be >= 0, got {self.seed_warmup}")
         if self.eta < 0:
             raise MoAError(f"eta must be >= 0, got {self.eta}")
         if not 0 <= self.fallback_acceptance <= 1:
@@ -362,7 +368,7 @@ class _Runner:
         self.timings: dict[str, float] = {}
 
     def train_cfg(self, steps: int, lr: float, eval_every: int | None = None, select: bool = True,
-                  per_domain: bool = False):
+                  per_domain: bool = False, warmup_steps: int | None = None):
         """select=False: validate for the record only, neither keep the best weights nor stop
         early (a training whose validation loss is not what it optimizes: routers alone)."""
         from moa.trainer import TrainConfig
@@ -380,6 +386,7 @@ class _Runner:
             eval_data=str(self.valid_path) if validate else None, eval_every=every,
             keep_best=converge, early_stopping_patience=c.patience if converge else 0,
             keep_best_per_domain=per_domain and validate,
+            **({"warmup_ratio": min(0.5, warmup_steps / steps)} if warmup_steps else {}),
         )
 
     def stage(self, name: str, fn) -> dict:
@@ -436,6 +443,12 @@ class _Runner:
             own = seed_dir / BEST_BY_DOMAIN / d
             return own if (own / "adapter_model.safetensors").is_file() else seed_dir
 
+        def warmup_of(d: str) -> int | None:
+            if seed_dir is None or not c.seed_warmup:
+                return None
+            return max(1, math.ceil(c.seed_warmup * sizes[d] / c.batch_size))
+
+        sizes = {d: sum(r.domain == d for r in self.records) for d in domains}
         if seeds_per_domain:
             best = (self.state.done("mixed_lora") or {}).get("best_by_domain") or {}
             say("seeds: each expert starts from the mixed-data LoRA at its domain's lowest validation loss: "
@@ -443,7 +456,8 @@ class _Runner:
         for d in domains:
             self.stage(f"expert:{d}", lambda d=d: train_expert(
                 data=self.train_path, domain=d, out=expert_dirs[d], base=self.base, rank=c.rank, alpha=c.alpha,
-                cfg=self.train_cfg(plan["experts"][d], expert_lr, (every.get("experts") or {}).get(d)),
+                cfg=self.train_cfg(plan["experts"][d], expert_lr, (every.get("experts") or {}).get(d),
+                                   warmup_steps=warmup_of(d)),
                 resume=_resumable(expert_dirs[d]), overwrite=True, records=self.records, init_adapter=init_of(d),
                 lr_scaling=c.lr_scaling))
 
