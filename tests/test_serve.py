@@ -599,14 +599,16 @@ def test_a_client_that_leaves_frees_its_row(slow, url):
     engine = app.state.engine
     body = {"model": "moa:json", "messages": [{"role": "user", "content": PROMPTS["json"][0]}], "max_tokens": 128,
             "temperature": 0, "stream": True, "ignore_eos": True}
+    _wait_until(lambda: engine.running == 0)  # nothing of an earlier test still decoding
+    steps = engine.stats["steps"]
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
             if '"content":"' in line and '"content":""' not in line:
-                break
-        _wait_until(lambda: engine.running == 1)
-        steps = engine.stats["steps"]
+                break  # the client leaves after its first token
     _wait_until(lambda: engine.running == 0)
-    assert engine.stats["steps"] - steps <= 5  # detected at the next step or so, not after 128 tokens
+    # counted from before the request (a loaded machine may let the row run a few steps before this
+    # thread looks again): the row stopped soon after the client left, not after its 128 tokens
+    assert engine.stats["steps"] - steps <= 32
 
 
 def test_metrics_are_prometheus_text(served, client):
