@@ -433,7 +433,8 @@ class _Runner:
                 cfg=self.train_cfg(plan["seed"], c.lr), resume=_resumable(seed_dir), overwrite=True,
                 records=self.records))
         expert_dirs = {d: out / "experts" / d for d in domains}
-        expert_lr = c.lr * (c.seed_lr_scale if seed_dir is not None else 1.0)
+        seeded = seed_dir is not None and c.expert_init == "seed"  # (not --seed-steps with fresh experts)
+        expert_lr = c.lr * (c.seed_lr_scale if seeded else 1.0)
         say("stage 1 steps per domain: " + ", ".join(f"{d} {n}" for d, n in plan["experts"].items()))
         def init_of(d: str) -> Path | None:
             """The seed of d's expert: its domain's best weights of the mixed run (seed_select
@@ -444,7 +445,7 @@ class _Runner:
             return own if (own / "adapter_model.safetensors").is_file() else seed_dir
 
         def warmup_of(d: str) -> int | None:
-            if seed_dir is None or not c.seed_warmup:
+            if not seeded or not c.seed_warmup:
                 return None
             return max(1, math.ceil(c.seed_warmup * sizes[d] / c.batch_size))
 
