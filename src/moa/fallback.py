@@ -35,8 +35,8 @@ prompts** of no domain (`REFERENCES`, or the user's own). They break ties betwee
 layers, and where even the nearest of them (their `REFERENCE_QUANTILE` score) lie beyond that
 start, the threshold moves to the geometric middle of the gap: a margin for in-domain prompts
 that still rejects the references. Where the references overlap the domains (domains of
-general questions), there is no gap and no margin. The in-domain validation scores are stored with the
-calibration, so `--fallback P` can move the threshold to another acceptance P without
+general questions), there is no gap and no margin. The in-domain validation scores are stored
+with the calibration, so `--fallback P` can move the threshold to another acceptance P without
 recalibrating. On disk (see `moa.checkpoint`): a `fallback` block in moa_config.json
 (method, threshold, acceptance, layer, domains, calibration summary) and `fallback.safetensors`
 (`valid_scores` (N,), and for `distance` `centroids` (E, H) and `scale` (E, H)). A checkpoint
@@ -335,9 +335,10 @@ def calibrate(model, train_records: Sequence, valid_records: Sequence, *, method
             a held-out domain is kept.
         max_train_per_domain: distance: the centroids use the first N training prompts of each
             domain (None: all); the routing pass over them is the costly part of calibration.
-        references: prompts (chat messages) of no domain (`reference_prompts()`); they pick the
-            distance layer that rejects them most and set the margin above the in-domain
-            threshold (see the module docstring). None: neither.
+        references: prompts (chat messages) of no domain (`reference_prompts()`); among distance
+            layers that tie on held-out domains they pick the one that rejects them most, and
+            they set the margin above the in-domain threshold (see the module docstring). None:
+            neither.
     Returns:
         the FallbackConfig (not yet in force nor saved: see `calibrate_checkpoint`, `set_fallback`).
     """
