@@ -113,9 +113,7 @@ def main() -> None:
     rows, chosen = {}, None
     for method in METHODS:
         cands = {l: ftr[l] for l in defaults} if method == "distance" else {}
-        refs = ({l: fref[l] for l in defaults} if fref is not None else None) if method == "distance" else fref
-        fb = fit_fallback(domains, method, args.acceptance, cands, ytr, lva, fva, yva, how,
-                          lref=lref if method != "distance" else None, fref=refs if method == "distance" else None)
+        fb = fit_fallback(domains, method, args.acceptance, cands, ytr, lva, fva, yva, how, lref=lref, fref=fref)
         rows[method], decided = measure(fb)
         rows[method].update({k: fb.calibration[k] for k in ("in_domain_threshold", "reference_rejection",
                                                              "reference_rejection_by_layer")

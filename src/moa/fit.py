@@ -444,12 +444,13 @@ class _Runner:
             own = seed_dir / BEST_BY_DOMAIN / d
             return own if (own / "adapter_model.safetensors").is_file() else seed_dir
 
+        sizes = {d: sum(r.domain == d for r in self.records) for d in domains}
+
         def warmup_of(d: str) -> int | None:
             if not seeded or not c.seed_warmup:
                 return None
             return max(1, math.ceil(c.seed_warmup * sizes[d] / c.batch_size))
 
-        sizes = {d: sum(r.domain == d for r in self.records) for d in domains}
         if seeds_per_domain:
             best = (self.state.done("mixed_lora") or {}).get("best_by_domain") or {}
             say("seeds: each expert starts from the mixed-data LoRA at its domain's lowest validation loss: "

@@ -434,8 +434,8 @@ class Trainer:
             # per domain: batches of one domain each, so that each domain's NLL sum is its own
             names = self.eval_domain_names if self.cfg.keep_best_per_domain else [None]
             groups = [[e for e in mine if d is None or e.domain == d] for d in names]
-            nll = tokens = correct = rows = routed = 0.0
-            by_domain = torch.zeros(len(names), 2, dtype=torch.float64)  # (D, [nll, tokens])
+            correct = rows = routed = 0.0
+            by_domain = torch.zeros(len(names), 2, dtype=torch.float64)  # (D, [nll sum, label tokens])
             for g, group in enumerate(groups):
                 for s in range(0, len(group), per):
                     b = collate(group[s : s + per], self.pad_id, self.domains, padding_side="right")
@@ -443,22 +443,20 @@ class Trainer:
                     b["global_tokens"] = b["global_rows"] = b["global_router_rows"] = 1
                     with self.autocast():
                         _, m = self.loss_fn(model, b)
-                    n_tok = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-                    nll += float(m.get("lm_loss", m["loss"]))
-                    tokens += n_tok
                     by_domain[g, 0] += float(m.get("lm_loss", m["loss"]))
-                    by_domain[g, 1] += n_tok
+                    by_domain[g, 1] += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
                     if "router_acc" in m:  # with global_rows 1: the mean over layers of the rows routed right
                         correct += float(m["router_acc"])
                         routed = 1.0
                     # the rows the routers were scored on (a prompt cut by --max-length is not)
                     rows += int((b["router_ids"] >= 0).sum()) if "router_ids" in b else len(b["input_ids"])
-            t = torch.tensor([nll, tokens, correct, rows, routed, *by_domain.flatten().tolist()],
-                             dtype=torch.float64, device=self.acc.device)
+            t = torch.tensor([correct, rows, routed, *by_domain.flatten().tolist()], dtype=torch.float64,
+                             device=self.acc.device)
             if self.world > 1:
                 t = self.acc.reduce(t, reduction="sum")
-            nll, tokens, correct, rows, routed = t[:5].tolist()
-            by_domain = t[5:].view(-1, 2).cpu()
+            correct, rows, routed = t[:3].tolist()
+            by_domain = t[3:].view(-1, 2).cpu()
+            nll, tokens = by_domain.sum(0).tolist()
         finally:
             model.train()
             _set_rng(rng)
