@@ -315,3 +315,28 @@ def test_the_bundled_references_are_not_the_prompts_that_measure_the_fallback():
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "generic_prompts.jsonl"
     measured = {json.loads(line)["prompt"] for line in bench.read_text().splitlines() if line.strip()}
     assert not measured & {m[-1]["content"] for m in refs}
+
+
+@pytest.mark.parametrize("fallback", ["off", "auto"])
+def test_eval_hands_back_the_routing_of_its_scoring(calibrated_dir, tmp_path, fallback):
+    """`run_eval(routed=...)` gives the domain the moa system's scoring routed each record to (None:
+    the fallback's base model): the decisions of a routing pass over the prompts (`route_records`),
+    so `moa fit` needs no such pass."""
+    from moa.data import encode_records
+    from moa.evaluate import route_records, run_eval
+
+    rows = synthetic_records(4, seed=7) + [{"prompt": FAR, "response": "none", "domain": "math"}]
+    path = write_jsonl(tmp_path / "test.jsonl", rows)
+    routed = {}
+    run_eval(calibrated_dir, path, tmp_path / "eval", ["moa"], generate=False, progress=False, routed=routed,
+             fallback=fallback)
+    records, _ = read_records(path)
+    model = MoAModel.from_pretrained(calibrated_dir)
+    set_fallback(model, fallback)
+    examples, _ = encode_records(model.tokenizer, records, 1024)
+    preds, _ = route_records(model, examples, "vote", progress=False)
+    assert list(routed) == ["moa"] and len(preds) == len(records)
+    assert routed["moa"] == preds
+    assert (preds[-1] is None) == (fallback == "auto")
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert "_routed" not in metrics["systems"]["moa"]

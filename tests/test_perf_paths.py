@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moa import MoAModel
+from moa.errors import MoAError
 from moa.generation import encode_prompts
 from moa.layers import ExpertChoice, MoLoRALinear, RoutingSlot, share_input
 
@@ -424,3 +425,28 @@ def test_scoring_routes_and_scores_in_one_pass_as_in_two(routed_moa_dir, tmp_pat
     torch.testing.assert_close(probs, two.router_probs, rtol=1e-5, atol=1e-6)
     keep = batch["attention_mask"].bool()
     torch.testing.assert_close(logits[keep], two.logits[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_generation_batch_is_its_own_size_and_changes_no_reply(routed_moa_dir, tmp_path):
+    """Generation runs `generate_batch_size` prompts at once whatever the scoring batch: the replies
+    and routed domains are those of prompts generated one at a time."""
+    from conftest import synthetic_records, write_jsonl
+
+    from moa.data import read_records
+    from moa.evaluate import evaluate_system, moa_system
+
+    records, _ = read_records(write_jsonl(tmp_path / "eval.jsonl", synthetic_records(4, seed=5)))
+    model = MoAModel.from_pretrained(routed_moa_dir)
+    calls = []
+    wide = moa_system("moa", routed_moa_dir, "vote", max_new_tokens=6, batch_size=12, model=model)
+    inner = wide.generate
+    wide.generate = lambda prompts, doms: calls.append(len(prompts)) or inner(prompts, doms)
+    batched = evaluate_system(wide, records, model.tokenizer, batch_size=2, generate_batch_size=12, progress=False)
+    assert calls == [12]
+    narrow = moa_system("moa", routed_moa_dir, "vote", max_new_tokens=6, batch_size=1, model=model)
+    alone = evaluate_system(narrow, records, model.tokenizer, batch_size=1, generate_batch_size=1, progress=False)
+    assert [(g["output"], g["routed"]) for g in batched["_generations"]] == \
+        [(g["output"], g["routed"]) for g in alone["_generations"]]
+    with pytest.raises(MoAError, match="batch sizes must be positive"):
+        evaluate_system(wide, records, model.tokenizer, generate_batch_size=0, progress=False)
+

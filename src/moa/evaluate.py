@@ -220,12 +220,18 @@ def first_per_domain(records, limit: int | None) -> list[int]:
 
 
 def evaluate_system(system: System, records, tok, *, batch_size: int = 8, max_length: int = 1024,
-                    generate: bool = True, generate_limit: int | None = None, progress: bool = True) -> dict:
+                    generate: bool = True, generate_limit: int | None = None, progress: bool = True,
+                    generate_batch_size: int | None = None) -> dict:
     """Metrics of one system over `records`: {domain: {...}, "routing_accuracy": ...}.
 
     PPL and routing use every record; the text metrics (greedy generation, the costly part) use
-    the first `generate_limit` records of each domain (all when None).
+    the first `generate_limit` records of each domain (all when None). `generate_batch_size`: the
+    prompts handed to the system's generation at once (default: `batch_size`); a decode step is
+    bound by reading the weights, so more rows per step cost little more than a few.
     """
+    gen_bs = batch_size if generate_batch_size is None else generate_batch_size
+    if gen_bs <= 0 or batch_size <= 0:
+        raise MoAError(f"batch sizes must be positive, got {batch_size} (scoring) and {gen_bs} (generation)")
     from moa.data import encode_records
     from moa.scoring import score_examples, summarize
 
@@ -246,9 +252,9 @@ def evaluate_system(system: System, records, tok, *, batch_size: int = 8, max_le
         replies = []
         with tqdm(total=len(prompts), desc=f"{system.name} generate", disable=not progress, dynamic_ncols=True,
                   mininterval=1.0) as bar:
-            for s in range(0, len(prompts), batch_size):  # in batches, for the progress bar
-                replies += system.generate(prompts[s : s + batch_size], doms[s : s + batch_size])
-                bar.update(len(prompts[s : s + batch_size]))
+            for s in range(0, len(prompts), gen_bs):  # in batches, for the progress bar
+                replies += system.generate(prompts[s : s + gen_bs], doms[s : s + gen_bs])
+                bar.update(len(prompts[s : s + gen_bs]))
         gens = dict(zip(chosen, replies))
     for d in sorted({r.domain for r in records}, key=[r.domain for r in records].index):
         m = {"ppl": round(ppl[d]["ppl"], 4)}
@@ -262,6 +268,7 @@ def evaluate_system(system: System, records, tok, *, batch_size: int = 8, max_le
         # routing accuracy from the decisions made on the prompts during scoring
         routed_right = [r.get("domain_routed") == r["domain"] for r in rows]
         result["routing_accuracy"] = round(sum(routed_right) / max(1, len(routed_right)), 4)
+        result["_routed"] = [r.get("domain_routed") for r in rows]  # per record, in order
     else:
         result["routing_accuracy"] = None
     # index and prompt: `moa judge` pairs the systems' answers by record and shows the judge the question
@@ -282,13 +289,18 @@ def stage1_adapters(cfg) -> dict[str, Path] | None:
 
 
 DEFAULT_SYSTEMS = ["base", "single_lora", "mixed_lora", "moa"]
+GENERATE_BATCH_SIZE = 32
+"""Prompts generated together in `run_eval`. A KV-cached decode step reads every weight once
+whatever the rows, so 32 rows cost far less than four steps of 8 (docs/RESULTS.md, Performance II:
+32 prompts x 40 tokens of the base took 1.8-2x less time at 32 than at 8 on 2 CPU cores)."""
 
 
 def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=None, single_lora=None,
              extra: dict[str, str] | None = None, limit_per_domain: int | None = None,
              generate_limit_per_domain: int | None = None, batch_size: int = 8, max_new_tokens: int = 64,
              max_length: int = 1024, generate: bool = True, progress: bool = True,
-             fallback: str | float | None = None) -> dict:
+             fallback: str | float | None = None, generate_batch_size: int = GENERATE_BATCH_SIZE,
+             routed: dict | None = None) -> dict:
     """Evaluate `systems` on the labelled JSONL `data`; writes metrics.json, generations.jsonl, plots.
 
     fallback: the MoA systems' out-of-domain fallback, `--fallback` off|auto|P (None: auto); a
@@ -296,6 +308,10 @@ def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=Non
 
     limit_per_domain: use only the first N records of each domain (all when None).
     generate_limit_per_domain: of those, generate replies (text metrics) for the first N only.
+    batch_size: records scored together; generate_batch_size: prompts generated together.
+    routed: a dict to receive, per routed system, the domain its scoring routed each evaluated
+        record to (None: the fallback's base model), in the data's order: a routing report needs
+        no routing pass of its own.
     """
     from moa.base import DEFAULT_BASE
     from moa.data import read_records
@@ -303,6 +319,9 @@ def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=Non
     from moa.checkpoint import MoAConfig
     from moa.model import MoAModel
 
+    for name, v in (("batch_size", batch_size), ("generate_batch_size", generate_batch_size)):
+        if v <= 0:
+            raise MoAError(f"{name} must be positive, got {v}")
     for name, v in (("limit_per_domain", limit_per_domain), ("generate_limit_per_domain", generate_limit_per_domain)):
         if v is not None and v <= 0:
             raise MoAError(f"{name} must be a positive number of records, got {v}")
@@ -329,17 +348,17 @@ def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=Non
     moa_model = None
     for name in systems:
         if name == "base":
-            sys_ = peft_system(name, base, None, max_new_tokens, batch_size)
+            sys_ = peft_system(name, base, None, max_new_tokens, generate_batch_size)
         elif name == "single_lora":
             if not single:
                 print("moa: skipping single_lora: no stage-1 adapters recorded; pass --single-lora", file=sys.stderr)
                 continue
-            sys_ = peft_system(name, base, None, max_new_tokens, batch_size, adapters_by_domain=single)
+            sys_ = peft_system(name, base, None, max_new_tokens, generate_batch_size, adapters_by_domain=single)
         elif name == "mixed_lora":
             if not mixed_lora:
                 print("moa: skipping mixed_lora: pass --mixed-lora ADAPTER_DIR", file=sys.stderr)
                 continue
-            sys_ = peft_system(name, base, mixed_lora, max_new_tokens, batch_size)
+            sys_ = peft_system(name, base, mixed_lora, max_new_tokens, generate_batch_size)
         elif name in ("moa", "moa_last", "moa_layer", "moa_explicit"):
             r = {"moa": routing, "moa_last": "last", "moa_layer": "layer", "moa_explicit": "explicit"}[name]
             if moa_model is None:
@@ -347,17 +366,17 @@ def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=Non
 
                 moa_model = MoAModel.from_pretrained(moa_dir)
                 set_fallback(moa_model, fallback)
-            sys_ = moa_system(name, moa_dir, r, max_new_tokens, batch_size, model=moa_model)
+            sys_ = moa_system(name, moa_dir, r, max_new_tokens, generate_batch_size, model=moa_model)
         elif name in extra:
             path = Path(extra[name])
             if (path / "moe_gates.safetensors").is_file():
-                sys_ = moe_system(name, path, max_new_tokens, batch_size)
+                sys_ = moe_system(name, path, max_new_tokens, generate_batch_size)
             elif (path / "classifier.json").is_file():
-                sys_ = classifier_system(name, path, max_new_tokens, batch_size)
+                sys_ = classifier_system(name, path, max_new_tokens, generate_batch_size)
             elif (path / "moa_config.json").is_file():
-                sys_ = moa_system(name, path, "vote", max_new_tokens, batch_size, fallback=fallback)
+                sys_ = moa_system(name, path, "vote", max_new_tokens, generate_batch_size, fallback=fallback)
             elif (path / "adapter_config.json").is_file():
-                sys_ = peft_system(name, base, path, max_new_tokens, batch_size)
+                sys_ = peft_system(name, base, path, max_new_tokens, generate_batch_size)
             else:
                 raise MoAError(f"system {name}: {path} is neither an MoA checkpoint nor a PEFT adapter")
         else:
@@ -369,8 +388,12 @@ def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=Non
 
             tok = load_tokenizer(base)
         res = evaluate_system(sys_, records, tok, batch_size=batch_size, max_length=max_length,
-                              generate=generate, generate_limit=generate_limit_per_domain, progress=progress)
+                              generate=generate, generate_limit=generate_limit_per_domain, progress=progress,
+                              generate_batch_size=generate_batch_size)
         generations[name] = res.pop("_generations")
+        routed_rows = res.pop("_routed", None)
+        if routed is not None and routed_rows is not None:
+            routed[name] = routed_rows
         metrics["systems"][name] = res
         atomic_write_json(out / "metrics.json", metrics)  # after every system: partial results survive
     atomic_write_text(out / "generations.jsonl",

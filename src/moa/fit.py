@@ -558,23 +558,29 @@ class _Runner:
         from moa.model import MoAModel
 
         c, out = self.cfg, self.out
-        t = time.time()
         test, _ = read_records(test_path)
-        moa = MoAModel.from_pretrained(out / "moa")
-        examples, _ = encode_records(moa.tokenizer, test, 1024)
-        preds, _ = route_records(moa, examples, "vote")
-        route = routing_report([e.domain for e in examples], preds, list(moa.domains))
-        atomic_write_json(out / "routing.json", route)
-        plot_confusion(route, out / "routing_confusion.png", "MoA routing (vote), test split")
-        del moa
-        self.timings["routing"] = time.time() - t
         t = time.time()
+        routed: dict = {}
         metrics = run_eval(out / "moa", test_path, out / "eval", systems,
                            mixed_lora=out / "baselines" / "mixed_lora" if "mixed_lora" in systems else None,
                            single_lora={d: out / "experts" / d for d in domains}, extra=extra,
                            limit_per_domain=c.eval_per_domain, generate_limit_per_domain=c.generate_per_domain,
-                           max_new_tokens=c.max_new_tokens, batch_size=8)
+                           max_new_tokens=c.max_new_tokens, batch_size=8, routed=routed)
         self.timings["eval"] = time.time() - t
+        t = time.time()
+        if "moa" in routed and c.eval_per_domain is None:
+            # the moa system's scoring routed every test record (vote, with the fallback): no pass of its own
+            preds, labels, names = routed["moa"], [r.domain for r in test], domains
+        else:
+            moa = MoAModel.from_pretrained(out / "moa")
+            examples, _ = encode_records(moa.tokenizer, test, 1024)
+            preds, _ = route_records(moa, examples, "vote")
+            labels, names = [e.domain for e in examples], list(moa.domains)
+            del moa
+        route = routing_report(labels, preds, names)
+        atomic_write_json(out / "routing.json", route)
+        plot_confusion(route, out / "routing_confusion.png", "MoA routing (vote), test split")
+        self.timings["routing"] = time.time() - t
         metrics["routing_full_test"] = {"accuracy": route["accuracy"], "n": route["n"],
                                         "fallback": route.get("fallback", 0.0)}
         if "eta_sweep" in self.state.data["stages"]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from moa.cli.options import add_device_args, add_fallback_arg
 from moa.errors import MoAError
 from moa.cli.judge import add_eval_judge_args
-from moa.evaluate import DEFAULT_SYSTEMS
+from moa.evaluate import DEFAULT_SYSTEMS, GENERATE_BATCH_SIZE
 from moa.router import ROUTINGS
 
 def register(sub) -> None:
@@ -30,7 +30,10 @@ def register(sub) -> None:
                    help="generate (BLEU, ROUGE-L, exact match) for the first N records per domain only; "
                         "PPL and routing still use every record")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per record")
-    p.add_argument("--batch-size", type=int, default=8, help="records scored / generated together")
+    p.add_argument("--batch-size", type=int, default=8, help="records scored together")
+    p.add_argument("--generate-batch-size", type=int, default=GENERATE_BATCH_SIZE,
+                   help="prompts generated together (greedy decoding reads the weights once per step "
+                        "for all of them)")
     p.add_argument("--no-generate", action="store_true", help="skip generation (PPL and routing only)")
     add_eval_judge_args(p)
     add_fallback_arg(p)
@@ -57,7 +60,7 @@ def _cmd_eval(args) -> int:
                        single_lora=args.single_lora, extra=extra, limit_per_domain=args.limit,
                        generate_limit_per_domain=args.generate_limit, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, generate=not args.no_generate,
-                       fallback=args.fallback)
+                       fallback=args.fallback, generate_batch_size=args.generate_batch_size)
     print(format_table(metrics))
     judge_after_eval(args, metrics)
     return 0
