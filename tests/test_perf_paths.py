@@ -450,3 +450,45 @@ def test_generation_batch_is_its_own_size_and_changes_no_reply(routed_moa_dir, t
     with pytest.raises(MoAError, match="batch sizes must be positive"):
         evaluate_system(wide, records, model.tokenizer, generate_batch_size=0, progress=False)
 
+
+
+def test_scoring_skips_the_head_on_the_prompt_and_changes_no_number(routed_moa_dir, tiny_base, tmp_path):
+    """Scoring asks for the logits from the position before the batch's first label token on
+    (`logits_to_keep`): every forward that honours it gives the same log-probabilities, token counts
+    and routing as with the logits of every position."""
+    from conftest import synthetic_records, write_jsonl
+
+    from moa.base import load_base
+    from moa.data import IGNORE_INDEX, encode_records, read_records
+    from moa.evaluate import peft_system
+    from moa.scoring import causal_lm_forward, load_peft_adapter, logits_to_keep, moa_forward, score_examples
+
+    labels = torch.full((2, 9), IGNORE_INDEX)
+    labels[0, 6:8], labels[1, 4:6] = 1, 1
+    assert logits_to_keep(labels) == 9 - 4 + 1  # from position 3, which predicts the label at 4
+    labels[1, 1] = 1
+    assert logits_to_keep(labels) == 0  # nothing before position 0 to cut
+    assert logits_to_keep(torch.full((2, 5), IGNORE_INDEX)) == 0
+
+    records, _ = read_records(write_jsonl(tmp_path / "s.jsonl", synthetic_records(4, seed=11)))
+    model = MoAModel.from_pretrained(routed_moa_dir)
+    examples, _ = encode_records(model.tokenizer, records, 256)
+    pad = model.tokenizer.pad_token_id
+    base, _ = load_base(tiny_base)
+    adapter = load_peft_adapter(load_base(tiny_base)[0], routed_moa_dir / "experts" / "math")
+    single = peft_system("single_lora", tiny_base, None, 4, 4,
+                         adapters_by_domain={d: routed_moa_dir / "experts" / d for d in ("math", "echo", "json")})
+    forwards = {"base": causal_lm_forward(base), "adapter": causal_lm_forward(adapter), "single": single.forward,
+                **{r: moa_forward(model, r)[0] for r in ("explicit", "vote", "last")}}
+    seen = {}
+    for name, fwd in forwards.items():
+        def spy(batch, fwd=fwd):
+            logits, extras = fwd(batch)
+            seen.setdefault(name, []).append((batch["input_ids"].shape[1], logits.shape[1]))
+            return logits, extras
+        trimmed = score_examples(spy, examples, pad, batch_size=4, progress=False)
+        full = score_examples(fwd, examples, pad, batch_size=4, progress=False, trim_prompt=False)
+        assert [r["tokens"] for r in trimmed] == [r["tokens"] for r in full] and all(r["tokens"] for r in full)
+        assert [r["logprob"] for r in trimmed] == pytest.approx([r["logprob"] for r in full], rel=1e-5, abs=1e-5), name
+        assert [r.get("domain_routed") for r in trimmed] == [r.get("domain_routed") for r in full]
+        assert any(kept < total for total, kept in seen[name]), name  # the head really ran on fewer positions

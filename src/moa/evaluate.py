@@ -96,7 +96,7 @@ def peft_system(name: str, base: str, adapter: str | Path | None, max_new_tokens
                 adapters_by_domain: dict[str, Path] | None = None) -> System:
     """The base model, one PEFT adapter, or (adapters_by_domain) each domain's own adapter."""
     from moa.base import load_base
-    from moa.scoring import causal_lm_forward, load_peft_adapter
+    from moa.scoring import accepts_logits_to_keep, causal_lm_forward, load_peft_adapter
 
     model, tok = load_base(base)
     if adapters_by_domain:
@@ -108,15 +108,18 @@ def peft_system(name: str, base: str, adapter: str | Path | None, max_new_tokens
             model.load_adapter(str(adapters_by_domain[d]), adapter_name=d)
         model.eval()
 
+        keeps = accepts_logits_to_keep(model)
+
         def fwd(batch):
             logits = None
             rows = batch["domain_names"]
+            kw = {"logits_to_keep": batch["logits_to_keep"]} if keeps and batch.get("logits_to_keep") else {}
             for d in sorted(set(rows)):
                 idx = [i for i, r in enumerate(rows) if r == d]
                 model.set_adapter(d)
                 with torch.no_grad():
                     lg = model(input_ids=batch["input_ids"][idx].to(model.device),
-                               attention_mask=batch["attention_mask"][idx].to(model.device)).logits
+                               attention_mask=batch["attention_mask"][idx].to(model.device), **kw).logits
                 if logits is None:
                     logits = lg.new_zeros(len(rows), *lg.shape[1:])
                 logits[idx] = lg

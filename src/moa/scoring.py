@@ -35,16 +35,42 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def causal_lm_forward(model) -> Callable[[dict], tuple[torch.Tensor, list[dict]]]:
-    """Forward fn for a transformers CausalLM / PeftModel: returns (logits, per-row extras)."""
+    """Forward fn for a transformers CausalLM / PeftModel: returns (logits, per-row extras); the
+    logits of the last `batch["logits_to_keep"]` positions only, where the model can."""
 
     device = next(model.parameters()).device
+    keeps = accepts_logits_to_keep(model)
 
     def fwd(batch):
+        kw = {"logits_to_keep": batch["logits_to_keep"]} if keeps and batch.get("logits_to_keep") else {}
         out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                    use_cache=False)
+                    use_cache=False, **kw)
         return out.logits, [{} for _ in range(batch["input_ids"].size(0))]
 
     return fwd
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether a transformers CausalLM (or a PeftModel around one) computes the logits of only the
+    last N positions when asked (`logits_to_keep`)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def logits_to_keep(labels: torch.Tensor) -> int:
+    """How many last positions of a batch need logits: from the one before its first label token
+    (that position predicts it) to the end; 0 (all of them) when there is nothing to cut. The
+    prompt before it (often most of a record: the chat template's system text, the question) then
+    never goes through the LM head. labels: (B, T), IGNORE_INDEX off the labels."""
+    from moa.data import IGNORE_INDEX
+
+    has = labels != IGNORE_INDEX  # (B, T)
+    if not bool(has.any()):
+        return 0
+    first = int(has.any(0).nonzero()[0])  # the earliest label position of any row
+    return labels.shape[1] - first + 1 if first >= 2 else 0
 
 
 @torch.no_grad()
@@ -55,9 +81,13 @@ def score_examples(
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "score",
+    trim_prompt: bool = True,
 ) -> list[dict]:
     """Score every example; rows are batched by length. Returns one dict per example, in order:
-    {"index", "domain", "logprob", "tokens", **extras}."""
+    {"index", "domain", "logprob", "tokens", **extras}.
+
+    trim_prompt: ask the forward (batch["logits_to_keep"], see `logits_to_keep`) for the logits
+    of the positions that predict a label and after only; a forward may ignore it."""
     from tqdm.auto import tqdm
 
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
@@ -67,8 +97,11 @@ def score_examples(
             idx = order[s : s + batch_size]
             batch = collate([examples[i] for i in idx], pad_id, padding_side="right")
             batch["domain_names"] = [examples[i].domain for i in idx]
-            logits, extras = forward(batch)
-            lp, n = token_logprobs(logits, batch["labels"].to(logits.device))
+            if trim_prompt:
+                batch["logits_to_keep"] = logits_to_keep(batch["labels"])
+            logits, extras = forward(batch)  # (B, T', V): a forward may give the last T' <= T positions only
+            labels = batch["labels"][:, batch["labels"].shape[1] - logits.shape[1]:]
+            lp, n = token_logprobs(logits, labels.to(logits.device))
             for k, i in enumerate(idx):
                 results[i] = {"index": examples[i].index, "domain": examples[i].domain,
                               "logprob": float(lp[k]), "tokens": int(n[k]), **extras[k]}
@@ -119,11 +152,14 @@ def moa_forward(moa, routing: str, base=None, fallback: str | float | None = Non
             if "domain_names" not in batch:
                 raise MoAError("--routing explicit needs each record's domain")
             kw["domains"] = batch["domain_names"]
+        if batch.get("logits_to_keep") and model._keep_last:
+            kw["logits_to_keep"] = batch["logits_to_keep"]
         with torch.no_grad():
             if routing in ("vote", "last") and getattr(model, "fallback", None) is None:
                 # (with a fallback in force, the routed forward below: the fallback reads pooled
                 # states the one-pass decision does not keep)
-                logits, expert_ids, probs_all = _routed_in_one_pass(model, batch, routing)
+                logits, expert_ids, probs_all = _routed_in_one_pass(model, batch, routing,
+                                                                    kw.get("logits_to_keep", 0))
                 names = model.domain_names(expert_ids)
             else:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -140,23 +176,25 @@ def moa_forward(moa, routing: str, base=None, fallback: str | float | None = Non
     return fwd, model.tokenizer
 
 
-def _routed_in_one_pass(model, batch: dict, routing: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _routed_in_one_pass(model, batch: dict, routing: str,
+                        keep: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """vote / last routing and the logits of that decision, mostly in one forward instead of two.
 
     One `layer`-routed forward runs every router on the prompt and each layer with its own top-1.
     A row whose layers all chose the row's final decision was computed exactly as the decision
     computes it (as `moa.generation.prefill` relies on), so its logits are kept; only the other
     rows run again with their decision. Trained routers agree in nearly every row, so scoring pays
-    one pass instead of a routing pass plus a pass. Returns (logits (B, T, V), expert per row (B,),
-    probs (B, E) of the decision).
+    one pass instead of a routing pass plus a pass. Returns (logits (B, T, V), or of the last `keep`
+    positions when keep > 0, expert per row (B,), probs (B, E) of the decision).
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    out = model(input_ids=ids, attention_mask=mask, prompt_mask=batch["prompt_mask"], routing="layer")
+    kw = {"logits_to_keep": keep} if keep else {}
+    out = model(input_ids=ids, attention_mask=mask, prompt_mask=batch["prompt_mask"], routing="layer", **kw)
     decided, probs = model.decide(out.router_logits, routing)  # (B,), (B, E)
     per_layer = torch.stack([lg.argmax(-1) for lg in out.router_logits])  # (L, B)
     logits = out.logits  # (B, T, V)
     redo = (per_layer != decided).any(0).nonzero().squeeze(1).cpu()  # (B',)
     if redo.numel():
-        again = model(input_ids=ids[redo], attention_mask=mask[redo], domain_ids=decided[redo].cpu())
+        again = model(input_ids=ids[redo], attention_mask=mask[redo], domain_ids=decided[redo].cpu(), **kw)
         logits[redo.to(logits.device)] = again.logits
     return logits, decided, probs
