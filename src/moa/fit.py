@@ -570,7 +570,7 @@ class _Runner:
         t = time.time()
         if "moa" in routed and c.eval_per_domain is None:
             # the moa system's scoring routed every test record (vote, with the fallback): no pass of its own
-            preds, labels, names = routed["moa"], [r.domain for r in test], domains
+            preds, labels, names = routed["moa"], [r.domain for r in test], list(metrics["domains"])
         else:
             moa = MoAModel.from_pretrained(out / "moa")
             examples, _ = encode_records(moa.tokenizer, test, 1024)
