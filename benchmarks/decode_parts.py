@@ -107,6 +107,8 @@ with torch.inference_mode():
                 ys[o].baddbmm_(h[..., k * r:(k + 1) * r], Bg[k])
 
     def dense():
+        # Times the ops and their shapes only: the column slices do not follow the expert-major
+        # layout of Ad, so the values are not a model's (the timing does not depend on them).
         for din, outs, _, _, Ad, Bd, own in layers:
             h = torch.mm(xs[din].view(B, din), Ad).mul_(own)
             for k, o in enumerate(outs):
