@@ -492,3 +492,30 @@ def test_scoring_skips_the_head_on_the_prompt_and_changes_no_number(routed_moa_d
         assert [r["logprob"] for r in trimmed] == pytest.approx([r["logprob"] for r in full], rel=1e-5, abs=1e-5), name
         assert [r.get("domain_routed") for r in trimmed] == [r.get("domain_routed") for r in full]
         assert any(kept < total for total, kept in seen[name]), name  # the head really ran on fewer positions
+
+
+def test_metrics_keep_the_ppl_digits_of_near_deterministic_domains(routed_moa_dir, tmp_path):
+    """metrics.json's PPLs keep 6 decimals: on a domain scored near 1.0000 the loss differences
+    between systems are in the 5th and 6th decimals of the PPL. The report's per-domain changes
+    show the digits such a change needs."""
+    import math
+
+    from conftest import synthetic_records, write_jsonl
+
+    from moa.data import encode_records, read_records
+    from moa.evaluate import evaluate_system, moa_system
+    from moa.fit import _percent
+    from moa.scoring import score_examples
+
+    records, _ = read_records(write_jsonl(tmp_path / "eval.jsonl", synthetic_records(3, seed=5)))
+    model = MoAModel.from_pretrained(routed_moa_dir)
+    system = moa_system("moa", routed_moa_dir, "vote", max_new_tokens=4, batch_size=4, model=model)
+    got = evaluate_system(system, records, model.tokenizer, batch_size=4, generate=False, progress=False)
+    examples, _ = encode_records(model.tokenizer, records, 1024)
+    rows = score_examples(system.forward, examples, model.tokenizer.pad_token_id, 4, False)
+    for d in ("math", "echo", "json"):
+        lp = sum(r["logprob"] for r in rows if r["domain"] == d)
+        n = sum(r["tokens"] for r in rows if r["domain"] == d)
+        assert got[d]["ppl"] == round(math.exp(-lp / n), 6)  # the same batches: the same numbers
+    assert _percent(1.00003 / 1.00012 - 1) == "-0.0090%"
+    assert _percent(0.0123) == "+1.2%" and _percent(0.0) == "+0.0%"

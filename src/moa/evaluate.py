@@ -260,7 +260,7 @@ def evaluate_system(system: System, records, tok, *, batch_size: int = 8, max_le
                 bar.update(len(prompts[s : s + gen_bs]))
         gens = dict(zip(chosen, replies))
     for d in sorted({r.domain for r in records}, key=[r.domain for r in records].index):
-        m = {"ppl": round(ppl[d]["ppl"], 4)}
+        m = {"ppl": round(ppl[d]["ppl"], PPL_DECIMALS)}
         idx = [i for i in gens if records[i].domain == d]
         if generate:
             m.update(text_metrics([gens[i][0] for i in idx], [records[i].response for i in idx]))
@@ -296,6 +296,11 @@ GENERATE_BATCH_SIZE = 32
 """Prompts generated together in `run_eval`. A KV-cached decode step reads every weight once
 whatever the rows, so 32 rows cost far less than four steps of 8 (docs/RESULTS.md, Performance II:
 32 prompts x 40 tokens of the base took 1.8-2x less time at 32 than at 8 on 2 CPU cores)."""
+
+PPL_DECIMALS = 6
+"""Decimals of the PPLs in metrics.json. Near-deterministic domains (a fixed answer format) score
+PPLs of 1.0000x: at 4 decimals a model with a quarter of the other's loss there (1.00003 against
+1.00012) would read as a tie. Tables show fewer."""
 
 
 def run_eval(moa_dir, data, out, systems=None, *, routing="vote", mixed_lora=None, single_lora=None,
@@ -453,7 +458,7 @@ def format_table(metrics: dict) -> str:
     sep = "|" + "---|" * (2 * len(domains) + 2)
     lines = [head, sep]
     for s, m in metrics["systems"].items():
-        ppl = " | ".join(_fmt(m.get(d, {}).get("ppl"), 3) for d in domains)
+        ppl = " | ".join(_fmt(m.get(d, {}).get("ppl"), 4) for d in domains)
         em = " | ".join(_fmt(m.get(d, {}).get("exact_match"), 2) for d in domains)
         lines.append(f"| {s} | {ppl} | {em} | {_fmt(m.get('routing_accuracy'), 4)} |")
     return "\n".join(lines)

@@ -599,6 +599,7 @@ class _Runner:
 def sweep_report(runs: dict, valid_path: Path) -> dict:
     """Valid-split routing accuracy (vote) and mean per-domain PPL of each eta's checkpoint."""
     from moa.data import encode_records, read_records
+    from moa.evaluate import PPL_DECIMALS
     from moa.model import MoAModel
     from moa.scoring import moa_forward, score_examples, summarize
 
@@ -612,8 +613,8 @@ def sweep_report(runs: dict, valid_path: Path) -> dict:
         ppl = summarize(rows)
         report[f"{eta:g}"] = {
             "routing_accuracy": round(sum(r["domain_routed"] == r["domain"] for r in rows) / len(rows), 4),
-            "mean_ppl": round(sum(v["ppl"] for v in ppl.values()) / len(ppl), 4),
-            "ppl": {d: round(v["ppl"], 4) for d, v in ppl.items()},
+            "mean_ppl": round(sum(v["ppl"] for v in ppl.values()) / len(ppl), PPL_DECIMALS),
+            "ppl": {d: round(v["ppl"], PPL_DECIMALS) for d, v in ppl.items()},
         }
     best = min(report, key=lambda e: (-report[e]["routing_accuracy"], report[e]["mean_ppl"]))
     return {"runs": report, "best_eta": float(best), "criterion": "highest valid routing accuracy, then lowest mean PPL"}
@@ -731,7 +732,9 @@ def render_report(summary: dict, metrics: dict | None, label: str) -> str:
         if "moa" in s and "mixed_lora" in s:
             better = [d for d in domains if s["moa"][d]["ppl"] < s["mixed_lora"][d]["ppl"]]
             lines.append(f"MoA PPL below the mixed-data LoRA on {len(better)}/{len(domains)} domains"
-                         f"{': ' + ', '.join(better) if better else ''}.")
+                         f"{': ' + ', '.join(better) if better else ''}. MoA vs the mixed-data LoRA per domain: "
+                         + ", ".join(f"{d} {_percent(s['moa'][d]['ppl'] / s['mixed_lora'][d]['ppl'] - 1)}"
+                                     for d in domains) + ".")
             kept = kept_seed(summary, domains)
             if kept:
                 lines.append(f"The expert of {', '.join(kept)} kept the mixed-data LoRA's weights (no step beat them "
@@ -742,7 +745,7 @@ def render_report(summary: dict, metrics: dict | None, label: str) -> str:
         if "moa" in s and "single_lora" in s:
             gaps = {d: s["moa"][d]["ppl"] / s["single_lora"][d]["ppl"] - 1 for d in domains}
             lines.append("MoA PPL vs single-LoRA per domain: " +
-                         ", ".join(f"{d} {100 * g:+.1f}%" for d, g in gaps.items()) + ".")
+                         ", ".join(f"{d} {_percent(g)}" for d, g in gaps.items()) + ".")
         if "eta_sweep" in metrics:
             sw = metrics["eta_sweep"]
             lines += ["", "## eta sweep (valid split)", "", "| eta | routing acc | mean PPL |", "|---|---|---|"]
@@ -752,6 +755,12 @@ def render_report(summary: dict, metrics: dict | None, label: str) -> str:
                   "![routing confusion](routing_confusion.png)", "", "![PPL per domain](metric_ppl.png)", ""]
     lines += [f"Training time: {summary['seconds'] / 60:.1f} min.", ""]
     return "\n".join(lines)
+
+
+def _percent(change: float) -> str:
+    """A relative change as a signed percentage, with the digits a change near zero needs to show."""
+    digits = 1 if abs(change) >= 0.001 or change == 0 else 4
+    return f"{100 * change:+.{digits}f}%"
 
 
 def deploy_advice(systems: dict, domains: list[str]) -> str:
