@@ -8,6 +8,8 @@ writes data/recipe/<dataset>/{train,valid,test}.jsonl for
 - writing: sql (150), initials (120), numwords (90), fractions (45)
 - confirm: email (240), dates (160), extract (100), modulo (60); valid 15, test 30 per domain.
   Not used to choose anything: the check of the chosen defaults, run once, on its test split.
+- confirm2: tense (240), capitals (160), hyphens (100), letters (60); valid 15, test 30. A second
+  such check, written after the defaults were chosen.
 
 and demo_small, an imbalanced subset of the bundled demo's train split (exam 100, json 60,
 arithmetic 40, prose 30, code 20; train.jsonl only: its valid and test splits are data/demo's).
@@ -156,6 +158,39 @@ def modulo(rng):
     return q.format(a=a, b=b), str(a % b)
 
 
+SUBJECTS = [("She", 1), ("He", 1), ("The teacher", 1), ("My brother", 1), ("Our neighbour", 1), ("They", 0),
+            ("We", 0), ("The children", 0)]
+VERBS = "walk cook paint clean visit watch open fix carry play call help finish wash climb deliver".split()
+
+
+def tense(rng):
+    (subj, one), verb, obj = rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(WORDS)
+    if not one:
+        now = verb
+    elif verb.endswith("y") and verb[-2] not in "aeiou":
+        now = verb[:-1] + "ies"
+    else:
+        now = verb + ("es" if verb.endswith(("sh", "ch", "x")) else "s")
+    past = verb[:-1] + "ied" if verb.endswith("y") and verb[-2] not in "aeiou" else verb + "ed"
+    return f"Put this sentence in the past tense: {subj} {now} the {obj}.", f"{subj} {past} the {obj}."
+
+
+def capitals(rng):
+    ws = rng.sample(WORDS, 2)
+    return f"Write in capital letters: {' '.join(ws)}", " ".join(ws).upper()
+
+
+def hyphens(rng):
+    ws = rng.sample(WORDS, 3)
+    return f"Join these words with hyphens: {' '.join(ws)}", "-".join(ws)
+
+
+def letters(rng):
+    w = rng.choice(WORDS)
+    c = rng.choice(sorted(set(w)))
+    return f"How many times does the letter '{c}' appear in '{w}'?", str(w.count(c))
+
+
 DATASETS = {
     "tools": {"units": (units, 200), "weekday": (weekday, 110), "reverse": (reverse, 70), "sorting": (sorting, 40)},
     "writing": {"sql": (sql, 150), "initials": (initials, 120), "numwords": (numwords, 90),
@@ -163,9 +198,13 @@ DATASETS = {
     # not used to choose the recipe: the check of the chosen defaults on data it was not chosen on,
     # with the sizes of the issue's unseen set (240/160/100/60 train, 30 test records per domain)
     "confirm": {"email": (email, 240), "dates": (dates, 160), "extract": (extract, 100), "modulo": (modulo, 60)},
+    # a second such check, with the issue's pattern: one domain the mixed data helps, two answer
+    # formats a LoRA learns almost exactly, one small domain a 135M model finds hard
+    "confirm2": {"tense": (tense, 240), "capitals": (capitals, 160), "hyphens": (hyphens, 100),
+                 "letters": (letters, 60)},
 }
 VALID, TEST = 15, 20
-SPLIT_SIZES = {"confirm": (15, 30)}
+SPLIT_SIZES = {"confirm": (15, 30), "confirm2": (15, 30)}
 """(valid, test) records per domain where not VALID, TEST."""
 DEMO_SMALL = {"exam": 100, "json": 60, "arithmetic": 40, "prose": 30, "code": 20}
 
