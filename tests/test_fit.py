@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import synthetic_records, write_jsonl
 from moa.cli import main
@@ -131,11 +132,18 @@ def test_fit_seed_recipe_starts_experts_from_the_mixed_lora_and_stage2_trains_ro
         run = json.loads((out / "experts" / d / "train_config.json").read_text())
         assert run["init_adapter"] == str((out / "baselines" / "mixed_lora").resolve())
         assert run["train"]["lr"] == pytest.approx(FitConfig().lr * 0.25)
+        # and is written halfway back to it (--seed-interpolate 0.5); the trained weights stay beside
+        assert run["interpolate"] == 0.5 == fit["stages"][f"expert:{d}"]["interpolate"]
+        seed = load_file(out / "baselines" / "mixed_lora" / "adapter_model.safetensors")
+        trained = load_file(out / "experts" / d / "trained" / "adapter_model.safetensors")
+        expert = load_file(out / "experts" / d / "adapter_model.safetensors")
+        assert all(torch.allclose(expert[k], (seed[k] + trained[k]) / 2) for k in seed)
     assert "best_by_domain" not in fit["stages"]["mixed_lora"]
     routers = [load_file(out / x / "router.safetensors") for x in ("moa_assembled", "moa")]
     assert any(not routers[0][k].equal(routers[1][k]) for k in routers[0])
     report = (out / "report.md").read_text()
     assert "MoA starts every expert from it" in report and "| stage2 (routers only) |" in report
+    assert "the mixed LoRA + 0.5 x (its trained weights - the mixed LoRA)" in report
     # the out-of-domain fallback is calibrated on the validation prompts, after stage 2
     assert order.index("fallback") > order.index("stage2")
     assert json.loads((out / "moa" / "moa_config.json").read_text())["fallback"]["acceptance"] == 1.0

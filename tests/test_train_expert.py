@@ -164,6 +164,45 @@ def test_init_adapter_starts_from_the_seed_and_rejects_a_mismatch(tiny_base, tmp
     assert "not a PEFT adapter directory" in capsys.readouterr().err
 
 
+def test_interpolate_writes_the_weight_space_average_of_seed_and_trained(tiny_base, tmp_path, toy_data, capsys):
+    """--interpolate T: the adapter is seed + T x (trained - seed) in every LoRA matrix, the trained
+    weights are kept in OUT/trained, and the result loads as a standard PEFT adapter; T = 1 writes
+    the trained weights; T outside [0, 1] or without --init-adapter is refused before any training."""
+    from peft import PeftModel
+
+    from moa.base import load_base
+
+    common = ["train-expert", "--data", toy_data, "--base", tiny_base, *FAST]
+    seed = tmp_path / "seed"
+    assert run_cli([*common, "--domain", "math", "--out", seed, "--max-steps", "4"]) == 0
+    on = [*common, "--domain", "json", "--max-steps", "4", "--init-adapter", seed]
+    assert run_cli([*on, "--out", tmp_path / "half", "--interpolate", "0.5"]) == 0
+    assert run_cli([*on, "--out", tmp_path / "full"]) == 0
+    s = load_file(seed / "adapter_model.safetensors")
+    trained = load_file(tmp_path / "half" / "trained" / "adapter_model.safetensors")
+    half = load_file(tmp_path / "half" / "adapter_model.safetensors")
+    full = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    assert s.keys() == trained.keys() == half.keys() == full.keys()
+    moved = 0
+    for k in s:
+        torch.testing.assert_close(trained[k], full[k])  # same seed, same steps: the same training
+        torch.testing.assert_close(half[k], (s[k] + trained[k]) / 2)
+        moved += int(not torch.equal(trained[k], s[k]))
+    assert moved > len(s) // 2  # the training moved the weights: the average is not trivially the seed
+    info = json.loads((tmp_path / "half" / "moa_adapter.json").read_text())
+    assert info["interpolated"] == {"t": 0.5, "init": str(seed.resolve()), "trained": "trained"}
+    assert "interpolated" not in json.loads((tmp_path / "full" / "moa_adapter.json").read_text())
+    assert not (tmp_path / "full" / "trained").exists()
+    model, _ = load_base(tiny_base)
+    PeftModel.from_pretrained(model, str(tmp_path / "half"))  # a standard adapter
+    capsys.readouterr()
+    assert run_cli([*on, "--out", tmp_path / "bad", "--interpolate", "1.5"]) == 2
+    assert "--interpolate must be in [0, 1]" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert run_cli([*common, "--domain", "json", "--max-steps", "1", "--out", tmp_path / "bad",
+                    "--interpolate", "0.5"]) == 2
+    assert "--interpolate needs --init-adapter" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_lr_scaling_tokens_gives_short_answers_a_smaller_lr(tiny_base, tmp_path, toy_data, capsys):
     lrs = {}
     for d in ("math", "json"):

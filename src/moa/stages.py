@@ -107,6 +107,7 @@ def train_expert(
     records=None,
     init_adapter: str | Path | None = None,
     lr_scaling: str = "none",
+    interpolate: float = 1.0,
 ) -> dict:
     """Train one LoRA expert on the records of `domain` and write a PEFT adapter to `out`.
 
@@ -117,6 +118,10 @@ def train_expert(
     `lr_scaling="tokens"`: cfg.lr is the lr of one LoRA on all the records of `data`; this
     domain's expert uses it times `token_lr_scales` (fewer label tokens per row: smaller lr;
     the LoRA on all domains, domain None, is that reference and keeps cfg.lr).
+    `interpolate` t (with `init_adapter`): the adapter written is init + t x (trained - init), in
+    each LoRA matrix A and B (a weight-space average of the start and the trained weights, as in
+    WiSE-FT); 1 writes the trained weights. The trained weights themselves are also kept, in
+    OUT/trained/.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -134,6 +139,10 @@ def train_expert(
         raise MoAError(f"--dropout must be in [0, 1), got {dropout}")
     if lr_scaling not in ("none", "tokens"):
         raise MoAError(f"--lr-scaling must be 'none' or 'tokens', got {lr_scaling!r}")
+    if not 0 <= interpolate <= 1:
+        raise MoAError(f"--interpolate must be in [0, 1] (1: the trained weights), got {interpolate}")
+    if interpolate != 1 and init_adapter is None:
+        raise MoAError("--interpolate needs --init-adapter: it averages the trained weights with those they started from")
     out = Path(out)
     run_config = {
         "stage": "expert", "domain": domain, "data": str(Path(data).resolve()) if data else None,
@@ -155,6 +164,8 @@ def train_expert(
         run_config["init_adapter"] = str(Path(init_adapter).resolve())
     if lr_scaling == "tokens":
         run_config["lr_scaling"] = "tokens"
+    if interpolate != 1:
+        run_config["interpolate"] = interpolate
     # domain None: one LoRA on every record in natural proportions (the mixed-data baseline).
     if records is None and lr_scaling == "tokens" and domain is not None:
         records = load_training_records(data, None, skip_invalid)  # every domain: the lr rule's reference
@@ -233,6 +244,12 @@ def train_expert(
     if trainer.acc.is_main_process:
         info = {"domain": domain, "base": base_reference(base), "base_signature": base_signature(model.config),
                 "train": run_config}
+        if interpolate != 1:
+            trained = trainer.acc.unwrap_model(trainer.model)
+            save_adapter(trained, out / TRAINED, {**info, "trained": True})
+            interpolate_lora(trained, seed, interpolate)
+            info["interpolated"] = {"t": interpolate, "init": run_config["init_adapter"], "trained": TRAINED}
+            summary["interpolate"] = interpolate
         save_adapter(trainer.acc.unwrap_model(trainer.model), out, info)
         # --keep-best-per-domain: OUT/best_by_domain/<d>/, the weights of d's lowest validation loss
         for d, state in trainer.best_state_by_domain.items():
@@ -264,6 +281,20 @@ def load_lora_init(peft_model, src) -> None:
             la.copy_(a)
             lb.copy_(b)
 
+
+def interpolate_lora(peft_model, src, t: float) -> None:
+    """In place: each LoRA matrix of `peft_model`'s 'default' adapter becomes src + t x (itself - src),
+    src a PEFT adapter read by `moa.checkpoint.read_adapter` that it started from (`load_lora_init`)."""
+    mods = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+    with torch.no_grad():
+        for path, (a, b) in src.weights.items():
+            for w, w0 in ((mods[path].lora_A["default"].weight, a), (mods[path].lora_B["default"].weight, b)):
+                w.copy_(torch.lerp(w0.to(w), w, t))
+
+
+TRAINED = "trained"
+"""train-expert --interpolate: OUT/trained/ holds the trained weights (OUT itself the interpolation)."""
 
 BEST_BY_DOMAIN = "best_by_domain"
 """train-expert --keep-best-per-domain: OUT/best_by_domain/<domain>/ holds a PEFT adapter per domain."""

@@ -33,6 +33,10 @@ def register(sub) -> None:
     p.add_argument("--init-adapter", default=None, metavar="DIR",
                    help="start from this LoRA adapter (same rank, alpha, targets) instead of a fresh init, "
                         "e.g. a seed LoRA trained on all domains (default: fresh LoRA init)")
+    p.add_argument("--interpolate", type=float, default=1.0, metavar="T",
+                   help="with --init-adapter: write init + T x (trained - init), each LoRA matrix averaged in "
+                        "weight space with the start (1: the trained weights; they are kept in OUT/trained either "
+                        "way)")
     p.add_argument("--lr-scaling", choices=["none", "tokens"], default="none",
                    help="tokens: --lr is the lr of one LoRA on all of --data; this expert's lr is scaled by "
                         "sqrt(its label tokens per row / the mean over all the data) (square-root rule for Adam)")
@@ -147,7 +151,7 @@ def _cmd_train_expert(args) -> int:
         dropout=args.dropout, targets=parse_targets(args.targets),
         cfg=config_from_args(args, keep_best_per_domain=args.keep_best_per_domain),
         resume=args.resume, overwrite=args.overwrite, skip_invalid=args.skip_invalid,
-        init_adapter=args.init_adapter, lr_scaling=args.lr_scaling,
+        init_adapter=args.init_adapter, lr_scaling=args.lr_scaling, interpolate=args.interpolate,
     ))
 
 
