@@ -193,6 +193,9 @@ def test_interpolate_writes_the_weight_space_average_of_seed_and_trained(tiny_ba
     assert info["interpolated"] == {"t": 0.5, "init": str(seed.resolve()), "trained": "trained"}
     assert "interpolated" not in json.loads((tmp_path / "full" / "moa_adapter.json").read_text())
     assert not (tmp_path / "full" / "trained").exists()
+    assert run_cli([*on, "--out", tmp_path / "half", "--overwrite"]) == 0  # T = 1 again in the same --out
+    assert not (tmp_path / "half" / "trained").exists()
+    assert all(torch.equal(v, full[k]) for k, v in load_file(tmp_path / "half" / "adapter_model.safetensors").items())
     model, _ = load_base(tiny_base)
     PeftModel.from_pretrained(model, str(tmp_path / "half"))  # a standard adapter
     capsys.readouterr()

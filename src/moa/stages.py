@@ -250,6 +250,8 @@ def train_expert(
             interpolate_lora(trained, seed, interpolate)
             info["interpolated"] = {"t": interpolate, "init": run_config["init_adapter"], "trained": TRAINED}
             summary["interpolate"] = interpolate
+        else:
+            shutil.rmtree(out / TRAINED, ignore_errors=True)  # an earlier run's, in the same --out
         save_adapter(trainer.acc.unwrap_model(trainer.model), out, info)
         # --keep-best-per-domain: OUT/best_by_domain/<d>/, the weights of d's lowest validation loss
         for d, state in trainer.best_state_by_domain.items():
