@@ -132,6 +132,7 @@ def test_fit_seed_recipe_starts_experts_from_the_mixed_lora_and_stage2_trains_ro
         run = json.loads((out / "experts" / d / "train_config.json").read_text())
         assert run["init_adapter"] == str((out / "baselines" / "mixed_lora").resolve())
         assert run["train"]["lr"] == pytest.approx(FitConfig().lr * 0.25)
+        assert run["train"]["early_stopping_patience"] == 4  # --seed-patience; the mixed LoRA's: --patience 1
         # and is written halfway back to it (--seed-interpolate 0.5); the trained weights stay beside
         assert run["interpolate"] == 0.5 == fit["stages"][f"expert:{d}"]["interpolate"]
         seed = load_file(out / "baselines" / "mixed_lora" / "adapter_model.safetensors")
@@ -139,6 +140,8 @@ def test_fit_seed_recipe_starts_experts_from_the_mixed_lora_and_stage2_trains_ro
         expert = load_file(out / "experts" / d / "adapter_model.safetensors")
         assert all(torch.allclose(expert[k], (seed[k] + trained[k]) / 2) for k in seed)
     assert "best_by_domain" not in fit["stages"]["mixed_lora"]
+    mixed = json.loads((out / "baselines" / "mixed_lora" / "train_config.json").read_text())
+    assert mixed["train"]["early_stopping_patience"] == 1
     routers = [load_file(out / x / "router.safetensors") for x in ("moa_assembled", "moa")]
     assert any(not routers[0][k].equal(routers[1][k]) for k in routers[0])
     report = (out / "report.md").read_text()

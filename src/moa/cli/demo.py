@@ -88,6 +88,9 @@ def _register_fit(sub) -> None:
     p.add_argument("--seed-interpolate", type=float, default=d.seed_interpolate, metavar="T",
                    help="--expert-init seed: write each expert as seed + T x (trained - seed), averaged in weight "
                         "space with the mixed LoRA it started from (1: the trained weights)")
+    p.add_argument("--seed-patience", type=int, default=d.seed_patience, metavar="K",
+                   help="--expert-init seed under --budget converge: validations without a lower loss before a "
+                        "seeded expert stops (the other trainings: --patience)")
     p.add_argument("--seed-warmup", type=float, default=d.seed_warmup, metavar="EPOCHS",
                    help="--expert-init seed: epochs of its domain's data over which each expert's lr warms up "
                         "(0: 5%% of its steps)")
@@ -130,7 +133,7 @@ def _cmd_fit(args) -> int:
         stage2_ratio=args.stage2_ratio, max_epochs=args.max_epochs, patience=args.patience,
         batch_size=args.batch_size, lr=args.lr, stage2_lr=args.stage2_lr, router_lr=args.router_lr, eta=args.eta,
         lr_scaling=args.lr_scaling, rank=args.rank, alpha=args.alpha, max_length=args.max_length,
-        seed_steps=args.seed_steps, expert_init=args.expert_init, seed_lr_scale=args.seed_lr_scale, seed_interpolate=args.seed_interpolate, seed_warmup=args.seed_warmup, seed_select=args.seed_select, stage2=args.stage2,
+        seed_steps=args.seed_steps, expert_init=args.expert_init, seed_lr_scale=args.seed_lr_scale, seed_interpolate=args.seed_interpolate, seed_patience=args.seed_patience, seed_warmup=args.seed_warmup, seed_select=args.seed_select, stage2=args.stage2,
         router_epochs=args.router_epochs, fallback_acceptance=args.fallback_acceptance, fallback_references=args.fallback_references, validations=args.validations, eval_per_domain=args.test_per_domain, generate_per_domain=args.generate_per_domain,
         max_new_tokens=args.max_new_tokens,
         ablations=args.ablations,
