@@ -12,28 +12,14 @@ per domain and writes RUN/seed_interpolation.json.
 
 import argparse
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
 from moa.base import load_base
+from moa.checkpoint import read_adapter
 from moa.data import encode_records, read_records
 from moa.evaluate import first_per_domain
 from moa.scoring import causal_lm_forward, load_peft_adapter, score_examples, summarize
-
-
-def averaged(seed: Path, trained: Path, t: float, dst: Path) -> Path:
-    """A copy of the adapter `trained` with weights seed + t x (trained - seed)."""
-    shutil.copytree(trained, dst, ignore=shutil.ignore_patterns("checkpoints", "trained", "best_by_domain"))
-    a, b = load_file(seed / "adapter_model.safetensors"), load_file(trained / "adapter_model.safetensors")
-    if a.keys() != b.keys():
-        raise SystemExit(f"{trained} does not adapt the modules of {seed}")
-    save_file({k: torch.lerp(a[k].float(), b[k].float(), t).to(b[k].dtype).contiguous() for k in b},
-              dst / "adapter_model.safetensors")
-    return dst
+from moa.stages import interpolate_lora
 
 
 def main() -> None:
@@ -48,11 +34,14 @@ def main() -> None:
     records = [records[i] for i in first_per_domain(records, args.per_domain)]
     base = args.base or json.loads((args.run / "fit.json").read_text())["plan"]["base"]
     seed = args.run / "baselines" / "mixed_lora"
-    tmp = Path(tempfile.mkdtemp())
+    seed_weights = read_adapter(seed)
 
-    def ppl(adapter: Path, domain: str) -> float:
+    def ppl(adapter: Path, domain: str, t: float | None = None) -> float:
+        """`adapter`'s PPL on `domain`, or (t) that of seed + t x (adapter - seed), as fit writes it."""
         model, tok = load_base(base, dtype="float32")
         model = load_peft_adapter(model, adapter)
+        if t is not None:
+            interpolate_lora(model, seed_weights, t)
         examples, _ = encode_records(tok, [r for r in records if r.domain == domain])
         rows = score_examples(causal_lm_forward(model), examples, tok.pad_token_id, 8, False)
         return summarize(rows)[domain]["ppl"]
@@ -63,11 +52,10 @@ def main() -> None:
         trained = expert / "trained" if (expert / "trained").is_dir() else expert
         row = {"mixed_lora": ppl(seed, d)}
         for t in args.t:
-            row[f"t={t:g}"] = ppl(averaged(seed, trained, t, tmp / f"{d}-{t:g}"), d)
+            row[f"t={t:g}"] = ppl(trained, d, t)
         out[d] = row
         print(d, " ".join(f"{k} {v:.4f} ({v / row['mixed_lora']:.3f})" for k, v in row.items()), flush=True)
     (args.run / "seed_interpolation.json").write_text(json.dumps(out, indent=1) + "\n")
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

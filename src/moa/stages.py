@@ -268,8 +268,7 @@ def load_lora_init(peft_model, src) -> None:
     same rank and alpha) into `peft_model`'s fresh, trainable 'default' adapter; the two must
     adapt exactly the same modules with the same shapes, otherwise a MoAError says what differs."""
     adapter_dir = src.where
-    mods = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
-            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+    mods = _lora_modules(peft_model)
     if set(src.weights) != set(mods):
         extra, missing = sorted(set(src.weights) - set(mods)), sorted(set(mods) - set(src.weights))
         raise MoAError(f"--init-adapter {adapter_dir} does not adapt the same modules: {len(extra)} only in "
@@ -284,11 +283,16 @@ def load_lora_init(peft_model, src) -> None:
             lb.copy_(b)
 
 
+def _lora_modules(peft_model) -> dict:
+    """{module path as an adapter file names it: the LoRA layer} of `peft_model`'s 'default' adapter."""
+    return {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+
+
 def interpolate_lora(peft_model, src, t: float) -> None:
     """In place: each LoRA matrix of `peft_model`'s 'default' adapter becomes src + t x (itself - src),
     src a PEFT adapter read by `moa.checkpoint.read_adapter` that it started from (`load_lora_init`)."""
-    mods = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
-            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+    mods = _lora_modules(peft_model)
     with torch.no_grad():
         for path, (a, b) in src.weights.items():
             for w, w0 in ((mods[path].lora_A["default"].weight, a), (mods[path].lora_B["default"].weight, b)):
