@@ -5,10 +5,12 @@ bare base step, interleaved, cache cropped back after each step. Rows routed:
     none    every row on no expert (the MoA's wrapped projections alone)
     single  every row on expert 0 (one LoRA: plain matmuls)
     mixed   rows on experts 0,1,2,3,0,1,2,3 (the issue's case: per-row gathered weights)
+    blocks  rows on experts 0,0,1,1,2,2,3,3 (the same rows in the order `MoAModel.generate` decodes
+            them: batched matmuls over blocks of one expert, each expert's weights read once)
 
 then the LoRA matmuls of one such step alone, over 30 layers of distinct weights (so they come from
-memory, as in the model): per-row gathered A/B (`bmm` / `baddbmm_`) and all experts under a row
-mask (`mm` / `addmm_`).
+memory, as in the model): per-row gathered A/B (`bmm` / `baddbmm_`), all experts under a row
+mask (`mm` / `addmm_`), and blocks of rows per expert (`bmm` / `baddbmm_` over E blocks).
 
     python benchmarks/decode_parts.py [--threads 2] [--repeats 40]
 """
@@ -69,7 +71,8 @@ def timed(model, cache, state=None):
 
 with torch.inference_mode():
     base_cache = base(input_ids=ids, use_cache=True).past_key_values
-    for name, rows in (("none", [-1] * B), ("single", [0] * B), ("mixed", [k % E for k in range(B)])):
+    for name, rows in (("none", [-1] * B), ("single", [0] * B), ("mixed", [k % E for k in range(B)]),
+                       ("blocks", [k * E // B for k in range(B)])):
         state = RoutingState("explicit", torch.tensor(rows))
         with moa.routing(state):
             cache = moa.base_model(input_ids=ids, use_cache=True).past_key_values
@@ -96,12 +99,12 @@ with torch.inference_mode():
             Bt = [torch.randn(E, r, o) for o in outs]
             own = (index[:, None] == torch.arange(E)).repeat_interleave(R, 1).float()  # (B, E*R)
             layers.append((din, outs, A.index_select(0, index).contiguous(), [b.index_select(0, index).contiguous() for b in Bt],
-                           A.reshape(E * R, din).t().contiguous(), [b.reshape(E * r, -1) for b in Bt], own))
+                           A.reshape(E * R, din).t().contiguous(), [b.reshape(E * r, -1) for b in Bt], own, A, Bt))
     xs = {d: torch.randn(B, 1, d) for d in (576, 1536)}
     ys = {o: torch.randn(B, 1, o) for o in (576, 192, 1536)}
 
     def gathered():
-        for din, outs, Ag, Bg, _, _, _ in layers:
+        for din, outs, Ag, Bg, *_ in layers:
             h = torch.bmm(xs[din], Ag.transpose(1, 2))
             for k, o in enumerate(outs):
                 ys[o].baddbmm_(h[..., k * r:(k + 1) * r], Bg[k])
@@ -109,12 +112,18 @@ with torch.inference_mode():
     def dense():
         # Times the ops and their shapes only: the column slices do not follow the expert-major
         # layout of Ad, so the values are not a model's (the timing does not depend on them).
-        for din, outs, _, _, Ad, Bd, own in layers:
+        for din, outs, _, _, Ad, Bd, own, _, _ in layers:
             h = torch.mm(xs[din].view(B, din), Ad).mul_(own)
             for k, o in enumerate(outs):
                 ys[o].view(B, o).addmm_(h[:, k * E * r:(k + 1) * E * r], Bd[k])
 
-    for name, f in (("gathered", gathered), ("dense", dense)):
+    def blocks():  # rows in blocks of one expert (B // E rows each): each expert's weights read once
+        for din, outs, *_, A, Bt in layers:
+            h = torch.bmm(xs[din].view(E, B // E, din), A.transpose(1, 2))
+            for k, o in enumerate(outs):
+                ys[o].view(E, B // E, o).baddbmm_(h[..., k * r:(k + 1) * r], Bt[k])
+
+    for name, f in (("gathered", gathered), ("dense", dense), ("blocks", blocks)):
         ts = []
         for _ in range(args.repeats):
             t = time.perf_counter()

@@ -49,6 +49,8 @@ def reference(layer: MoLoRALinear, x: torch.Tensor, index: list[int]) -> torch.T
 INDEXES = {
     "mixed": [2, 0, 1, 0, 2],  # gathered per-row batched matmuls
     "many_rows": [2, 0, 1, 0, 2, -1, 1, 1],  # more than 2E rows: one token per row runs dense
+    "blocks": [2, 2, 0, 0, 1, 1],  # equal blocks of one expert: batched matmuls per block
+    "many_blocks": [0, 0, 0, 0, 1, 1, 2, 2],  # blocks of 2 (gcd of the runs), rather than dense
     "single": [1, 1, 1, 1, 1],  # plain matmuls
     "base_rows": [0, -1, 2, -1, 0],  # some rows base only
     "none": [-1, -1],  # base only
@@ -72,9 +74,27 @@ def test_hard_paths_equal_the_reference(name, T, grad):
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(y, y_again)
     assert bool(choice.cache) is (not grad and name != "none")
+    if not grad and name != "none":  # the cache is keyed by the path taken
+        want_mode = {"blocks": "grouped", "many_blocks": "grouped", "single": "plain",
+                     "many_rows": "plain" if T == 1 else "gathered"}.get(name, "gathered")
+        assert {key[1] for key in choice.cache} == {want_mode}
 
 
-@pytest.mark.parametrize("name", ["mixed", "single", "base_rows"])
+@pytest.mark.parametrize("index, groups", [
+    ([2, 2, 0, 0, 1, 1], [2, 0, 1]),
+    ([0, 0, 0, 0, 1, 1], [0, 0, 1]),  # runs of 4 and 2: blocks of 2
+    ([1, 1, 0, 0, 1, 1], [1, 0, 1]),  # an expert may come back
+    ([0, 0, 1, 1, 1], None),  # runs of 2 and 3: no common block
+    ([2, 0, 1, 0, 2], None),  # blocks of 1 are the gathered path
+    ([0, 0, -1, -1], None),  # base-only rows
+    ([1, 1, 1, 1], None),  # one expert: the plain path
+])
+def test_rows_in_equal_blocks_of_one_expert_are_found(index, groups):
+    got = ExpertChoice.of(torch.tensor(index)).groups
+    assert (got.tolist() if got is not None else None) == groups
+
+
+@pytest.mark.parametrize("name", ["mixed", "blocks", "single", "base_rows"])
 @pytest.mark.parametrize("T", [1, 5])
 def test_gradients_of_the_in_place_paths_equal_the_reference(name, T):
     index = INDEXES[name]
@@ -283,6 +303,40 @@ def test_routed_generation_equals_explicit_generation(moa_dir, agree):
     for i in (0, 1):  # a prompt alone (single-expert path, no padding) generates the same
         alone = model.generate(PROMPTS[i:i + 1], domains=[voted[i].domain], max_new_tokens=8)[0]
         assert alone.text == voted[i].text
+
+
+@pytest.mark.parametrize("experts, order", [
+    ([0, 1, 0, 1], [0, 2, 1, 3]),
+    ([1, 0, 2, 0, 1, 2], [1, 3, 0, 4, 2, 5]),
+    ([0, 0, 1, 1], None),  # already in blocks
+    ([0, 1, 1], None),  # counts 1 and 2: no common block
+    ([0, -1, 0, -1], None),  # base-only rows
+    ([1, 1, 1], None),
+])
+def test_expert_order_puts_rows_in_equal_blocks(experts, order):
+    from moa.generation import expert_order
+
+    got = expert_order(torch.tensor(experts))
+    assert (got.tolist() if got is not None else None) == order
+    assert expert_order(torch.tensor([experts, experts])) is None  # per-layer experts (L, B)
+
+
+def test_generation_in_expert_blocks_returns_rows_in_the_prompts_order(moa_dir, monkeypatch):
+    """Rows on alternating experts are decoded in blocks of one expert and come back in order: each
+    reply equals the prompt's reply generated alone."""
+    import moa.generation as generation
+
+    model = MoAModel.from_pretrained(moa_dir)
+    domains = ["fin", "med", "fin", "med", "fin", "med"]
+    seen = []
+    decode = generation._decode
+    monkeypatch.setattr(generation, "_decode", lambda m, ids, *a, **k: seen.append(a[2].tolist()) or decode(m, ids, *a, **k))
+    both = model.generate(PROMPTS, domains=domains, max_new_tokens=8)
+    assert seen == [[0, 0, 0, 1, 1, 1]]
+    assert [r.domain for r in both] == domains
+    for i, p in enumerate(PROMPTS):
+        alone = model.generate([p], domains=[domains[i]], max_new_tokens=8)[0]
+        assert (both[i].text, both[i].completion_tokens) == (alone.text, alone.completion_tokens)
 
 
 def test_stage2_loss_on_label_positions_equals_the_full_logits_loss(moa_dir):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from moa.errors import MoAError
+from moa.layers import ExpertChoice
 from moa.router import RoutingState, check_pool_mask, decide, layer_probs
 
 
@@ -82,9 +83,18 @@ def generate(
     B = input_ids.shape[0]
     pre = prefill(model, input_ids, attention_mask, routing, domains, return_layer_probs)
     per_row, probs, per_layer = pre.per_row, pre.probs, pre.per_layer
-    tokens, lengths, stopped = _decode(model, input_ids, attention_mask, pre.position_ids, pre.experts,
-                                       max_new_tokens, do_sample, temperature, top_p, seed, stops,
-                                       (pre.logits, pre.cache), ignore_eos, min_tokens)
+    order = expert_order(pre.experts)
+    if order is None:
+        tokens, lengths, stopped = _decode(model, input_ids, attention_mask, pre.position_ids, pre.experts,
+                                           max_new_tokens, do_sample, temperature, top_p, seed, stops,
+                                           (pre.logits, pre.cache), ignore_eos, min_tokens)
+    else:  # decode with the rows in blocks of one expert, then put them back in the prompts' order
+        pre.cache.reorder_cache(order)
+        tokens, lengths, stopped = _decode(model, input_ids[order], attention_mask[order], pre.position_ids[order],
+                                           pre.experts[order], max_new_tokens, do_sample, temperature, top_p,
+                                           seed, stops, (pre.logits[order], pre.cache), ignore_eos, min_tokens)
+        back = torch.argsort(order)  # (B,)
+        tokens, lengths, stopped = tokens[back], [lengths[i] for i in back.tolist()], [stopped[i] for i in back.tolist()]
     names = model.domain_names(per_row)
     prompt_lens = attention_mask.sum(1).tolist()
     by_row = None if per_layer is None else layer_probs(per_layer).transpose(0, 1).tolist()  # (B, L, E)
@@ -169,6 +179,25 @@ def prefill(model, input_ids: Tensor, attention_mask: Tensor, routing: str, doma
     with model.routing(RoutingState("explicit", experts)):
         out = model.base_model(**_step_kwargs(model, input_ids, attention_mask, position_ids, None))
     return Prefill(out.logits[:, -1], cache_of(out), position_ids, experts, per_row, probs, per_layer)
+
+
+def expert_order(experts: Tensor) -> Tensor | None:
+    """(B,) a row order that puts rows of one expert in equal blocks, or None if there is none
+    better than the given order.
+
+    Rows in equal blocks of one expert each (`ExpertChoice.groups`, e.g. 0,0,1,1,2,2) run every
+    LoRA matmul once per block instead of once per row, so each expert's weights are read once
+    per step: decoding 8 rows on 4 experts in blocks of 2 reads 4 experts' weights, not 8 rows'
+    gathered copies. None for per-layer experts (L, B), one expert, base-only rows, rows already
+    in blocks, or expert counts with no common block size (then every order gathers per row).
+    """
+    if experts.ndim != 1:
+        return None
+    choice = ExpertChoice.of(experts)
+    if choice.single is not None or choice.rows is not None or choice.groups is not None:
+        return None
+    order = torch.sort(experts, stable=True).indices  # (B,)
+    return order if ExpertChoice.of(experts[order]).groups is not None else None
 
 
 def encode_prompts(model, prompts) -> tuple[Tensor, Tensor]:

@@ -45,6 +45,10 @@ class ExpertChoice:
     """The expert (or -1) when every row uses the same one: enables the plain-matmul path."""
     rows: Tensor | None
     """(B',) long: the rows that use an expert, when some rows are base only; else None."""
+    groups: Tensor | None = None
+    """(G,) long: when every row uses an expert and the rows come in G > 1 runs of the same
+    length, each run on one expert (e.g. 0,0,1,1,3,3), the run's experts; else None. Such a batch
+    (`moa.generation` orders its rows by expert) reads each run's weights once, not once per row."""
     cache: dict = field(default_factory=dict, repr=False, compare=False)
     """Per module, the expert weights this choice uses (filled only without autograd)."""
 
@@ -59,7 +63,22 @@ class ExpertChoice:
             return cls(index, first, None)
         active = index >= 0  # (B,)
         rows = None if bool(active.all()) else active.nonzero().squeeze(1)  # (B',)
-        return cls(index, None, rows)
+        return cls(index, None, rows, None if rows is not None else _equal_runs(index))
+
+
+def _equal_runs(index: Tensor) -> Tensor | None:
+    """(G,) long: the expert of each block of n rows, for the largest n > 1 that cuts index into
+    blocks of one expert each (n = the gcd of its runs' lengths: 0,0,0,0,1,1 is 0,0 | 0,0 | 1,1);
+    None if there is no such n."""
+    values = index.tolist()
+    n, run = 0, 1
+    for prev, cur in zip(values, values[1:]):
+        if cur == prev:
+            run += 1
+        else:
+            n, run = math.gcd(n, run), 1
+    n = math.gcd(n, run)
+    return None if n < 2 or n == len(values) else index[::n].clone()  # (G,)
 
 
 class RoutingSlot:
@@ -157,11 +176,13 @@ class MoLoRALinear(nn.Module):
     def _hard(self, x: Tensor, choice: ExpertChoice, result: Tensor, alone: bool) -> Tensor:
         """result + each row's own expert applied to x: x (B, T, in), result (B, T, out).
 
-        Computes only the expert each row uses: plain matmuls when every row uses the same one,
-        else the rows' gathered weights in batched matmuls (rows with no expert are left out). One-
-        token steps (decoding) of more than 2E rows instead run every expert on every row and mask
-        out the others: the weights are then read once per step instead of once per row, in two
-        plain matmuls, for E times the (small) FLOPs of one token.
+        Computes only the expert each row uses: plain matmuls when every row uses the same one;
+        batched matmuls over blocks of rows when the rows come in equal blocks of one expert each
+        (`ExpertChoice.groups`: each block reads its expert's weights once); else the rows'
+        gathered weights in batched matmuls (rows with no expert are left out). One-token steps
+        (decoding) of more than 2E rows in no such blocks instead run every expert on every row and
+        mask out the others: the weights are then read once per step instead of once per row, in
+        two plain matmuls, for E times the (small) FLOPs of one token.
         The A side comes from this module's `SharedInput` (one matmul for the modules that read
         x; `alone`: this module's x is its own, e.g. after its dropout). The delta is accumulated
         into `result` in place (one pass over the output instead of three for delta, scaled delta
@@ -174,9 +195,12 @@ class MoLoRALinear(nn.Module):
         projected = (self._alone if alone else self.shared).project(self, x, choice)
         if projected is None:  # no expert of this choice targets this module
             return result
-        h, Bt, dense = projected
-        if e is not None or dense:  # h (B, T, r), Bt (r, out); dense: h (B, 1, E*r), Bt (E*r, out)
+        h, Bt, mode = projected
+        if mode == "plain":  # h (B, T, r), Bt (r, out); dense: h (B, 1, E*r), Bt (E*r, out)
             return _add_matmul(result, h, Bt)  # (B, T, out)
+        if mode == "grouped":  # h (G, n*T, r), Bt (G, r, out): blocks of n rows
+            G = Bt.shape[0]
+            return _add_bmm(result.reshape(G, -1, result.shape[-1]), h, Bt).view(result.shape)
         if choice.rows is not None:  # some rows are base only: h holds the others
             rows = choice.rows  # (B',)
             return result.index_add_(0, rows, torch.bmm(h, Bt.to(h.dtype)).to(result.dtype))
@@ -327,36 +351,41 @@ class SharedInput:
         return f"SharedInput({len(self.members)} modules)"
 
     def project(self, member: "MoLoRALinear", x: Tensor, choice: ExpertChoice):
-        """member's (x A^T, routed scaled B^T, dense) for a choice, or None if it has no expert there.
+        """member's (x A^T, routed scaled B^T, mode) for a choice, or None if it has no expert there.
 
-        x: (B, T, in), the member's input before any cast. Every row on expert e: (B, T, r),
-        (r, out). Mixed: (B', T, r) and (B', r, out) of the routed rows B'. Mixed with one token
-        per row (decoding), `dense`: every expert on every row, (B, 1, E*r) with the other experts'
-        columns zeroed, and (E*r, out).
+        x: (B, T, in), the member's input before any cast. Mode "plain", every row on expert e:
+        (B, T, r), (r, out). "grouped", rows in G equal blocks of one expert each: (G, n*T, r),
+        (G, r, out). "gathered", mixed: (B', T, r) and (B', r, out) of the routed rows B'. "plain"
+        for mixed rows with one token each (decoding), dense: every expert on every row,
+        (B, 1, E*r) with the other experts' columns zeroed, and (E*r, out).
         """
         if not (self._x is x and self._choice is choice and self._version == _version(x)):
             # One token per row and more than twice as many rows as experts: reading every expert
             # once then costs less than reading each row's own gathered copy. At 8 rows on 4
             # experts the gathered path measured faster (docs/RESULTS.md, Performance II).
-            dense = (choice.single is None and x.dim() == 3 and x.shape[1] == 1
+            grouped = choice.groups is not None and x.dim() == 3
+            dense = (not grouped and choice.single is None and x.dim() == 3 and x.shape[1] == 1
                      and x.shape[0] > 2 * self.members[0].num_experts)
-            A, parts, mask = self._routed_weights(choice, dense)
+            mode = "plain" if choice.single is not None or dense else "grouped" if grouped else "gathered"
+            A, parts, mask = self._routed_weights(choice, mode, dense)
             self._forget()
             if A is None:
                 return None
             xs = x.to(A.dtype)  # (B, T, in)
-            if choice.single is not None or dense:
+            if mode == "plain":
                 h = F.linear(xs, A)  # (B, T, R), dense: (B, 1, E*R)
                 if dense:
                     h = h.mul_(mask[:, None])  # each row keeps its own expert's columns
+            elif mode == "grouped":
+                h = torch.bmm(xs.reshape(A.shape[0], -1, xs.shape[-1]), A.transpose(1, 2))  # (G, n*T, R)
             else:
                 if choice.rows is not None:
                     xs = xs.index_select(0, choice.rows)  # (B', T, in)
                 h = torch.bmm(xs, A.transpose(1, 2))  # (B', T, R)
-            self._x, self._version, self._choice, self._h = x, _version(x), choice, (h, parts, dense)
+            self._x, self._version, self._choice, self._h = x, _version(x), choice, (h, parts, mode)
             if len(self.members) > 1:
                 self._waiting = {id(m) for m in self.members}
-        h, parts, dense = self._h
+        h, parts, mode = self._h
         part = parts[self.members.index(member)]
         self._waiting.discard(id(member))
         if not self._waiting:  # every member has its slice: do not keep the input alive
@@ -364,26 +393,29 @@ class SharedInput:
         if part is None:
             return None
         start, stop, Bt = part
-        return h[..., start:stop], Bt, dense  # h: a view, its rows strided as the matmuls allow
+        return h[..., start:stop], Bt, mode  # h: a view, its rows strided as the matmuls allow
 
-    def _routed_weights(self, choice: ExpertChoice, dense: bool = False) -> tuple[Tensor | None, list, Tensor | None]:
+    def _routed_weights(self, choice: ExpertChoice, mode: str, dense: bool = False
+                        ) -> tuple[Tensor | None, list, Tensor | None]:
         """(the members' routed A concatenated on the rank axis, per member (start, stop, B^T) or None,
         the dense row mask or None).
 
-        Every row uses expert e: A (R, in) of the members' unpadded A_e. Mixed: (B', R, in) of each
-        routed row's padded A; `dense`: all experts (E*R, in), member by member, expert by expert,
-        with B^T (E*r, out) and the mask (B, E*R) of each row's own columns. Without autograd
-        (generation) kept on the choice, checked against in-place updates and replaced parameters
-        of every member.
+        Every row uses expert e: A (R, in) of the members' unpadded A_e. Gathered: (B', R, in) of
+        each routed row's padded A; grouped: (G, R, in) of each block's; `dense`: all experts
+        (E*R, in), member by member, expert by expert, with B^T (E*r, out) and the mask (B, E*R)
+        of each row's own columns. Without autograd (generation) kept on the choice, checked
+        against in-place updates and replaced parameters of every member.
         """
         cacheable = not torch.is_grad_enabled()
-        key = (self, dense)
+        key = (self, mode, dense)
         if cacheable:
             hit = choice.cache.get(key)
             if hit is not None and all(m._unchanged_since(state) for m, state in zip(self.members, hit[0])):
                 return hit[1]
         index = None
-        if choice.single is None and not dense:
+        if mode == "grouped":
+            index = choice.groups  # (G,)
+        elif choice.single is None and not dense:
             index = choice.index if choice.rows is None else choice.index.index_select(0, choice.rows)  # (B',)
         As, parts, masks, R = [], [], [], 0
         for m in self.members:
@@ -411,7 +443,7 @@ class SharedInput:
         if As:
             A = As[0] if len(As) == 1 else torch.cat(As, dim=-2)  # (R, in), (E, R, in) or (E*R, in)
             if index is not None:
-                A = A.index_select(0, index)  # (B', R, in)
+                A = A.index_select(0, index)  # (B', R, in); grouped: (G, R, in)
             if dense:
                 mask = torch.cat(masks, dim=1).to(A.dtype)  # (B, E*R)
         out = A, parts, mask
