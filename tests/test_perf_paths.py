@@ -140,8 +140,8 @@ def test_the_cache_follows_in_place_updates_and_replaced_experts():
 
 def test_autocast_and_a_bf16_base_fall_back_to_out_of_place_adds():
     layer, slot = make_layer()
-    x = torch.randn(5, 3, IN)
-    for index in ([2, 0, 1, 0, 2], [1] * 5):
+    for index in ([2, 0, 1, 0, 2], [1] * 5, [2, 2, 0, 0, 1, 1]):
+        x = torch.randn(len(index), 3, IN)
         with torch.no_grad():
             want = reference(layer, x, index)
             tol = dict(rtol=0, atol=0.03 * float(want.abs().max()))  # bf16 rounding of large values
@@ -214,6 +214,29 @@ def test_fused_a_projections_equal_the_modules_alone(name, T, grad):
     torch.testing.assert_close(ys_f, ys_u, rtol=1e-5, atol=1e-5)
     for a, b in zip(g_f, g_u):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("index", [[2, 0, 1, 0, 2], [1] * 5, [2, 2, 0, 0, 1, 1]])
+def test_a_bf16_base_still_shares_one_a_projection(index, monkeypatch):
+    """A bf16 base with float32 experts: the modules cast one bf16 input each, yet the group
+    projects it once (not once per module), with the same outputs as the modules alone."""
+    from moa.layers import SharedInput
+
+    x = torch.randn(len(index), 3, IN).bfloat16()
+    outs = []
+    project = SharedInput._routed_weights
+    for fused in (True, False):
+        mods, slot = make_siblings()
+        for m in mods:
+            m.base_layer.to(torch.bfloat16)
+        share_input(mods if fused else mods[:1])
+        slot.set_choice(ExpertChoice.of(torch.tensor(index)))
+        calls = []
+        monkeypatch.setattr(SharedInput, "_routed_weights", lambda *a, **k: calls.append(1) or project(*a, **k))
+        with torch.no_grad():
+            outs.append([m(x) for m in mods])
+        assert len(calls) == (1 if fused else 3)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0.02)
 
 
 def test_a_shared_input_follows_another_tensor_and_updated_weights():

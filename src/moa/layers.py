@@ -23,6 +23,7 @@ forward time, and autograd splits the gradient back to each module's own A.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -147,24 +148,25 @@ class MoLoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, in) -> (B, T, out)."""
-        base = self.base_layer
+        # Runs 7 times per layer for every decoded token: direct dict lookups, not Module.__getattr__.
+        base = self._modules["base_layer"]
         if type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks):
-            result = F.linear(x, base.weight, base.bias)  # (B, T, out); skips a module call per token
+            params = base._parameters
+            result = F.linear(x, params["weight"], params["bias"])  # (B, T, out); skips a module call per token
         else:
             result = base(x)
         slot = self.slot
-        if not self.ranks or (slot.choice is None and slot.weights is None):
+        choice, weights = slot.choice, slot.weights
+        if (choice is None and weights is None) or not self.ranks:
             return result
-        dropout = self.training and isinstance(self.dropout, nn.Dropout)
+        dropout = self.training and isinstance(self._modules["dropout"], nn.Dropout)
         if dropout:
-            x = self.dropout(x)
-        dtype = self._parameters["lora_A"].dtype
-        if x.dtype != dtype:
-            x = x.to(dtype)  # (B, T, in)
-        if slot.weights is not None:
+            x = self._modules["dropout"](x)
+        if weights is not None:
             A, B = self._expert_weights()  # (E, r, in), (E, out, r)
-            return result + self._soft(x, slot.weights, A, B).to(result.dtype)
-        return self._hard(x, slot.choice, result, alone=dropout)
+            return result + self._soft(x.to(A.dtype), weights, A, B).to(result.dtype)
+        # x goes uncast: the modules sharing it recognise it by identity (`SharedInput.project` casts)
+        return self._hard(x, choice, result, alone=dropout)
 
     def _expert_weights(self) -> tuple[Tensor, Tensor]:
         if self.trainable_mask is None:
@@ -199,8 +201,10 @@ class MoLoRALinear(nn.Module):
         if mode == "plain":  # h (B, T, r), Bt (r, out); dense: h (B, 1, E*r), Bt (E*r, out)
             return _add_matmul(result, h, Bt)  # (B, T, out)
         if mode == "grouped":  # h (G, n*T, r), Bt (G, r, out): blocks of n rows
-            G = Bt.shape[0]
-            return _add_bmm(result.reshape(G, -1, result.shape[-1]), h, Bt).view(result.shape)
+            if result.dtype == h.dtype == Bt.dtype and result.is_contiguous():
+                result.view(Bt.shape[0], -1, result.shape[-1]).baddbmm_(h, Bt)
+                return result
+            return result + torch.bmm(h, Bt.to(h.dtype)).view(result.shape).to(result.dtype)
         if choice.rows is not None:  # some rows are base only: h holds the others
             rows = choice.rows  # (B',)
             return result.index_add_(0, rows, torch.bmm(h, Bt.to(h.dtype)).to(result.dtype))
@@ -221,18 +225,6 @@ class MoLoRALinear(nn.Module):
             return None
         scale = self.scaling.index_select(0, index)[:, None, None]  # (B', 1, 1)
         return (B.index_select(0, index) * scale).transpose(1, 2).contiguous()  # (B', r_max, out)
-
-    def _weights_state(self) -> tuple:
-        """The expert tensors themselves (held, so identity is meaningful) and their versions."""
-        A, B, s = self._parameters["lora_A"], self._parameters["lora_B"], self._buffers["scaling"]
-        return A, B, s, _version(A), _version(B), _version(s)
-
-    def _unchanged_since(self, state: tuple) -> bool:
-        """Whether the expert weights are the same tensors, not updated in place since `state`."""
-        A, B, s, vA, vB, vs = state
-        p = self._parameters
-        return (A is p["lora_A"] and B is p["lora_B"] and s is self._buffers["scaling"]
-                and vA == _version(A) and vB == _version(B) and vs == _version(s))
 
     def _soft(self, x: Tensor, weights: Tensor, A: Tensor, B: Tensor) -> Tensor:
         """Soft mixture: sum_e weights[..., e] * scaling[e] * B[e] A[e] x, in two matmuls."""
@@ -371,28 +363,31 @@ class SharedInput:
             self._forget()
             if A is None:
                 return None
-            xs = x.to(A.dtype)  # (B, T, in)
+            xs = x if x.dtype == A.dtype else x.to(A.dtype)  # (B, T, in)
             if mode == "plain":
                 h = F.linear(xs, A)  # (B, T, R), dense: (B, 1, E*R)
                 if dense:
                     h = h.mul_(mask[:, None])  # each row keeps its own expert's columns
             elif mode == "grouped":
-                h = torch.bmm(xs.reshape(A.shape[0], -1, xs.shape[-1]), A.transpose(1, 2))  # (G, n*T, R)
+                h = torch.bmm(xs.reshape(A.shape[0], -1, xs.shape[-1]), A)  # (G, n*T, R)
             else:
                 if choice.rows is not None:
                     xs = xs.index_select(0, choice.rows)  # (B', T, in)
-                h = torch.bmm(xs, A.transpose(1, 2))  # (B', T, R)
+                h = torch.bmm(xs, A)  # (B', T, R)
             self._x, self._version, self._choice, self._h = x, _version(x), choice, (h, parts, mode)
             if len(self.members) > 1:
                 self._waiting = {id(m) for m in self.members}
         h, parts, mode = self._h
-        part = parts[self.members.index(member)]
-        self._waiting.discard(id(member))
+        part = parts[self.members.index(member)] if len(parts) > 1 else parts[0]
+        if self._waiting:
+            self._waiting.discard(id(member))
         if not self._waiting:  # every member has its slice: do not keep the input alive
             self._forget()
         if part is None:
             return None
         start, stop, Bt = part
+        if start == 0 and stop == h.shape[-1]:
+            return h, Bt, mode
         return h[..., start:stop], Bt, mode  # h: a view, its rows strided as the matmuls allow
 
     def _routed_weights(self, choice: ExpertChoice, mode: str, dense: bool = False
@@ -400,8 +395,8 @@ class SharedInput:
         """(the members' routed A concatenated on the rank axis, per member (start, stop, B^T) or None,
         the dense row mask or None).
 
-        Every row uses expert e: A (R, in) of the members' unpadded A_e. Gathered: (B', R, in) of
-        each routed row's padded A; grouped: (G, R, in) of each block's; `dense`: all experts
+        Every row uses expert e: A (R, in) of the members' unpadded A_e. Gathered: A^T (B', in, R)
+        of each routed row's padded A; grouped: A^T (G, in, R) of each block's; `dense`: all experts
         (E*R, in), member by member, expert by expert, with B^T (E*r, out) and the mask (B, E*R)
         of each row's own columns. Without autograd (generation) kept on the choice, checked
         against in-place updates and replaced parameters of every member.
@@ -410,8 +405,9 @@ class SharedInput:
         key = (self, mode, dense)
         if cacheable:
             hit = choice.cache.get(key)
-            if hit is not None and all(m._unchanged_since(state) for m, state in zip(self.members, hit[0])):
-                return hit[1]
+            weights = self._weights()
+            if hit is not None and all(map(operator.is_, weights, hit[0])) and _versions(weights) == hit[1]:
+                return hit[2]
         index = None
         if mode == "grouped":
             index = choice.groups  # (G,)
@@ -443,13 +439,20 @@ class SharedInput:
         if As:
             A = As[0] if len(As) == 1 else torch.cat(As, dim=-2)  # (R, in), (E, R, in) or (E*R, in)
             if index is not None:
-                A = A.index_select(0, index)  # (B', R, in); grouped: (G, R, in)
+                A = A.index_select(0, index).transpose(1, 2)  # (B', in, R); grouped: (G, in, R)
             if dense:
                 mask = torch.cat(masks, dim=1).to(A.dtype)  # (B, E*R)
         out = A, parts, mask
         if cacheable:
-            choice.cache[key] = (tuple(m._weights_state() for m in self.members), out)
+            choice.cache[key] = (weights, _versions(weights), out)
         return out
+
+    def _weights(self) -> tuple:
+        """Every member's expert tensors (lora_A, lora_B, scaling), held: identity is meaningful."""
+        out = []
+        for m in self.members:
+            out += (m._parameters["lora_A"], m._parameters["lora_B"], m._buffers["scaling"])
+        return tuple(out)
 
 
 def share_input(modules) -> None:
@@ -464,6 +467,14 @@ def share_input(modules) -> None:
 def _version(t: Tensor) -> int | None:
     """The in-place update counter of a tensor (inference tensors have none)."""
     return None if t.is_inference() else t._version
+
+
+def _versions(tensors: tuple) -> tuple:
+    """The in-place update counters of tensors (None for inference tensors)."""
+    try:
+        return tuple([t._version for t in tensors])
+    except RuntimeError:  # an inference tensor among them
+        return tuple(_version(t) for t in tensors)
 
 
 def _add_matmul(result: Tensor, h: Tensor, Bt: Tensor) -> Tensor:
