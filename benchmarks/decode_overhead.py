@@ -1,8 +1,10 @@
 """The fixed cost per decode step of MoA's wrapped projections and LoRA ops, apart from memory
 traffic: one KV-cached step of 8 rows on a tiny random Llama with as many layers as SmolLM2-135M
 (30) but 64-wide, so its matmuls cost next to nothing and what remains is Python and per-op
-dispatch. Unlike the real model's step ratio on a shared VM, these medians are stable from run to
-run, so they show what a change to the wrappers saves. Rows routed as in `decode_parts.py`:
+dispatch. The machine's speed drifts on a shared VM, so compare the excess as a fraction of the
+base step of the same run (medians of interleaved steps); it moves far less from run to run than
+the real model's step ratio, so it shows what a change to the wrappers saves. Rows routed as in
+`decode_parts.py`:
 
     none    every row on no expert (the wrapped projections alone)
     single  every row on expert 0
@@ -11,7 +13,8 @@ run, so they show what a change to the wrappers saves. Rows routed as in `decode
 
     python benchmarks/decode_overhead.py [--layers 30] [--repeats 200] [--threads 1]
 
-Prints each step's median and its excess over the bare base's step, in ms and per layer.
+Prints each step's median and its excess over the bare base's step: in ms, per layer, and as a
+fraction of the base step.
 """
 import argparse
 import statistics
@@ -82,4 +85,5 @@ with torch.inference_mode():
     for name, ts in times.items():
         ms = statistics.median(ts) * 1e3
         print(f"{name:6s} step {ms:6.2f} ms  over the base {ms - base_ms:+5.2f} ms "
-              f"({(ms - base_ms) / args.layers * 1e3:+5.0f} us per layer)", flush=True)
+              f"({(ms - base_ms) / args.layers * 1e3:+5.0f} us per layer, {(ms - base_ms) / base_ms:+.3f} of the base step)",
+              flush=True)
