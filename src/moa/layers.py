@@ -47,9 +47,10 @@ class ExpertChoice:
     rows: Tensor | None
     """(B',) long: the rows that use an expert, when some rows are base only; else None."""
     groups: Tensor | None = None
-    """(G,) long: when every row uses an expert and the rows come in G > 1 runs of the same
-    length, each run on one expert (e.g. 0,0,1,1,3,3), the run's experts; else None. Such a batch
-    (`moa.generation` orders its rows by expert) reads each run's weights once, not once per row."""
+    """(G,) long: when every row uses an expert and the rows come in G > 1 blocks of n > 1 rows,
+    each block on one expert (e.g. 0,0,1,1,3,3; n is the gcd of the runs' lengths), each block's
+    expert; else None. Such a batch (`moa.generation` orders its rows so) reads each block's
+    weights once, not once per row."""
     cache: dict = field(default_factory=dict, repr=False, compare=False)
     """Per module, the expert weights this choice uses (filled only without autograd)."""
 
