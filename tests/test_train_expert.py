@@ -176,7 +176,8 @@ def test_interpolate_writes_the_weight_space_average_of_seed_and_trained(tiny_ba
     seed = tmp_path / "seed"
     assert run_cli([*common, "--domain", "math", "--out", seed, "--max-steps", "4"]) == 0
     on = [*common, "--domain", "json", "--max-steps", "4", "--init-adapter", seed]
-    assert run_cli([*on, "--out", tmp_path / "half", "--interpolate", "0.5"]) == 0
+    assert run_cli([*on, "--out", tmp_path / "half", "--interpolate", "0.5", "--eval-data", toy_data,
+                    "--eval-every", "2", "--keep-best-per-domain"]) == 0
     assert run_cli([*on, "--out", tmp_path / "full"]) == 0
     s = load_file(seed / "adapter_model.safetensors")
     trained = load_file(tmp_path / "half" / "trained" / "adapter_model.safetensors")
@@ -192,6 +193,9 @@ def test_interpolate_writes_the_weight_space_average_of_seed_and_trained(tiny_ba
     info = json.loads((tmp_path / "half" / "moa_adapter.json").read_text())
     assert info["interpolated"] == {"t": 0.5, "init": str(seed.resolve()), "trained": "trained"}
     assert "interpolated" not in json.loads((tmp_path / "full" / "moa_adapter.json").read_text())
+    best = tmp_path / "half" / "best_by_domain"  # trained weights of a step: not labelled interpolated
+    assert sorted(p.name for p in best.iterdir()) and all(
+        "interpolated" not in json.loads((p / "moa_adapter.json").read_text()) for p in best.iterdir())
     assert not (tmp_path / "full" / "trained").exists()
     assert run_cli([*on, "--out", tmp_path / "half", "--overwrite"]) == 0  # T = 1 again in the same --out
     assert not (tmp_path / "half" / "trained").exists()

@@ -244,15 +244,17 @@ def train_expert(
     if trainer.acc.is_main_process:
         info = {"domain": domain, "base": base_reference(base), "base_signature": base_signature(model.config),
                 "train": run_config}
+        final, final_info = trainer.acc.unwrap_model(trainer.model), info
         if interpolate != 1:
-            trained = trainer.acc.unwrap_model(trainer.model)
-            save_adapter(trained, out / TRAINED, {**info, "trained": True})
-            interpolate_lora(trained, seed, interpolate)
-            info["interpolated"] = {"t": interpolate, "init": run_config["init_adapter"], "trained": TRAINED}
+            save_adapter(final, out / TRAINED, {**info, "trained": True})
+            interpolate_lora(final, seed, interpolate)
+            # only OUT itself is interpolated: best_by_domain/ below holds trained weights
+            final_info = {**info, "interpolated": {"t": interpolate, "init": run_config["init_adapter"],
+                                                   "trained": TRAINED}}
             summary["interpolate"] = interpolate
         else:
             shutil.rmtree(out / TRAINED, ignore_errors=True)  # an earlier run's, in the same --out
-        save_adapter(trainer.acc.unwrap_model(trainer.model), out, info)
+        save_adapter(final, out, final_info)
         # --keep-best-per-domain: OUT/best_by_domain/<d>/, the weights of d's lowest validation loss
         for d, state in trainer.best_state_by_domain.items():
             trainer.load_state_fn(state)
