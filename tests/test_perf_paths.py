@@ -285,15 +285,17 @@ def moa_dir(tmp_path_factory, tiny_base):
 
 
 def fit_routers(model: MoAModel, prompts, domain_ids: torch.Tensor) -> None:
-    """Routers that every layer agrees with: least squares on the pooled inputs of explicit routing."""
+    """Routers that choose `domain_ids`: least squares on the pooled inputs of explicit routing.
+    domain_ids: (B,) the same expert in every layer, or (L, B) each layer's."""
     from moa.router import LayerRouter, RoutingState
 
     ids, mask = encode_prompts(model, prompts)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad(), model.routing(RoutingState("explicit", domain_ids)):
         out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
-    target = torch.nn.functional.one_hot(domain_ids, model.num_experts).double() * 8 - 4
+    per_layer = domain_ids if domain_ids.ndim == 2 else domain_ids.expand(model.num_layers, -1)  # (L, B)
     for i, router in enumerate(model.routers):
+        target = torch.nn.functional.one_hot(per_layer[i], model.num_experts).double() * 8 - 4
         pooled = LayerRouter.pool(out.hidden_states[i], mask.bool()).double()
         X = torch.cat([pooled, torch.ones(len(pooled), 1, dtype=torch.float64)], 1)
         sol = torch.linalg.lstsq(X, target, driver="gelsd").solution
@@ -325,6 +327,33 @@ def test_routed_generation_equals_explicit_generation(moa_dir, agree):
         assert v.text == x.text and v.completion_tokens == x.completion_tokens
     for i in (0, 1):  # a prompt alone (single-expert path, no padding) generates the same
         alone = model.generate(PROMPTS[i:i + 1], domains=[voted[i].domain], max_new_tokens=8)[0]
+        assert alone.text == voted[i].text
+
+
+def test_routed_prefill_runs_again_only_the_rows_whose_layers_disagree(moa_dir):
+    """A first-layer router that always picks expert 0 disagrees with the decision on the rows decided
+    for expert 1: only those rows are prefilled again, and every row's reply equals its explicit
+    generation, alone and in the batch."""
+    model = MoAModel.from_pretrained(moa_dir)
+    want = torch.tensor([0, 1, 1, 0, 1, 0])
+    per_layer = want.repeat(model.num_layers, 1)  # (L, B)
+    per_layer[0] = 0  # layer 0 picks expert 0 for every prompt; `last` decides from the last layer
+    fit_routers(model, PROMPTS, per_layer)
+    rows_run = []
+    hook = model.base_model.register_forward_pre_hook(
+        lambda mod, args, kw: rows_run.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        voted = model.generate(PROMPTS, routing="last", max_new_tokens=6, ignore_eos=True)
+    finally:
+        hook.remove()
+    assert [model.domain_index(r.domain) for r in voted] == want.tolist()
+    prompt_len = rows_run[0][1]
+    assert rows_run[:2] == [(6, prompt_len), (3, prompt_len)]  # the routing prefill, then the 3 rows of expert 1
+    assert all(shape == (6, 1) for shape in rows_run[2:]) and len(rows_run) == 2 + 5
+    explicit = model.generate(PROMPTS, domains=[r.domain for r in voted], max_new_tokens=6, ignore_eos=True)
+    assert [v.text for v in voted] == [x.text for x in explicit]
+    for i in (1, 3):
+        alone = model.generate(PROMPTS[i:i + 1], domains=[voted[i].domain], max_new_tokens=6, ignore_eos=True)[0]
         assert alone.text == voted[i].text
 
 

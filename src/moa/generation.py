@@ -157,9 +157,9 @@ def prefill(model, input_ids: Tensor, attention_mask: Tensor, routing: str, doma
                                      model.num_layers)[2]
     else:
         # One prefill routes (every layer's router reads the prompt, each layer uses its own
-        # top-1) and fills the KV cache. Where every layer chose the row's final expert, as
-        # trained routers nearly always do, it is exactly the prefill of that decision and
-        # decoding continues from it; otherwise the prompt is run again with the decision.
+        # top-1) and fills the KV cache. A row whose every layer chose its final expert was
+        # computed exactly as the prefill of that decision, and decoding continues from it; the
+        # other rows (often a weak first-layer router's) run again with their decision, alone.
         check_pool_mask(attention_mask.bool())
         fallback = getattr(model, "fallback", None)
         pool_at = fallback.pool_layers if fallback is not None and routing != "layer" else ()
@@ -174,11 +174,42 @@ def prefill(model, input_ids: Tensor, attention_mask: Tensor, routing: str, doma
         layer_choice = torch.stack(state.decisions)  # (L, B): each layer's own choice
         # layer: each layer keeps its own router's choice on the prompt
         experts = layer_choice if routing == "layer" else per_row
-        if routing == "layer" or bool((layer_choice == per_row).all()):
+        redo = None if routing == "layer" else (layer_choice != per_row).any(0).nonzero().squeeze(1)  # (B',)
+        if redo is None or redo.numel() == 0:
             return Prefill(out.logits[:, -1], cache_of(out), position_ids, experts, per_row, probs, per_layer)
+        if redo.numel() < B:
+            logits, cache = out.logits[:, -1], cache_of(out)  # (B, V)
+            with model.routing(RoutingState("explicit", experts[redo])):
+                again = model.base_model(**_step_kwargs(model, input_ids[redo], attention_mask[redo],
+                                                        position_ids[redo], None))
+            if _splice_rows(cache, redo, cache_of(again)):
+                logits[redo] = again.logits[:, -1]
+                return Prefill(logits, cache, position_ids, experts, per_row, probs, per_layer)
     with model.routing(RoutingState("explicit", experts)):
         out = model.base_model(**_step_kwargs(model, input_ids, attention_mask, position_ids, None))
     return Prefill(out.logits[:, -1], cache_of(out), position_ids, experts, per_row, probs, per_layer)
+
+
+def _splice_rows(cache, rows: Tensor, part) -> bool:
+    """Write the KV cache `part` of a prefill of rows `rows` (B',) of a batch into the batch's `cache`
+    (same prompt length), in place. False, with nothing changed, when either cache is not a per-layer
+    key/value cache this can splice (then the caller runs the whole batch again)."""
+    layers, parts = getattr(cache, "layers", None), getattr(part, "layers", None)
+    if not layers or parts is None or len(layers) != len(parts):
+        return False
+    pairs = []
+    for layer, new in zip(layers, parts):
+        if type(layer) is not type(new):
+            return False
+        for name in ("keys", "values"):
+            old_t, new_t = getattr(layer, name, None), getattr(new, name, None)
+            if not (isinstance(old_t, Tensor) and isinstance(new_t, Tensor) and old_t.dim() == new_t.dim() >= 2
+                    and new_t.shape[0] == rows.numel() and old_t.shape[1:] == new_t.shape[1:]):
+                return False
+            pairs.append((old_t, new_t))
+    for old_t, new_t in pairs:
+        old_t.index_copy_(0, rows, new_t)
+    return True
 
 
 def expert_order(experts: Tensor) -> Tensor | None:
