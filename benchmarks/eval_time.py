@@ -28,6 +28,7 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("run", type=Path)
 p.add_argument("--test", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "demo" / "test.jsonl")
 p.add_argument("--progress", action="store_true")
+p.add_argument("--out", type=Path, help="keep metrics.json and generations.jsonl here (default: a temporary dir)")
 args = p.parse_args()
 run = args.run
 metrics = json.loads((run / "metrics.json").read_text())
@@ -44,8 +45,8 @@ if not one_pass:
     del model
 t1 = time.time()
 kw = {"routed": routed} if one_pass else {}
-with tempfile.TemporaryDirectory() as out:
-    run_eval(run / "moa", args.test, out, systems, mixed_lora=run / "baselines" / "mixed_lora",
+with tempfile.TemporaryDirectory() as tmp:
+    run_eval(run / "moa", args.test, args.out or tmp, systems, mixed_lora=run / "baselines" / "mixed_lora",
              single_lora={d: run / "experts" / d for d in domains}, extra={}, limit_per_domain=None,
              generate_limit_per_domain=10, max_new_tokens=40, batch_size=8, progress=args.progress, **kw)
 t2 = time.time()

@@ -625,3 +625,36 @@ def test_metrics_keep_the_ppl_digits_of_near_deterministic_domains(routed_moa_di
         assert got[d]["ppl"] == round(math.exp(-lp / n), 6)  # the same batches: the same numbers
     assert _percent(1.00003 / 1.00012 - 1) == "-0.0090%"
     assert _percent(0.0123) == "+1.2%" and _percent(0.0) == "+0.0%"
+
+
+def test_single_lora_scores_and_generates_each_row_as_its_domain_alone(routed_moa_dir, tiny_base, tmp_path):
+    """The single_lora system given a batch of several domains: every row's logits and greedy reply
+    are those of its own domain's adapter run on it alone."""
+    from conftest import synthetic_records, write_jsonl
+
+    from moa.base import load_base
+    from moa.data import collate, encode_records, read_records
+    from moa.evaluate import peft_system
+    from moa.scoring import load_peft_adapter
+
+    domains = ("math", "echo", "json")
+    adapters = {d: routed_moa_dir / "experts" / d for d in domains}
+    single = peft_system("single_lora", tiny_base, None, 5, 8, adapters_by_domain=adapters)
+    records, _ = read_records(write_jsonl(tmp_path / "s.jsonl", synthetic_records(2, seed=3)))
+    tok = load_base(tiny_base)[1]
+    examples, _ = encode_records(tok, records, 256)
+    batch = {**collate(examples, tok.pad_token_id), "domain_names": [e.domain for e in examples]}
+    assert len(set(batch["domain_names"])) == 3
+    logits, _ = single.forward(batch)
+    prompts = [r.prompt_messages for r in records]
+    replies = single.generate(prompts, batch["domain_names"])
+    for d in domains:
+        alone = load_peft_adapter(load_base(tiny_base)[0], adapters[d]).eval()
+        for i in [i for i, r in enumerate(records) if r.domain == d]:
+            n = int(batch["attention_mask"][i].sum())
+            with torch.no_grad():
+                want = alone(input_ids=batch["input_ids"][i:i + 1, :n]).logits[0]
+            torch.testing.assert_close(logits[i, :n], want, rtol=1e-4, atol=1e-4)
+        one = peft_system("one", tiny_base, adapters[d], 5, 8)
+        rows = [i for i, r in enumerate(records) if r.domain == d]
+        assert [replies[i] for i in rows] == one.generate([prompts[i] for i in rows], [d] * len(rows))
