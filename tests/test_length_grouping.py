@@ -82,3 +82,72 @@ def test_a_length_grouped_stage2_reaches_the_same_validation_loss(tmp_path, tiny
     assert abs(losses["grouped"] - losses["plain"]) <= max(3 * noise, 0.05 * losses["plain"]), losses
     assert main(["train", "--moa", str(tmp_path / "moa0"), "--data", str(train), "--out", str(tmp_path / "bad"),
                  "--length-window", "0"]) == 2
+
+
+def test_length_split_cuts_sorted_rows_where_they_pad_the_fewest_tokens():
+    import itertools
+    from types import SimpleNamespace
+
+    from moa.trainer import length_split
+
+    def tokens(runs):
+        return sum(len(r) * max(len(e.input_ids) for e in r) for r in runs)
+
+    rng = random.Random(0)
+    for trial in range(30):
+        rows = [SimpleNamespace(input_ids=[0] * rng.choice([2, 3, 40, 41, 90, 200]), k=k)
+                for k in range(rng.randint(1, 9))]
+        lengths = sorted(len(e.input_ids) for e in rows)
+        for passes, pass_cost in ((1, 0), (2, 0), (3, 0), (4, 0), (4, 50), (9, 500)):
+            runs = length_split(rows, passes, pass_cost)
+            assert sorted(e.k for r in runs for e in r) == list(range(len(rows)))  # every row once
+            assert 1 <= len(runs) <= passes and all(runs)
+            if len(runs) == 1:  # uncut: the rows as given, so a batch not worth cutting runs as before
+                assert runs == [rows]
+            else:
+                assert [len(e.input_ids) for r in runs for e in r] == lengths  # runs of consecutive lengths
+            brute = min(sum((b - a) * lengths[b - 1] for a, b in zip((0, *cuts), (*cuts, len(rows))))
+                        + pass_cost * (k + 1)
+                        for k in range(min(passes, len(rows)))
+                        for cuts in itertools.combinations(range(1, len(rows)), k))
+            assert tokens(runs) + pass_cost * len(runs) == brute
+    same = [SimpleNamespace(input_ids=[0] * 5) for _ in range(6)]
+    assert len(length_split(same, 4, 0)) == 1  # no cut that saves nothing
+    pair = [SimpleNamespace(input_ids=[0] * n) for n in (10, 100)]
+    assert len(length_split(pair, 2, 89)) == 2 and len(length_split(pair, 2, 90)) == 1  # saves 90 tokens
+    assert length_split([], 3) == []
+
+
+def test_a_length_split_stage2_step_has_the_same_gradient(tmp_path, tiny_base, monkeypatch):
+    """Passes padded to their own longest row give the losses and weights of whole micro-batches
+    (without dropout, to float tolerance): the losses are normalised by the global batch."""
+    import torch
+    from safetensors.torch import load_file
+
+    import moa.trainer
+
+    passes = []
+    collate = moa.trainer.collate
+    monkeypatch.setattr(moa.trainer, "collate", lambda exs, *a, **k: passes.append(len(exs)) or collate(exs, *a, **k))
+    monkeypatch.setattr(moa.trainer, "PASS_COST_TOKENS", 0)  # the toy records are short: cut them anyway
+    train = two_expert_moa(tmp_path, tiny_base)
+    logs, weights, runs = {}, {}, {}
+    for split in (1, 3):
+        passes.clear()
+        out = tmp_path / f"split{split}"
+        assert main(["train", "--moa", str(tmp_path / "moa0"), "--data", str(train), "--out", str(out),
+                     "--max-steps", "6", "--batch-size", "4", "--lr", "3e-3", "--no-bf16", "--lora-dropout", "0",
+                     "--length-split", str(split)]) == 0
+        logs[split] = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+        runs[split] = list(passes)
+        weights[split] = {k: v for f in sorted(out.rglob("*.safetensors")) if "checkpoints" not in f.parts
+                          for k, v in load_file(f).items()}
+    assert runs[1] == [4] * 6 and len(runs[3]) > 6 and sum(runs[3]) == 24  # the split ran, every row once
+    for a, b in zip(logs[1], logs[3]):
+        for key in ("loss", "lm_loss", "router_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a["step"])
+    assert weights[1].keys() == weights[3].keys() and weights[1]
+    for k in weights[1]:
+        torch.testing.assert_close(weights[1][k], weights[3][k], rtol=1e-3, atol=1e-5)
+    assert main(["train", "--moa", str(tmp_path / "moa0"), "--data", str(train), "--out", str(tmp_path / "bad"),
+                 "--length-split", "0"]) == 2

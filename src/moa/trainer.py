@@ -43,6 +43,11 @@ class TrainConfig:
     """Global batch size in records (over all processes and accumulation steps)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step on each process."""
+    length_split: int | None = None
+    """Run each micro-batch's rows, sorted by length, as at most this many passes, cut where they pad
+    the fewest tokens (each pass is padded only to its own longest row, and a cut must save more
+    than a pass costs, `PASS_COST_TOKENS`). The gradient is the same: losses are normalised by the
+    global batch. None: 8 on a CPU; 1 (off) on other devices, where it was not measured."""
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
@@ -80,6 +85,9 @@ class TrainConfig:
             raise MoAError(f"--batch-size must be positive, got {self.batch_size}")
         if self.grad_accum <= 0:
             raise MoAError(f"--grad-accum must be positive, got {self.grad_accum}")
+        if self.length_split is not None and (isinstance(self.length_split, bool) or
+                                              not isinstance(self.length_split, int) or self.length_split < 1):
+            raise MoAError(f"--length-split must be a whole number of passes >= 1, got {self.length_split!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise MoAError(f"--lr must be a positive number, got {self.lr}")
         if self.max_length < 8:
@@ -177,8 +185,9 @@ def start_run(out: Path, run_config: dict, *, resume: bool, overwrite: bool) -> 
 def _comparable(cfg: dict) -> dict:
     # Options that may change between an interrupted run and its resume.
     # Validation and tracking do not change the training trajectory either.
+    # length_split changes how a batch is cut into passes, not its gradient.
     skip = {"save_every", "resume", "overwrite", "world_size", "debug", "keep_checkpoints", "eval_data", "eval_every",
-            "keep_best", "early_stopping_patience", "report_to"}
+            "keep_best", "early_stopping_patience", "report_to", "length_split"}
     out = {k: v for k, v in cfg.items() if k not in skip}
     if isinstance(out.get("train"), dict):
         out["train"] = {k: v for k, v in out["train"].items() if k not in skip}
@@ -221,6 +230,47 @@ class TrainResult:
     best: dict | None = None
     """{"step", "val_loss", "kept"} of the lowest validation loss (None without --eval-data)."""
     stopped_early: bool = False
+
+
+PASS_COST_TOKENS = 128
+"""What one more pass costs, in padded tokens, when `length_split` decides where to cut: a cut is
+made only where it saves more. Measured on a 2-core CPU, float32 (docs/RESULTS.md, Performance II):
+4 rows cut into 4 one-row passes ran slower than one padded pass, 8 rows in 2 or 4 passes faster."""
+
+
+def length_split(examples: Sequence[Example], passes: int, pass_cost: int = PASS_COST_TOKENS) -> list[list[Example]]:
+    """The examples sorted by length (ties in order) and cut into at most `passes` runs of consecutive
+    lengths, where the runs, each padded to its longest, cost the fewest tokens in all, counting
+    `pass_cost` tokens per run.
+
+    A batch of 2-token answers and 200-token paragraphs then pads the short rows to their own
+    length, not to the paragraphs'. Exact (dynamic programming over the cut points: O(passes n^2)).
+    """
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    lengths = [len(examples[i].input_ids) for i in order]
+    n, k_max = len(order), max(1, min(passes, len(order)))
+    if k_max == 1:
+        return [list(examples)] if examples else []
+    # best[k][j]: fewest tokens of the first j sorted rows in k runs; cut[k][j]: where the last run starts
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(k_max + 1)]
+    cut = [[0] * (n + 1) for _ in range(k_max + 1)]
+    best[0][0] = 0
+    for k in range(1, k_max + 1):
+        for j in range(1, n + 1):
+            for i in range(k - 1, j):
+                cost = best[k - 1][i] + (j - i) * lengths[j - 1]
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    k = min(range(1, k_max + 1), key=lambda k: (best[k][n] + pass_cost * k, k))  # the fewest among the cheapest
+    if k == 1:
+        return [list(examples)]
+    runs, j = [], n
+    while k:
+        i = cut[k][j]
+        runs.append([examples[order[m]] for m in range(i, j)])
+        j, k = i, k - 1
+    return runs[::-1]
 
 
 def causal_lm_loss_sum(model, batch: dict) -> torch.Tensor:
@@ -310,6 +360,8 @@ class Trainer:
             raise MoAError(f"the Trainer does its own autocast; pass an Accelerator with mixed_precision='no' "
                            f"(got {self.acc.mixed_precision!r})")
         self.world = self.acc.num_processes
+        self.passes = cfg.length_split or (8 if self.acc.device.type == "cpu" else 1)
+        """At most this many passes per micro-batch (`length_split`)."""
         if cfg.batch_size % (self.world * cfg.grad_accum):
             raise MoAError(f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum "
                            f"({self.world} x {cfg.grad_accum})")
@@ -409,12 +461,13 @@ class Trainer:
         micro = []
         for k in range(ga):
             exs = [self.examples[i] for i in mine[k * per : (k + 1) * per]]
-            b = collate(exs, self.pad_id, self.domains, padding_side="right")
-            b = {key: v.to(self.acc.device) for key, v in b.items()}
-            b["global_tokens"] = max(1, global_tokens)
-            b["global_rows"] = len(global_idx)
-            b["global_router_rows"] = max(1, sum(not self.examples[i].prompt_cut for i in global_idx))
-            micro.append(b)
+            for part in length_split(exs, self.passes, PASS_COST_TOKENS):
+                b = collate(part, self.pad_id, self.domains, padding_side="right")
+                b = {key: v.to(self.acc.device) for key, v in b.items()}
+                b["global_tokens"] = max(1, global_tokens)
+                b["global_rows"] = len(global_idx)
+                b["global_router_rows"] = max(1, sum(not self.examples[i].prompt_cut for i in global_idx))
+                micro.append(b)
         n_tok = sum(int(b["attention_mask"].sum()) for b in micro)
         return micro, n_tok
 
@@ -508,7 +561,8 @@ class Trainer:
                 self.print(f"--resume: no checkpoint in {self.out / 'checkpoints'}; starting from step 0")
         self.print(f"{self.log_prefix}world_size={self.world} global_batch={self.cfg.batch_size} "
                    f"micro_batch={self.cfg.batch_size // (self.world * self.cfg.grad_accum)} "
-                   f"grad_accum={self.cfg.grad_accum} steps={self.total} bf16={self.bf16} device={self.acc.device}")
+                   f"grad_accum={self.cfg.grad_accum} length_split={self.passes} steps={self.total} bf16={self.bf16} "
+                   f"device={self.acc.device}")
         if self.tracking:
             self.acc.init_trackers("tensorboard" if self.cfg.report_to == "tensorboard" else "moa")
         self.model.train()

@@ -72,6 +72,9 @@ def add_train_args(p, *, lr: float = 2e-4, batch_size: int = 8, steps_help: str 
     steps.add_argument("--epochs", type=float, default=None, help="passes over the data (instead of --max-steps)")
     g.add_argument("--batch-size", type=int, default=batch_size, help="global batch size in records")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each process")
+    g.add_argument("--length-split", type=int, default=None, metavar="N",
+                   help="run each micro-batch, sorted by length, as at most N passes padded to their own longest "
+                        "row, cut where that saves tokens; same gradient (default: 8 on a CPU, 1 elsewhere)")
     g.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
     g.add_argument("--max-length", type=int, default=512, help="truncate records to this many tokens")
     g.add_argument("--seed", type=int, default=0, help="seed for init, data order and dropout")
@@ -91,6 +94,7 @@ def add_train_args(p, *, lr: float = 2e-4, batch_size: int = 8, steps_help: str 
 def config_from_args(args, **overrides) -> TrainConfig:
     values = dict(
         max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        length_split=args.length_split,
         lr=args.lr, max_length=args.max_length, seed=args.seed, bf16=args.bf16, save_every=args.save_every,
         gradient_checkpointing=args.gradient_checkpointing, **validation_from_args(args),
     )
