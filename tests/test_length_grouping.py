@@ -151,3 +151,30 @@ def test_a_length_split_stage2_step_has_the_same_gradient(tmp_path, tiny_base, m
         torch.testing.assert_close(weights[1][k], weights[3][k], rtol=1e-3, atol=1e-5)
     assert main(["train", "--moa", str(tmp_path / "moa0"), "--data", str(train), "--out", str(tmp_path / "bad"),
                  "--length-split", "0"]) == 2
+
+
+def test_validation_batches_run_shortest_first(tmp_path, tiny_base, monkeypatch):
+    """Validation pads little: its batches come shortest first (the loss sums do not depend on the order)."""
+    import moa.trainer
+
+    calls, seen = [], []
+    validate, collate = moa.trainer.Trainer.validate, moa.trainer.collate
+
+    def spy_validate(self):
+        calls.append([])
+        return validate(self)
+
+    def spy_collate(exs, *a, **k):
+        if calls:
+            calls[-1].append([len(e.input_ids) for e in exs])
+        return collate(exs, *a, **k)
+
+    monkeypatch.setattr(moa.trainer.Trainer, "validate", spy_validate)
+    monkeypatch.setattr(moa.trainer, "collate", spy_collate)
+    train = two_expert_moa(tmp_path, tiny_base)
+    valid = write_jsonl(tmp_path / "valid.jsonl", [r for r in synthetic_records(6, seed=4) if r["domain"] != "json"])
+    assert main(["train", "--moa", str(tmp_path / "moa0"), "--data", str(train), "--out", str(tmp_path / "run"),
+                 "--max-steps", "2", "--batch-size", "4", "--no-bf16", "--eval-data", str(valid)]) == 0
+    assert len(calls) == 1 and len(calls[0]) == 3  # 12 records in batches of 4
+    lengths = [n for batch in calls[0] for n in batch]
+    assert lengths == sorted(lengths) and len(set(lengths)) > 1

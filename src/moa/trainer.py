@@ -484,9 +484,11 @@ class Trainer:
         try:
             mine = self.eval_examples[self.acc.process_index :: self.world]
             per = max(1, self.cfg.batch_size // (self.world * self.cfg.grad_accum))
-            # per domain: batches of one domain each, so that each domain's NLL sum is its own
+            # per domain: batches of one domain each, so that each domain's NLL sum is its own;
+            # shortest first, so that a batch pads little (the sums do not depend on the order)
             names = self.eval_domain_names if self.cfg.keep_best_per_domain else [None]
-            groups = [[e for e in mine if d is None or e.domain == d] for d in names]
+            groups = [sorted((e for e in mine if d is None or e.domain == d), key=lambda e: len(e.input_ids))
+                      for d in names]
             correct = rows = routed = 0.0
             by_domain = torch.zeros(len(names), 2, dtype=torch.float64)  # (D, [nll sum, label tokens])
             for g, group in enumerate(groups):
