@@ -458,16 +458,14 @@ class Trainer:
         mine = self.sampler.batch(step, self.acc.process_index, self.world)
         ga = self.cfg.grad_accum
         per = len(mine) // ga
+        counts = {"global_tokens": max(1, global_tokens), "global_rows": len(global_idx),
+                  "global_router_rows": max(1, sum(not self.examples[i].prompt_cut for i in global_idx))}
         micro = []
         for k in range(ga):
             exs = [self.examples[i] for i in mine[k * per : (k + 1) * per]]
             for part in length_split(exs, self.passes, PASS_COST_TOKENS):
                 b = collate(part, self.pad_id, self.domains, padding_side="right")
-                b = {key: v.to(self.acc.device) for key, v in b.items()}
-                b["global_tokens"] = max(1, global_tokens)
-                b["global_rows"] = len(global_idx)
-                b["global_router_rows"] = max(1, sum(not self.examples[i].prompt_cut for i in global_idx))
-                micro.append(b)
+                micro.append({**{key: v.to(self.acc.device) for key, v in b.items()}, **counts})
         n_tok = sum(int(b["attention_mask"].sum()) for b in micro)
         return micro, n_tok
 
