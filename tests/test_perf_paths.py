@@ -658,3 +658,57 @@ def test_single_lora_scores_and_generates_each_row_as_its_domain_alone(routed_mo
         one = peft_system("one", tiny_base, adapters[d], 5, 8)
         rows = [i for i, r in enumerate(records) if r.domain == d]
         assert [replies[i] for i in rows] == one.generate([prompts[i] for i in rows], [d] * len(rows))
+
+
+def test_the_stacked_experts_follow_updates_across_forwards():
+    """Without autograd, routed rows take their weights from stacked copies kept across forwards
+    (each forward builds a new choice): in-place updates, replaced parameters and tensors whose
+    `.data` was swapped (as `Module.to` does) must all be seen."""
+    layer, slot = make_layer()
+    index = [2, 0, 1, 0, 2]
+    x = torch.randn(5, 3, IN)
+
+    def check():
+        slot.set_choice(ExpertChoice.of(torch.tensor(index)))
+        torch.testing.assert_close(layer(x), reference(layer, x, index), rtol=1e-5, atol=1e-5)
+
+    with torch.no_grad():
+        check()
+        assert layer.shared._stacked is not None
+        layer.lora_A.mul_(-2.0)  # in place: a new version
+        check()
+        layer.lora_B.data = layer.lora_B.data * 3.0  # .data swapped: the version does not move
+        check()
+        layer.add_expert(torch.randn(R, IN), torch.randn(OUT, R), alpha=1.0)  # new parameters
+        index = [3, 0, 3, 1, 2]
+        check()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("name", ["mixed", "blocks", "single", "base_rows"])
+def test_the_base_matmul_accumulating_into_the_lora_output_equals_the_reference(name, bias):
+    """Where every row is routed, the B side runs first and the base's matmul accumulates into it
+    (Llama-style projections have no bias; Qwen2's q/k/v do)."""
+    g = torch.Generator().manual_seed(1)
+    base = nn.Linear(IN, OUT, bias=bias).requires_grad_(False)
+    slot = RoutingSlot()
+    layer = MoLoRALinear(base, slot)
+    for e in range(E):
+        layer.add_expert(torch.randn(R, IN, generator=g), torch.randn(OUT, R, generator=g), alpha=2.0)
+    index = INDEXES[name]
+    slot.set_choice(ExpertChoice.of(torch.tensor(index)))
+    x = torch.randn(len(index), 4, IN, generator=g)
+    x1 = x.clone().requires_grad_()
+    y = layer(x1)
+    with torch.no_grad():
+        want = reference(layer, x, index)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    y.sum().backward()  # d/dx of sum(x W^T + delta) = column sums of W + the LoRA's
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    grads = []
+    for i, e in enumerate(index):
+        d = base.weight.sum(0)
+        if e >= 0:
+            d = d + layer.scaling[e] * (B[e].sum(0) @ A[e])
+        grads.append(d.expand(4, IN))
+    torch.testing.assert_close(x1.grad, torch.stack(grads), rtol=1e-5, atol=1e-5)

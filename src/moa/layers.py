@@ -18,6 +18,10 @@ concatenated A matrices (one read of the input instead of three, and a wider, fa
 others take their slice of that result. The parameters stay per module, so checkpoints, adding
 and removing experts are as without sharing: the concatenation is of the (routed) weights, at
 forward time, and autograd splits the gradient back to each module's own A.
+
+Where every row is routed, the LoRA's B side runs first and the frozen layer's matmul accumulates
+into its output (`addmm_`): the base GEMM adds the delta inside its own blocks, instead of one
+more read and write of the whole output after it.
 """
 
 from __future__ import annotations
@@ -149,25 +153,31 @@ class MoLoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, in) -> (B, T, out)."""
-        # Runs 7 times per layer for every decoded token: direct dict lookups, not Module.__getattr__.
-        base = self._modules["base_layer"]
-        if type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks):
-            params = base._parameters
-            result = F.linear(x, params["weight"], params["bias"])  # (B, T, out); skips a module call per token
-        else:
-            result = base(x)
         slot = self.slot
         choice, weights = slot.choice, slot.weights
-        if (choice is None and weights is None) or not self.ranks:
-            return result
+        if (choice is None and weights is None) or not self.ranks or (choice is not None and choice.single == -1):
+            return self._base(x)
         dropout = self.training and isinstance(self._modules["dropout"], nn.Dropout)
-        if dropout:
-            x = self._modules["dropout"](x)
+        xl = self._modules["dropout"](x) if dropout else x  # the LoRA's input; the base reads x
         if weights is not None:
             A, B = self._expert_weights()  # (E, r, in), (E, out, r)
-            return result + self._soft(x.to(A.dtype), weights, A, B).to(result.dtype)
-        # x goes uncast: the modules sharing it recognise it by identity (`SharedInput.project` casts)
-        return self._hard(x, choice, result, alone=dropout)
+            result = self._base(x)
+            return result + self._soft(xl.to(A.dtype), weights, A, B).to(result.dtype)
+        # xl goes uncast: the modules sharing it recognise it by identity (`SharedInput.project` casts)
+        return self._hard(x, xl, choice, alone=dropout)
+
+    def _base(self, x: Tensor) -> Tensor:
+        """The frozen layer's output (B, T, out)."""
+        # Runs 7 times per layer for every decoded token: direct dict lookups, not Module.__getattr__.
+        base = self._modules["base_layer"]
+        if self._plain_base(base):
+            params = base._parameters
+            return F.linear(x, params["weight"], params["bias"])  # skips a module call per token
+        return base(x)
+
+    @staticmethod
+    def _plain_base(base: nn.Module) -> bool:
+        return type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
 
     def _expert_weights(self) -> tuple[Tensor, Tensor]:
         if self.trainable_mask is None:
@@ -176,8 +186,9 @@ class MoLoRALinear(nn.Module):
         m = self.trainable_mask[:, None, None]  # (E, 1, 1)
         return torch.where(m, self.lora_A, self.lora_A.detach()), torch.where(m, self.lora_B, self.lora_B.detach())
 
-    def _hard(self, x: Tensor, choice: ExpertChoice, result: Tensor, alone: bool) -> Tensor:
-        """result + each row's own expert applied to x: x (B, T, in), result (B, T, out).
+    def _hard(self, x: Tensor, xl: Tensor, choice: ExpertChoice, alone: bool) -> Tensor:
+        """The base output plus each row's own expert: x (B, T, in) the base's input, xl the LoRA's
+        (x after dropout) -> (B, T, out).
 
         Computes only the expert each row uses: plain matmuls when every row uses the same one;
         batched matmuls over blocks of rows when the rows come in equal blocks of one expert each
@@ -187,19 +198,31 @@ class MoLoRALinear(nn.Module):
         mask out the others: the weights are then read once per step instead of once per row, in
         two plain matmuls, for E times the (small) FLOPs of one token.
         The A side comes from this module's `SharedInput` (one matmul for the modules that read
-        x; `alone`: this module's x is its own, e.g. after its dropout). The delta is accumulated
-        into `result` in place (one pass over the output instead of three for delta, scaled delta
-        and sum), which is safe under autograd: the base linear does not save its output for
-        backward.
+        x; `alone`: this module's x is its own, e.g. after its dropout). The B side runs first when
+        every row is routed and the dtypes agree: the base's matmul then accumulates into the
+        LoRA's output (`addmm_`, beta = 1, inside the GEMM's own blocks), which saves a separate
+        read and write of the whole output. Otherwise the delta is added into the base's output in
+        place. Both are safe under autograd: neither matmul saves its output for backward.
         """
-        e = choice.single
-        if e is not None and e < 0:
-            return result
-        projected = (self._alone if alone else self.shared).project(self, x, choice)
+        projected = (self._alone if alone else self.shared).project(self, xl, choice)
         if projected is None:  # no expert of this choice targets this module
-            return result
+            return self._base(x)
         h, Bt, mode = projected
-        if mode == "plain":  # h (B, T, r), Bt (r, out); dense: h (B, 1, E*r), Bt (E*r, out)
+        base = self._modules["base_layer"]
+        W = base.weight if self._plain_base(base) else None
+        if (W is not None and choice.rows is None and x.dtype == h.dtype == Bt.dtype == W.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
+            out = self.out_features
+            if mode == "plain":  # h (B, T, r), Bt (r, out); dense: h (B, 1, E*r), Bt (E*r, out)
+                y = torch.matmul(h, Bt)  # (B, T, out)
+            else:  # grouped: h (G, n*T, r), Bt (G, r, out); gathered: h (B, T, r), Bt (B, r, out)
+                y = torch.bmm(h, Bt).view(*x.shape[:-1], out)  # (B, T, out)
+            if base.bias is not None:
+                y = y.add_(base.bias)
+            y.view(-1, out).addmm_(x.reshape(-1, self.in_features), W.t())
+            return y
+        result = self._base(x)
+        if mode == "plain":
             return _add_matmul(result, h, Bt)  # (B, T, out)
         if mode == "grouped":  # h (G, n*T, r), Bt (G, r, out): blocks of n rows
             if result.dtype == h.dtype == Bt.dtype and result.is_contiguous():
@@ -324,16 +347,18 @@ class SharedInput:
     identity, so a member called with any other tensor simply gets its own projection computed:
     grouping modules that do not share an input costs time, never correctness). Without autograd
     the concatenated weights are kept on the `ExpertChoice`, so decoding gathers them once per
-    choice, not once per token.
+    choice, not once per token; and the members' experts are kept stacked, scaled and transposed
+    across choices, so routed rows copy their weights from them in one gather per tensor.
 
     Args:
         members: the modules, in the order the model usually calls them (q, k, v).
     """
 
-    __slots__ = ("members", "_x", "_version", "_choice", "_h", "_waiting")
+    __slots__ = ("members", "_x", "_version", "_choice", "_h", "_waiting", "_stacked")
 
     def __init__(self, members) -> None:
         self.members = tuple(members)
+        self._stacked = None  # (weights, versions, A (E, R, in), per member scaled B^T (E, r, out) or None)
         self._forget()
 
     def _forget(self) -> None:
@@ -414,6 +439,10 @@ class SharedInput:
             index = choice.groups  # (G,)
         elif choice.single is None and not dense:
             index = choice.index if choice.rows is None else choice.index.index_select(0, choice.rows)  # (B',)
+        if cacheable and index is not None:
+            out = self._gather(index, weights)
+            choice.cache[key] = (weights, _versions(weights), out)
+            return out
         As, parts, masks, R = [], [], [], 0
         for m in self.members:
             A, B = m._expert_weights()  # (E, r_max, in), (E, out, r_max)
@@ -447,6 +476,37 @@ class SharedInput:
         if cacheable:
             choice.cache[key] = (weights, _versions(weights), out)
         return out
+
+    def _gather(self, index: Tensor, weights: tuple) -> tuple[Tensor | None, list, None]:
+        """`_routed_weights` for the experts `index` (B',) without autograd: one copy of the rows'
+        weights taken from the members' stacked, scaled and transposed experts, which are kept
+        (checked against in-place updates and replaced parameters) so that each forward does not
+        concatenate, scale and transpose them again."""
+        versions = (_versions(weights), tuple([w.data_ptr() for w in weights]))  # .data swapped by .to()
+        stacked = self._stacked
+        if stacked is None or not all(map(operator.is_, weights, stacked[0])) or versions != stacked[1]:
+            As, Bts = [], []
+            for m in self.members:
+                A, B = m.lora_A, m.lora_B  # (E, r_max, in), (E, out, r_max)
+                if B.shape[2] == 0:
+                    Bts.append(None)
+                    continue
+                As.append(A)
+                Bts.append((B * m.scaling[:, None, None]).transpose(1, 2).contiguous())  # (E, r_max, out)
+            A = None if not As else As[0] if len(As) == 1 else torch.cat(As, dim=1)  # (E, R, in)
+            stacked = self._stacked = (weights, versions, A, Bts)
+        A_all, Bts = stacked[2], stacked[3]
+        if A_all is None:
+            return None, [None] * len(self.members), None
+        parts, R = [], 0
+        for Bt in Bts:
+            if Bt is None:
+                parts.append(None)
+                continue
+            r = Bt.shape[1]
+            parts.append((R, R + r, Bt.index_select(0, index)))  # (B', r, out)
+            R += r
+        return A_all.index_select(0, index).transpose(1, 2), parts, None  # (B', in, R)
 
     def _weights(self) -> tuple:
         """Every member's expert tensors (lora_A, lora_B, scaling), held: identity is meaningful."""
