@@ -8,6 +8,7 @@ mixed over the 4 experts (explicit domains), float32, ratios of minima over inte
 
 forward: 8 x 128 random tokens; decode step: (generate 33 tokens - generate 1 token) / 32, 8
 rows, KV cache (both sides pay their own prefill once); generate: tokens/s of 33 tokens.
+"paired": the median over repeats of MoA's time over the base's in the same repeat.
 """
 import sys, time, tempfile, torch
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
@@ -58,10 +59,16 @@ with torch.inference_mode():
                  ("g33_base", lambda: t_gen_base(33)), ("g1_moa", lambda: t_gen_moa(1)), ("g33_moa", lambda: t_gen_moa(33))]
         if r % 2: order = order[::-1]
         for k, f in order: res[k].append(f())
+import statistics
+# Paired: each repeat's MoA time over the base's in the same repeat, median over repeats (robust
+# to a shared VM's drift, which moves whole runs by 5% or more).
+pair_fwd = statistics.median(a / b for a, b in zip(res["fwd_moa"], res["fwd_base"]))
+pair_step = statistics.median((m33 - m1) / (b33 - b1) for m33, m1, b33, b1 in
+                              zip(res["g33_moa"], res["g1_moa"], res["g33_base"], res["g1_base"]))
 m = {k: min(v) for k, v in res.items()}
 med = {k: sorted(v)[len(v) // 2] for k, v in res.items()}
 step_b, step_m = (m["g33_base"] - m["g1_base"]) / 32, (m["g33_moa"] - m["g1_moa"]) / 32
-print(f"forward 8x128: base {m['fwd_base']*1e3:.1f} ms, moa {m['fwd_moa']*1e3:.1f} ms, ratio of minima {m['fwd_moa']/m['fwd_base']:.3f} (medians {med['fwd_moa']/med['fwd_base']:.3f})")
+print(f"forward 8x128: base {m['fwd_base']*1e3:.1f} ms, moa {m['fwd_moa']*1e3:.1f} ms, ratio of minima {m['fwd_moa']/m['fwd_base']:.3f} (medians {med['fwd_moa']/med['fwd_base']:.3f}, paired {pair_fwd:.3f})")
 print(f"decode step (8 rows): base {step_b*1e3:.1f} ms, moa {step_m*1e3:.1f} ms, ratio {step_m/step_b:.3f} "
-      f"(medians {((med['g33_moa']-med['g1_moa'])/(med['g33_base']-med['g1_base'])):.3f})")
+      f"(medians {((med['g33_moa']-med['g1_moa'])/(med['g33_base']-med['g1_base'])):.3f}, paired {pair_step:.3f})")
 print(f"generate 33 tokens: tokens/s ratio moa/base {m['g33_base']/m['g33_moa']:.3f}")

@@ -712,3 +712,53 @@ def test_the_base_matmul_accumulating_into_the_lora_output_equals_the_reference(
             d = d + layer.scaling[e] * (B[e].sum(0) @ A[e])
         grads.append(d.expand(4, IN))
     torch.testing.assert_close(x1.grad, torch.stack(grads), rtol=1e-5, atol=1e-5)
+
+
+def test_float32_peft_systems_merge_their_adapter_and_score_as_unmerged(routed_moa_dir, tiny_base, tmp_path,
+                                                                         monkeypatch):
+    """The evaluation's PEFT systems merge the adapter in use into float32 weights (the bare base's
+    cost); their logits stay those of PEFT's unmerged forward, and bf16 weights are not merged."""
+    from conftest import synthetic_records, write_jsonl
+    from peft.tuners.tuners_utils import BaseTuner
+
+    merges = []
+    merge = BaseTuner.merge_adapter
+    monkeypatch.setattr(BaseTuner, "merge_adapter",
+                        lambda self, names=None, *a, **k: (merges.append(names), merge(self, names, *a, **k))[1])
+
+    from moa.base import load_base
+    from moa.data import collate, encode_records, read_records
+    from moa.evaluate import merges_exactly, peft_system
+    from moa.scoring import load_peft_adapter, score_examples
+
+    adapter = routed_moa_dir / "experts" / "math"
+    records, _ = read_records(write_jsonl(tmp_path / "s.jsonl", synthetic_records(2, seed=4)))
+    model, tok = load_base(tiny_base)
+    examples, _ = encode_records(tok, records, 256)
+    batch = {**collate(examples, tok.pad_token_id), "domain_names": [e.domain for e in examples]}
+    merged = peft_system("mixed_lora", tiny_base, adapter, 5, 8)
+    assert merges == [["default"]]
+    got, _ = merged.forward(batch)
+    unmerged = load_peft_adapter(model, adapter)
+    assert not any(getattr(m, "merged", False) for m in unmerged.modules())
+    with torch.no_grad():
+        want = unmerged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(want, load_base(tiny_base)[0](input_ids=batch["input_ids"]).logits)  # the adapter matters
+    assert merges_exactly(load_base(tiny_base)[0])
+    assert not merges_exactly(load_base(tiny_base)[0].to(torch.bfloat16))
+
+    # single_lora batches domain by domain, so it merges once per domain
+    calls = []
+    single = peft_system("single_lora", tiny_base, None, 5, 8,
+                         adapters_by_domain={d: routed_moa_dir / "experts" / d for d in ("math", "echo", "json")})
+    assert single.by_domain
+
+    def forward(b):
+        calls.append(b["domain_names"])
+        return single.forward(b)
+
+    score_examples(forward, examples, tok.pad_token_id, batch_size=2, progress=False, by_domain=True)
+    flat = [d for names in calls for d in names]
+    assert sum(a != b for a, b in zip(flat, flat[1:])) == len(set(flat)) - 1
+    assert merges[1:] == [[d] for d in sorted(set(flat))]  # one merge per domain, in the batches' order

@@ -75,6 +75,9 @@ class System:
     """(prompt message lists, domain labels) -> [(text, routed domain or None)]."""
     routed: bool = False
     close: Callable[[], None] = lambda: None
+    by_domain: bool = False
+    """The system runs one domain at a time (single_lora): its records are batched domain by domain
+    (by length within a domain), so a batch needs one adapter, not one per domain in it."""
 
 
 def _hf_generate(model, tok, prompts: list, max_new_tokens: int, batch_size: int) -> list[str]:
@@ -92,13 +95,39 @@ def _hf_generate(model, tok, prompts: list, max_new_tokens: int, batch_size: int
     return texts
 
 
+def merges_exactly(model) -> bool:
+    """Whether PEFT may merge adapters into this model's weights for evaluation: float32 weights
+    only. The merged forward is the same function up to float32 rounding (about 1e-7 relative) at
+    the bare base's cost; merged into bf16 or fp16 weights, the delta would lose its low bits, so
+    those models keep PEFT's unmerged forward."""
+    return all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def _merge(model, adapter: str) -> bool:
+    """Merge PEFT adapter `adapter` into the weights (after unmerging any other); False if PEFT
+    cannot merge this adapter (the unmerged forward then runs)."""
+    model.unmerge_adapter()
+    model.set_adapter(adapter)
+    try:
+        model.merge_adapter([adapter])
+    except (NotImplementedError, ValueError, RuntimeError, TypeError):
+        model.unmerge_adapter()
+        return False
+    return True
+
+
 def peft_system(name: str, base: str, adapter: str | Path | None, max_new_tokens: int, batch_size: int,
                 adapters_by_domain: dict[str, Path] | None = None) -> System:
-    """The base model, one PEFT adapter, or (adapters_by_domain) each domain's own adapter."""
+    """The base model, one PEFT adapter, or (adapters_by_domain) each domain's own adapter.
+
+    With float32 weights the adapter in use is merged into them (`merges_exactly`): PEFT's merge,
+    and for each domain's own adapter a merge per change of domain, so the system runs at the bare
+    base's cost."""
     from moa.base import load_base
     from moa.scoring import accepts_logits_to_keep, causal_lm_forward, load_peft_adapter
 
     model, tok = load_base(base)
+    merge = merges_exactly(model)
     if adapters_by_domain:
         from peft import PeftModel
 
@@ -107,6 +136,13 @@ def peft_system(name: str, base: str, adapter: str | Path | None, max_new_tokens
         for d in names[1:]:
             model.load_adapter(str(adapters_by_domain[d]), adapter_name=d)
         model.eval()
+        current: list[str | None] = [None]  # the adapter merged into the weights now
+
+        def use(d: str) -> None:
+            if not merge:
+                model.set_adapter(d)
+            elif current[0] != d:
+                current[0] = d if _merge(model, d) else None
 
         keeps = accepts_logits_to_keep(model)
 
@@ -116,7 +152,7 @@ def peft_system(name: str, base: str, adapter: str | Path | None, max_new_tokens
             kw = {"logits_to_keep": batch["logits_to_keep"]} if keeps and batch.get("logits_to_keep") else {}
             for d in sorted(set(rows)):
                 idx = [i for i, r in enumerate(rows) if r == d]
-                model.set_adapter(d)
+                use(d)
                 with torch.no_grad():
                     lg = model(input_ids=batch["input_ids"][idx].to(model.device),
                                attention_mask=batch["attention_mask"][idx].to(model.device), **kw).logits
@@ -129,14 +165,16 @@ def peft_system(name: str, base: str, adapter: str | Path | None, max_new_tokens
             texts = [""] * len(prompts)
             for d in sorted(set(doms)):
                 idx = [i for i, x in enumerate(doms) if x == d]
-                model.set_adapter(d)
+                use(d)
                 for i, t in zip(idx, _hf_generate(model, tok, [prompts[i] for i in idx], max_new_tokens, batch_size)):
                     texts[i] = t
             return [(t, None) for t in texts]
 
-        return System(name, fwd, gen)
+        return System(name, fwd, gen, by_domain=True)
     if adapter is not None:
         model = load_peft_adapter(model, adapter)
+        if merge:
+            _merge(model, model.active_adapter)
     return System(name, causal_lm_forward(model),
                   lambda prompts, doms: [(t, None) for t in _hf_generate(model, tok, prompts, max_new_tokens, batch_size)])
 
@@ -239,15 +277,19 @@ def evaluate_system(system: System, records, tok, *, batch_size: int = 8, max_le
     from moa.scoring import score_examples, summarize
 
     examples, _ = encode_records(tok, records, max_length)
-    rows = score_examples(system.forward, examples, tok.pad_token_id, batch_size, progress, desc=f"{system.name} ppl")
+    rows = score_examples(system.forward, examples, tok.pad_token_id, batch_size, progress, desc=f"{system.name} ppl",
+                          by_domain=system.by_domain)
     ppl = summarize(rows)
     result: dict = {}
     gens: dict[int, tuple[str, str | None]] = {}
     if generate:
         # Shortest prompts first: a batch then holds prompts of similar length, so little left
         # padding is run (as scoring batches by length); replies are keyed by record, so the
-        # order changes no number. Ties keep file order.
-        chosen = sorted(first_per_domain(records, generate_limit), key=lambda i: examples[i].prompt_len)
+        # order changes no number. Ties keep file order. A system that runs one domain at a time
+        # gets them domain by domain.
+        key = ((lambda i: (records[i].domain, examples[i].prompt_len)) if system.by_domain
+               else (lambda i: examples[i].prompt_len))
+        chosen = sorted(first_per_domain(records, generate_limit), key=key)
         prompts = [records[i].prompt_messages for i in chosen]
         doms = [records[i].domain for i in chosen]
         from tqdm.auto import tqdm

@@ -82,15 +82,21 @@ def score_examples(
     progress: bool = True,
     desc: str = "score",
     trim_prompt: bool = True,
+    by_domain: bool = False,
 ) -> list[dict]:
     """Score every example; rows are batched by length. Returns one dict per example, in order:
     {"index", "domain", "logprob", "tokens", **extras}.
 
     trim_prompt: ask the forward (batch["logits_to_keep"], see `logits_to_keep`) for the logits
-    of the positions that predict a label and after only; a forward may ignore it."""
+    of the positions that predict a label and after only; a forward may ignore it.
+    by_domain: batch domain by domain (by length within each), for a forward that runs one domain
+    at a time."""
     from tqdm.auto import tqdm
 
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    if by_domain:
+        order = sorted(range(len(examples)), key=lambda i: (examples[i].domain, len(examples[i].input_ids)))
+    else:
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     results: list[dict | None] = [None] * len(examples)
     with tqdm(total=len(examples), desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0) as bar:
         for s in range(0, len(order), batch_size):
