@@ -762,3 +762,37 @@ def test_float32_peft_systems_merge_their_adapter_and_score_as_unmerged(routed_m
     flat = [d for names in calls for d in names]
     assert sum(a != b for a, b in zip(flat, flat[1:])) == len(set(flat)) - 1
     assert merges[1:] == [[d] for d in sorted(set(flat))]  # one merge per domain, in the batches' order
+
+
+def test_an_adapter_peft_cannot_merge_runs_unmerged(routed_moa_dir, tiny_base, tmp_path, monkeypatch):
+    from conftest import synthetic_records, write_jsonl
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from moa.base import load_base
+    from moa.data import collate, encode_records, read_records
+    from moa.evaluate import peft_system
+    from moa.scoring import load_peft_adapter
+
+    tries = []
+
+    def cannot(self, *a, **k):
+        tries.append(a)
+        raise NotImplementedError("no merge for this layer type")
+
+    monkeypatch.setattr(BaseTuner, "merge_adapter", cannot)
+    records, _ = read_records(write_jsonl(tmp_path / "s.jsonl", synthetic_records(2, seed=5)))
+    tok = load_base(tiny_base)[1]
+    examples, _ = encode_records(tok, records, 256)
+    batch = {**collate(examples, tok.pad_token_id), "domain_names": [e.domain for e in examples]}
+    adapters = {d: routed_moa_dir / "experts" / d for d in ("math", "echo", "json")}
+    single = peft_system("single_lora", tiny_base, None, 5, 8, adapters_by_domain=adapters)
+    logits, _ = single.forward(batch)
+    single.forward(batch)
+    assert len(tries) == 1  # tried once, then every domain runs unmerged
+    for d, adapter in adapters.items():
+        alone = load_peft_adapter(load_base(tiny_base)[0], adapter)
+        i = batch["domain_names"].index(d)
+        n = int(batch["attention_mask"][i].sum())
+        with torch.no_grad():
+            want = alone(input_ids=batch["input_ids"][i:i + 1, :n]).logits[0]
+        torch.testing.assert_close(logits[i, :n], want, rtol=1e-4, atol=1e-4)

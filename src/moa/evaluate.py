@@ -137,12 +137,14 @@ def peft_system(name: str, base: str, adapter: str | Path | None, max_new_tokens
             model.load_adapter(str(adapters_by_domain[d]), adapter_name=d)
         model.eval()
         current: list[str | None] = [None]  # the adapter merged into the weights now
+        merging = [merge]
 
         def use(d: str) -> None:
-            if not merge:
+            if not merging[0]:
                 model.set_adapter(d)
             elif current[0] != d:
-                current[0] = d if _merge(model, d) else None
+                merging[0] = _merge(model, d)  # once PEFT cannot merge, every domain runs unmerged
+                current[0] = d if merging[0] else None
 
         keeps = accepts_logits_to_keep(model)
 

@@ -348,7 +348,8 @@ class SharedInput:
     grouping modules that do not share an input costs time, never correctness). Without autograd
     the concatenated weights are kept on the `ExpertChoice`, so decoding gathers them once per
     choice, not once per token; and the members' experts are kept stacked, scaled and transposed
-    across choices, so routed rows copy their weights from them in one gather per tensor.
+    across choices (one more copy of the experts' weights in memory), so routed rows copy their
+    weights from them in one gather per tensor.
 
     Args:
         members: the modules, in the order the model usually calls them (q, k, v).
