@@ -363,7 +363,7 @@ class SharedInput:
 
     def __init__(self, members) -> None:
         self.members = tuple(members)
-        self._stacked = None  # (weights, versions, A (E, R, in), per member scaled B^T (E, r, out) or None)
+        self._stacked = None  # (weights, their stamp, A (E, R, in), per member scaled B^T (E, r, out) or None)
         self._forget()
 
     def _forget(self) -> None:
@@ -445,8 +445,9 @@ class SharedInput:
         elif choice.single is None and not dense:
             index = choice.index if choice.rows is None else choice.index.index_select(0, choice.rows)  # (B',)
         if cacheable and index is not None:
-            out = self._gather(index, weights)
-            choice.cache[key] = (weights, _versions(weights), out)
+            versions = _versions(weights)
+            out = self._gather(index, weights, versions)
+            choice.cache[key] = (weights, versions, out)
             return out
         As, parts, masks, R = [], [], [], 0
         for m in self.members:
@@ -482,14 +483,14 @@ class SharedInput:
             choice.cache[key] = (weights, _versions(weights), out)
         return out
 
-    def _gather(self, index: Tensor, weights: tuple) -> tuple[Tensor | None, list, None]:
+    def _gather(self, index: Tensor, weights: tuple, versions: tuple) -> tuple[Tensor | None, list, None]:
         """`_routed_weights` for the experts `index` (B',) without autograd: one copy of the rows'
         weights taken from the members' stacked, scaled and transposed experts, which are kept
         (checked against in-place updates and replaced parameters) so that each forward does not
         concatenate, scale and transpose them again."""
-        versions = (_versions(weights), tuple([w.data_ptr() for w in weights]))  # .data swapped by .to()
+        stamp = (versions, tuple([w.data_ptr() for w in weights]))  # the pointers: .data swapped by .to()
         stacked = self._stacked
-        if stacked is None or not all(map(operator.is_, weights, stacked[0])) or versions != stacked[1]:
+        if stacked is None or not all(map(operator.is_, weights, stacked[0])) or stamp != stacked[1]:
             As, Bts = [], []
             for m in self.members:
                 A, B = m.lora_A, m.lora_B  # (E, r_max, in), (E, out, r_max)
@@ -499,7 +500,7 @@ class SharedInput:
                 As.append(A)
                 Bts.append((B * m.scaling[:, None, None]).transpose(1, 2).contiguous())  # (E, r_max, out)
             A = None if not As else As[0] if len(As) == 1 else torch.cat(As, dim=1)  # (E, R, in)
-            stacked = self._stacked = (weights, versions, A, Bts)
+            stacked = self._stacked = (weights, stamp, A, Bts)
         A_all, Bts = stacked[2], stacked[3]
         if A_all is None:
             return None, [None] * len(self.members), None
