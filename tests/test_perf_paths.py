@@ -157,7 +157,7 @@ def test_autocast_and_a_bf16_base_fall_back_to_out_of_place_adds():
             layer.base_layer.to(torch.float32)
 
 
-def make_siblings(seed: int = 0) -> tuple[list[MoLoRALinear], RoutingSlot]:
+def make_siblings(seed: int = 0, bias: bool = True) -> tuple[list[MoLoRALinear], RoutingSlot]:
     """Three modules of one slot reading one input, of different widths and ranks; expert 2 skips
     the second module and has a smaller rank in the first (zero padding inside the fused A)."""
     g = torch.Generator().manual_seed(seed)
@@ -165,7 +165,7 @@ def make_siblings(seed: int = 0) -> tuple[list[MoLoRALinear], RoutingSlot]:
     slot = RoutingSlot()
     mods = []
     for k, (out, ranks) in enumerate([(OUT, (R, R, 2)), (OUT + 4, (R, 3, 0)), (OUT - 4, (R, R, R))]):
-        base = nn.Linear(IN, out)
+        base = nn.Linear(IN, out, bias=bias)
         base.requires_grad_(False)
         mod = MoLoRALinear(base, slot)
         for e, r in enumerate(ranks):
@@ -237,6 +237,40 @@ def test_a_bf16_base_still_shares_one_a_projection(index, monkeypatch):
             outs.append([m(x) for m in mods])
         assert len(calls) == (1 if fused else 3)
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0.02)
+
+
+@pytest.mark.parametrize("name", ["mixed", "blocks", "single", "dense", "skipped"])
+@pytest.mark.parametrize("T", [1, 8])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_group_computes_its_members_outputs_at_once(name, T, bias):
+    """Without autograd, every row routed, the first member called computes every member's whole
+    output; with few rows (one-token steps) the members' B sides run as one matmul over a
+    block-diagonal B^T. Any call order gives the reference, each base weight is read once by
+    `addmm_`, and nothing is kept once every member has its output."""
+    from moa import layers
+
+    # dense: more than 2E rows, every one routed, one token each; skipped: expert 2 skips the second module
+    index = {"dense": [2, 0, 1, 0, 2, 1, 1, 0], "skipped": [2] * 5}.get(name) or INDEXES[name]
+    mods, slot = make_siblings(bias=bias)
+    share_input(mods)
+    x = torch.randn(len(index), T, IN)
+    for order in (mods, mods[::-1]):
+        choice = ExpertChoice.of(torch.tensor(index))
+        slot.set_choice(choice)
+        with torch.no_grad(), _Calls() as calls:
+            ys = {id(m): m(x) for m in order}
+        for m in mods:
+            torch.testing.assert_close(ys[id(m)], reference(m, x, index), rtol=1e-5, atol=1e-5)
+        assert mods[0].shared._outs is None and mods[0].shared._x is None
+        for m in mods:
+            used = [n for n, ptrs in calls.calls
+                    if m.base_layer.weight.data_ptr() in ptrs and n in ("linear", "addmm_", "mm", "matmul")]
+            skipped = name == "skipped" and m is mods[1]
+            assert used == (["linear"] if skipped else ["addmm_"])
+        rows = len(index) * T
+        assert any(key[-1] == "fused B" for key in choice.cache) is (rows <= layers._FUSED_B_ROWS)
+        many = sum(n in ("mm", "bmm") for n, _ in calls.calls)  # the A side, then the B side(s)
+        assert many == 1 + (1 if rows <= layers._FUSED_B_ROWS else 3 - (name == "skipped"))
 
 
 def test_a_shared_input_follows_another_tensor_and_updated_weights():

@@ -21,7 +21,9 @@ forward time, and autograd splits the gradient back to each module's own A.
 
 Without autograd, where every row is routed, the LoRA's B side runs first and the frozen layer's
 matmul accumulates into its output (`addmm_`): the base GEMM adds the delta inside its own
-blocks, instead of one more read and write of the whole output after it.
+blocks, instead of one more read and write of the whole output after it. There the first member
+of a `SharedInput` to see an input computes every member's whole output at once, and with few
+rows (decoding) runs the members' B sides as one matmul (`SharedInput.output`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+
+_FUSED_B_ROWS = 32
+"""`SharedInput.output` runs its members' B sides as one matmul over a block-diagonal B^T when the
+input has at most this many rows (tokens): the zeros cost (members - 1) times the B side's small
+FLOPs, which pays where a matmul's fixed cost exceeds its arithmetic (decoding). SmolLM2-135M's
+q/k/v and gate/up B sides, rank 8, 2 threads, separate against fused: 18 / 12 us and 20 / 18 us at
+8 rows, 29 / 22 and 48 / 44 us at 32, 42 / 40 and 90 / 98 us at 64."""
 
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Sibling linear modules that read one input tensor in Llama / Qwen2 / Mistral-style decoder layers:
@@ -205,26 +214,33 @@ class MoLoRALinear(nn.Module):
         into the base's output in place, which is safe under autograd: the base's matmul does not
         save its output for backward.
         """
-        projected = (self._alone if alone else self.shared).project(self, xl, choice)
+        shared = self._alone if alone else self.shared
+        if xl is x and choice.rows is None and not torch.is_grad_enabled():
+            y = shared.output(self, x, choice)
+            if y is not None:
+                return y
+        projected = shared.project(self, xl, choice)
         if projected is None:  # no expert of this choice targets this module
             return self._base(x)
-        h, Bt, mode = projected
+        h, Bt, mode, x2 = projected
         base = self._modules["base_layer"]
-        W = base.weight if self._plain_base(base) else None
+        out = self.out_features
+        W = base._parameters["weight"] if self._plain_base(base) else None
         # Not under autograd: an in-place add into a view of the LoRA's output is recorded as a
         # copy of the slices, which made forward + backward 6% slower than the old order.
         if (W is not None and choice.rows is None and x.dtype == h.dtype == Bt.dtype == W.dtype
                 and not torch.is_autocast_enabled(x.device.type)
                 and not (torch.is_grad_enabled() and (h.requires_grad or Bt.requires_grad or x.requires_grad))):
-            out = self.out_features
-            if mode == "plain":  # h (B, T, r), Bt (r, out); dense: h (B, 1, E*r), Bt (E*r, out)
-                y = torch.matmul(h, Bt)  # (B, T, out)
+            if mode == "plain":  # h (B*T, r), Bt (r, out); dense: h (B, E*r), Bt (E*r, out)
+                y = torch.mm(h, Bt)  # (B*T, out)
             else:  # grouped: h (G, n*T, r), Bt (G, r, out); gathered: h (B, T, r), Bt (B, r, out)
-                y = torch.bmm(h, Bt).view(*x.shape[:-1], out)  # (B, T, out)
-            if base.bias is not None:
-                y = y.add_(base.bias)
-            y.view(-1, out).addmm_(x.reshape(-1, self.in_features), W.t())
-            return y
+                y = torch.bmm(h, Bt).view(-1, out)  # (B*T, out)
+            bias = base._parameters["bias"]
+            if bias is not None:
+                y.add_(bias)
+            if x2 is None or xl is not x or x2.dtype != x.dtype:  # x2: the LoRA's input as (B*T, in)
+                x2 = x.reshape(-1, self.in_features)
+            return y.addmm_(x2, W.t()).view(*x.shape[:-1], out)
         result = self._base(x)
         if mode == "plain":
             return _add_matmul(result, h, Bt)  # (B, T, out)
@@ -359,7 +375,7 @@ class SharedInput:
         members: the modules, in the order the model usually calls them (q, k, v).
     """
 
-    __slots__ = ("members", "_x", "_version", "_choice", "_h", "_waiting", "_stacked")
+    __slots__ = ("members", "_x", "_version", "_choice", "_h", "_waiting", "_stacked", "_outs")
 
     def __init__(self, members) -> None:
         self.members = tuple(members)
@@ -369,46 +385,31 @@ class SharedInput:
     def _forget(self) -> None:
         self._x = self._version = self._choice = self._h = None  # the input, its projection (B', T, R)
         self._waiting: set[int] = set()  # ids of the members that have not taken their slice yet
+        self._outs: dict[int, Tensor] | None = None  # `output`: the members' outputs not yet taken
 
     def __repr__(self) -> str:
         return f"SharedInput({len(self.members)} modules)"
 
     def project(self, member: "MoLoRALinear", x: Tensor, choice: ExpertChoice):
-        """member's (x A^T, routed scaled B^T, mode) for a choice, or None if it has no expert there.
+        """member's (x A^T, routed scaled B^T, mode, x2) for a choice, or None if it has no expert there.
 
         x: (B, T, in), the member's input before any cast. Mode "plain", every row on expert e:
-        (B, T, r), (r, out). "grouped", rows in G equal blocks of one expert each: (G, n*T, r),
+        (B*T, r), (r, out). "grouped", rows in G equal blocks of one expert each: (G, n*T, r),
         (G, r, out). "gathered", mixed: (B', T, r) and (B', r, out) of the routed rows B'. "plain"
         for mixed rows with one token each (decoding), dense: every expert on every row,
-        (B, 1, E*r) with the other experts' columns zeroed, and (E*r, out).
+        (B, E*r) with the other experts' columns zeroed, and (E*r, out). x2: the input as
+        (B*T, in) in the experts' dtype (None where the projection did not need it), so that the
+        members do not reshape it again.
         """
-        if not (self._x is x and self._choice is choice and self._version == _version(x)):
-            # One token per row and more than twice as many rows as experts: reading every expert
-            # once then costs less than reading each row's own gathered copy. At 8 rows on 4
-            # experts the gathered path measured faster (docs/RESULTS.md, Performance II).
-            grouped = choice.groups is not None and x.dim() == 3
-            dense = (not grouped and choice.single is None and x.dim() == 3 and x.shape[1] == 1
-                     and x.shape[0] > 2 * self.members[0].num_experts)
-            mode = "plain" if choice.single is not None or dense else "grouped" if grouped else "gathered"
-            A, parts, mask = self._routed_weights(choice, mode, dense)
+        if not (self._x is x and self._choice is choice and self._version == _version(x) and self._h is not None):
             self._forget()
-            if A is None:
+            projected = self._project(x, choice)
+            if projected is None:
                 return None
-            xs = x if x.dtype == A.dtype else x.to(A.dtype)  # (B, T, in)
-            if mode == "plain":
-                h = F.linear(xs, A)  # (B, T, R), dense: (B, 1, E*R)
-                if dense:
-                    h = h.mul_(mask[:, None])  # each row keeps its own expert's columns
-            elif mode == "grouped":
-                h = torch.bmm(xs.reshape(A.shape[0], -1, xs.shape[-1]), A)  # (G, n*T, R)
-            else:
-                if choice.rows is not None:
-                    xs = xs.index_select(0, choice.rows)  # (B', T, in)
-                h = torch.bmm(xs, A)  # (B', T, R)
-            self._x, self._version, self._choice, self._h = x, _version(x), choice, (h, parts, mode)
+            self._x, self._version, self._choice, self._h = x, _version(x), choice, projected
             if len(self.members) > 1:
                 self._waiting = {id(m) for m in self.members}
-        h, parts, mode = self._h
+        h, parts, mode, x2 = self._h
         part = parts[self.members.index(member)] if len(parts) > 1 else parts[0]
         if self._waiting:
             self._waiting.discard(id(member))
@@ -418,17 +419,135 @@ class SharedInput:
             return None
         start, stop, Bt = part
         if start == 0 and stop == h.shape[-1]:
-            return h, Bt, mode
-        return h[..., start:stop], Bt, mode  # h: a view, its rows strided as the matmuls allow
+            return h, Bt, mode, x2
+        return h[..., start:stop], Bt, mode, x2  # h: a view, its rows strided as the matmuls allow
+
+    def _project(self, x: Tensor, choice: ExpertChoice):
+        """(x A^T of every member, per member (start, stop, B^T) or None, mode, x2) as `project`
+        describes them, or None when no member has an expert in this choice."""
+        # One token per row and more than twice as many rows as experts: reading every expert
+        # once then costs less than reading each row's own gathered copy. At 8 rows on 4
+        # experts the gathered path measured faster (docs/RESULTS.md, Performance II).
+        grouped = choice.groups is not None and x.dim() == 3
+        dense = (not grouped and choice.single is None and x.dim() == 3 and x.shape[1] == 1
+                 and x.shape[0] > 2 * self.members[0].num_experts)
+        mode = "plain" if choice.single is not None or dense else "grouped" if grouped else "gathered"
+        A, parts, mask = self._routed_weights(choice, mode, dense)
+        if A is None:
+            return None
+        xs = x if x.dtype == A.dtype else x.to(A.dtype)  # (B, T, in)
+        x2 = None
+        if mode == "plain":  # A: A^T (in, R), dense (in, E*R)
+            x2 = xs.reshape(-1, xs.shape[-1])  # (B*T, in)
+            h = torch.mm(x2, A)  # (B*T, R), dense: (B, E*R)
+            if dense:
+                h = h.mul_(mask)  # each row keeps its own expert's columns
+        elif mode == "grouped":
+            h = torch.bmm(xs.reshape(A.shape[0], -1, xs.shape[-1]), A)  # (G, n*T, R)
+        else:
+            if choice.rows is not None:
+                xs = xs.index_select(0, choice.rows)  # (B', T, in)
+            h = torch.bmm(xs, A)  # (B', T, R)
+        return h, parts, mode, x2
+
+    def output(self, member: "MoLoRALinear", x: Tensor, choice: ExpertChoice) -> Tensor | None:
+        """Without autograd, every row routed: member's whole output (B, T, out), its frozen layer's
+        plus its expert's, or None where this path does not apply (autocast, a base that is not a
+        plain `nn.Linear`, dtypes that differ: the caller then runs the general one).
+
+        The first member called with x computes every member's output: one A projection, the B
+        side, then each frozen weight's matmul accumulating into its member's part (`addmm_`,
+        beta = 1). The others take theirs. With few rows (decoding), the members' B sides run as
+        one matmul over a block-diagonal B^T, and the outputs are column slices of one tensor, as a
+        fused q/k/v projection's are: 2 small matmuls per group instead of 1 + one per member,
+        each of which costs more in dispatch and threads than in arithmetic.
+        """
+        outs = self._outs
+        if outs is not None and self._x is x and self._choice is choice and self._version == _version(x):
+            y = outs.pop(id(member), None)
+            if y is not None:
+                if not outs:
+                    self._forget()
+                return y
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        bases = []
+        for m in self.members:
+            base = m._modules["base_layer"]
+            W = base._parameters["weight"] if m._plain_base(base) else None
+            if W is None or W.dtype != x.dtype or m._parameters["lora_A"].dtype != x.dtype:
+                return None
+            bases.append((W, base._parameters["bias"]))
+        self._forget()
+        projected = self._project(x, choice)
+        if projected is None:  # no member has an expert here
+            return None
+        h, parts, mode, x2 = projected
+        if x2 is None:
+            x2 = x.reshape(-1, x.shape[-1])  # (B*T, in)
+        rows = x2.shape[0]
+        shape = x.shape[:-1]
+        ys = {}
+        if rows <= _FUSED_B_ROWS and sum(p is not None for p in parts) > 1:
+            Bt, cols = self._fused_B(choice, mode, parts)  # (..., R, O), per member (start, stop) or None
+            y = torch.mm(h, Bt) if mode == "plain" else torch.bmm(h, Bt).view(rows, -1)  # (B*T, O)
+            for m, part, (W, bias), col in zip(self.members, parts, bases, cols):
+                if part is None:
+                    ys[id(m)] = F.linear(x, W, bias)
+                    continue
+                start, stop = col
+                ym = y[:, start:stop]  # (B*T, out): strided rows of y
+                if bias is not None:
+                    ym.add_(bias)
+                ys[id(m)] = ym.addmm_(x2, W.t()).view(*shape, stop - start)
+        else:
+            for m, part, (W, bias) in zip(self.members, parts, bases):
+                if part is None:
+                    ys[id(m)] = F.linear(x, W, bias)
+                    continue
+                start, stop, Bt = part
+                hm = h if start == 0 and stop == h.shape[-1] else h[..., start:stop]
+                ym = torch.mm(hm, Bt) if mode == "plain" else torch.bmm(hm, Bt).view(rows, -1)  # (B*T, out)
+                if bias is not None:
+                    ym.add_(bias)
+                ys[id(m)] = ym.addmm_(x2, W.t()).view(*shape, ym.shape[-1])
+        y = ys.pop(id(member))
+        if ys:
+            self._x, self._version, self._choice, self._outs = x, _version(x), choice, ys
+        return y
+
+    def _fused_B(self, choice: ExpertChoice, mode: str, parts: list) -> tuple[Tensor, list]:
+        """The members' routed B^T as one block-diagonal matrix (..., R, O): member m's rows
+        (start, stop) of the projection against its own columns; and each member's columns.
+        Kept on the choice (this runs only without autograd)."""
+        key = (self, mode, "fused B")
+        hit = choice.cache.get(key)
+        if hit is not None and hit[0] is parts:
+            return hit[1], hit[2]
+        first = next(p for p in parts if p is not None)[2]
+        R = max(p[1] for p in parts if p is not None)
+        O = sum(p[2].shape[-1] for p in parts if p is not None)
+        Bt = first.new_zeros(*first.shape[:-2], R, O)
+        cols, o = [], 0
+        for part in parts:
+            if part is None:
+                cols.append(None)
+                continue
+            start, stop, Bm = part
+            Bt[..., start:stop, o:o + Bm.shape[-1]] = Bm
+            cols.append((o, o + Bm.shape[-1]))
+            o += Bm.shape[-1]
+        choice.cache[key] = (parts, Bt, cols)
+        return Bt, cols
 
     def _routed_weights(self, choice: ExpertChoice, mode: str, dense: bool = False
                         ) -> tuple[Tensor | None, list, Tensor | None]:
         """(the members' routed A concatenated on the rank axis, per member (start, stop, B^T) or None,
         the dense row mask or None).
 
-        Every row uses expert e: A (R, in) of the members' unpadded A_e. Gathered: A^T (B', in, R)
+        Every row uses expert e: A^T (in, R) of the members' unpadded A_e. Gathered: A^T (B', in, R)
         of each routed row's padded A; grouped: A^T (G, in, R) of each block's; `dense`: all experts
-        (E*R, in), member by member, expert by expert, with B^T (E*r, out) and the mask (B, E*R)
+        A^T (in, E*R), member by member, expert by expert, with B^T (E*r, out) and the mask (B, E*R)
         of each row's own columns. Without autograd (generation) kept on the choice, checked
         against in-place updates and replaced parameters of every member.
         """
@@ -476,6 +595,8 @@ class SharedInput:
             A = As[0] if len(As) == 1 else torch.cat(As, dim=-2)  # (R, in), (E, R, in) or (E*R, in)
             if index is not None:
                 A = A.index_select(0, index).transpose(1, 2)  # (B', in, R); grouped: (G, in, R)
+            else:
+                A = A.t()  # (in, R) or (in, E*R)
             if dense:
                 mask = torch.cat(masks, dim=1).to(A.dtype)  # (B, E*R)
         out = A, parts, mask
@@ -545,11 +666,12 @@ def _versions(tensors: tuple) -> tuple:
 
 
 def _add_matmul(result: Tensor, h: Tensor, Bt: Tensor) -> Tensor:
-    """result + h @ Bt. result: (..., out), h: (..., r), Bt: (r, out); in place when possible."""
+    """result + h @ Bt. result: (..., out), h: (N, r) with N the rows of result, Bt: (r, out); in
+    place when possible."""
     if result.dtype == h.dtype == Bt.dtype and result.is_contiguous():
-        result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), Bt)
+        result.view(-1, result.shape[-1]).addmm_(h, Bt)
         return result
-    return result + torch.matmul(h, Bt).to(result.dtype)  # e.g. bf16 base or autocast
+    return result + torch.mm(h, Bt.to(h.dtype)).view(result.shape).to(result.dtype)  # e.g. bf16 base or autocast
 
 
 def _add_bmm(result: Tensor, h: Tensor, Bt: Tensor) -> Tensor:
