@@ -634,6 +634,73 @@ def test_scoring_skips_the_head_on_the_prompt_and_changes_no_number(routed_moa_d
         assert any(kept < total for total, kept in seen[name]), name  # the head really ran on fewer positions
 
 
+def test_common_prefix_stops_short_of_every_prompts_last_token():
+    from moa.data import Example
+    from moa.scoring import common_prefix
+
+    def ex(ids, prompt_len):
+        return Example(index=0, domain="d", input_ids=ids, labels=ids, prompt_len=prompt_len)
+
+    a, b = ex([1, 2, 3, 4, 5, 6], 5), ex([1, 2, 3, 9, 5, 6], 4)
+    assert common_prefix([a, b]) == 3
+    assert common_prefix([a, ex([1, 2, 3, 4, 5, 7], 3)]) == 2  # that prompt's last token is its own
+    assert common_prefix([a, ex([7, 2, 3], 2)]) == 0
+    assert common_prefix([a]) == 0  # nothing to share
+    assert common_prefix([a, ex([1, 2, 3, 4, 5, 6], 1)]) == 0
+
+
+def test_scoring_runs_the_shared_prefix_once_and_changes_no_number(routed_moa_dir, tiny_base, tmp_path):
+    """Rows that all start with the same tokens (a chat template's system text) score the same
+    with the prefix's KV cache computed once (`PrefixKV`): the batches run only what follows it,
+    and a change of the weights (a PEFT merge, say) computes it again."""
+    from conftest import synthetic_records, write_jsonl
+
+    from moa.base import load_base
+    from moa.data import encode_records, read_records
+    from moa.evaluate import peft_system
+    from moa.scoring import PrefixKV, causal_lm_forward, common_prefix, load_peft_adapter, score_examples
+
+    records, _ = read_records(write_jsonl(tmp_path / "s.jsonl", synthetic_records(4, seed=5)))
+    base, tok = load_base(tiny_base)
+    system = [{"role": "system", "content": "You answer briefly and exactly, as the examples do."}]
+    for r in records:  # a system text of our own in front of every prompt
+        r.messages = system + r.messages
+    examples, _ = encode_records(tok, records, 256)
+    P = common_prefix(examples)
+    assert P > 20
+    pad = tok.pad_token_id
+    adapter = load_peft_adapter(load_base(tiny_base)[0], routed_moa_dir / "experts" / "math")
+    single = peft_system("single_lora", tiny_base, None, 4, 4,
+                         adapters_by_domain={d: routed_moa_dir / "experts" / d for d in ("math", "echo", "json")})
+    for name, fwd in {"base": causal_lm_forward(base), "adapter": causal_lm_forward(adapter),
+                      "single": single.forward}.items():
+        widths = []
+        shared = score_examples(lambda b: widths.append(b["input_ids"].shape[1]) or fwd(b), examples, pad,
+                                batch_size=3, progress=False, trim_prompt=False)
+        whole = score_examples(lambda b: fwd({**b, "prefix_len": 0}), examples, pad, batch_size=3, progress=False,
+                               trim_prompt=False)
+        assert [r["tokens"] for r in shared] == [r["tokens"] for r in whole]
+        assert [r["logprob"] for r in shared] == pytest.approx([r["logprob"] for r in whole], rel=1e-5, abs=1e-5), name
+
+    calls = []
+    base.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    lm = PrefixKV(base)
+    ids = torch.stack([torch.tensor(e.input_ids[:P + 6]) for e in examples[:4]])  # (4, P + 6)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        got = lm.logits(ids, mask, prefix_len=P)
+        lm.logits(ids, mask, prefix_len=P)
+        assert calls == [(1, P), (4, 6), (4, 6)]  # the prefix once, then only what follows it
+        torch.testing.assert_close(got, base(input_ids=ids, attention_mask=mask).logits[:, P:], rtol=1e-5, atol=1e-5)
+        base.model.layers[0].mlp.down_proj.weight.mul_(1.5)  # in place: the prefix's cache is stale
+        torch.testing.assert_close(lm.logits(ids, mask, prefix_len=P), base(input_ids=ids, attention_mask=mask).logits[:, P:],
+                                   rtol=1e-5, atol=1e-5)
+        other = ids.clone()
+        other[1, 0] += 1  # a row without the prefix: the whole rows run
+        torch.testing.assert_close(lm.logits(other, mask, prefix_len=P), base(input_ids=other, attention_mask=mask).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_metrics_keep_the_ppl_digits_of_near_deterministic_domains(routed_moa_dir, tmp_path):
     """metrics.json's PPLs keep 6 decimals: on a domain scored near 1.0000 the loss differences
     between systems are in the 5th and 6th decimals of the PPL. The report's per-domain changes

@@ -124,7 +124,7 @@ def peft_system(name: str, base: str, adapter: str | Path | None, max_new_tokens
     and for each domain's own adapter a merge per change of domain, so the system runs at the bare
     base's cost."""
     from moa.base import load_base
-    from moa.scoring import accepts_logits_to_keep, causal_lm_forward, load_peft_adapter
+    from moa.scoring import PrefixKV, causal_lm_forward, load_peft_adapter
 
     model, tok = load_base(base)
     merge = merges_exactly(model)
@@ -146,18 +146,17 @@ def peft_system(name: str, base: str, adapter: str | Path | None, max_new_tokens
                 merging[0] = _merge(model, d)  # once PEFT cannot merge, every domain runs unmerged
                 current[0] = d if merging[0] else None
 
-        keeps = accepts_logits_to_keep(model)
+        lm = PrefixKV(model)
 
         def fwd(batch):
             logits = None
             rows = batch["domain_names"]
-            kw = {"logits_to_keep": batch["logits_to_keep"]} if keeps and batch.get("logits_to_keep") else {}
             for d in sorted(set(rows)):
                 idx = [i for i, r in enumerate(rows) if r == d]
                 use(d)
                 with torch.no_grad():
-                    lg = model(input_ids=batch["input_ids"][idx].to(model.device),
-                               attention_mask=batch["attention_mask"][idx].to(model.device), **kw).logits
+                    lg = lm.logits(batch["input_ids"][idx], batch["attention_mask"][idx],
+                                   batch.get("logits_to_keep", 0), batch.get("prefix_len", 0), state=d)
                 if logits is None:
                     logits = lg.new_zeros(len(rows), *lg.shape[1:])
                 logits[idx] = lg

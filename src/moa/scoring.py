@@ -36,18 +36,96 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 def causal_lm_forward(model) -> Callable[[dict], tuple[torch.Tensor, list[dict]]]:
     """Forward fn for a transformers CausalLM / PeftModel: returns (logits, per-row extras); the
-    logits of the last `batch["logits_to_keep"]` positions only, where the model can."""
+    logits of the last `batch["logits_to_keep"]` positions only, where the model can, and after
+    the `batch["prefix_len"]` tokens every row starts with only (`PrefixKV`)."""
 
-    device = next(model.parameters()).device
-    keeps = accepts_logits_to_keep(model)
+    lm = PrefixKV(model)
 
     def fwd(batch):
-        kw = {"logits_to_keep": batch["logits_to_keep"]} if keeps and batch.get("logits_to_keep") else {}
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                    use_cache=False, **kw)
-        return out.logits, [{} for _ in range(batch["input_ids"].size(0))]
+        logits = lm.logits(batch["input_ids"], batch["attention_mask"], batch.get("logits_to_keep", 0),
+                           batch.get("prefix_len", 0))
+        return logits, [{} for _ in range(batch["input_ids"].size(0))]
 
     return fwd
+
+
+class PrefixKV:
+    """A transformers CausalLM (or a PeftModel around one) scoring batches whose rows all start with
+    the same tokens, such as a chat template's system text (SmolLM2's is 24 tokens, a quarter of
+    the demo's test tokens): the KV cache of that prefix is computed once and copied into each
+    batch, which then runs only the positions after it. The logits are those of the whole rows
+    up to float rounding (the prefix's keys and values do not depend on what follows them).
+
+    The cache is kept for one prefix and one state of the weights: any in-place change of a
+    parameter (a PEFT merge, say) or another `state` (e.g. the active adapter's name) computes
+    it again. A model whose forward takes no cache runs whole rows.
+    """
+
+    def __init__(self, model) -> None:
+        import inspect
+
+        self.model = model
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(inner.forward).parameters
+        self.keeps = accepts_logits_to_keep(model)
+        self.cache_kw = next((k for k in ("cache", "past_key_values") if k in params), None)
+        self._key = self._cache = None
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0, prefix_len: int = 0,
+               state=None) -> torch.Tensor:
+        """(B, T', V): the logits of the last T' positions of input_ids (B, T): the last `keep` when
+        keep > 0 and the model can trim, else those after the first `prefix_len` tokens (which
+        every row must share), else all T."""
+        model = self.model
+        device = next(model.parameters()).device
+        ids, mask = input_ids.to(device), attention_mask.to(device)
+        kw = {"logits_to_keep": keep} if self.keeps and keep else {}
+        P = prefix_len
+        if not (P and self.cache_kw and P < ids.shape[1] and bool((ids[:, :P] == ids[:1, :P]).all())):
+            return model(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits
+        import copy
+
+        from moa.generation import cache_of
+
+        prefix = ids[0, :P]
+        key = (tuple(prefix.tolist()), state, _param_versions(model))
+        if self._key != key:
+            self._key, self._cache = None, cache_of(model(input_ids=prefix[None], use_cache=True))
+            self._key = key
+        cache = copy.deepcopy(self._cache)  # a batch's forward appends to its cache
+        cache.batch_repeat_interleave(ids.shape[0])
+        positions = torch.arange(P, ids.shape[1], device=device)[None].expand(ids.shape[0], -1)  # (B, T - P)
+        return model(input_ids=ids[:, P:], attention_mask=mask, position_ids=positions, use_cache=True,
+                     **{self.cache_kw: cache}, **kw).logits
+
+
+def _param_versions(model) -> tuple:
+    """The in-place update counters of a model's parameters (None for inference tensors)."""
+    out = []
+    for p in model.parameters():
+        try:
+            out.append(p._version)
+        except RuntimeError:  # an inference tensor
+            out.append(None)
+    return tuple(out)
+
+
+def common_prefix(examples: Sequence[Example]) -> int:
+    """How many first tokens every example shares, short of the last token of every prompt (the
+    positions from there on predict the labels and are computed per row); 0 for fewer than 2."""
+    if len(examples) < 2:
+        return 0
+    first = examples[0].input_ids
+    n = min(min(e.prompt_len for e in examples) - 1, len(first))
+    for e in examples[1:]:
+        ids = e.input_ids
+        k = 0
+        while k < n and ids[k] == first[k]:
+            k += 1
+        n = k
+        if n == 0:
+            break
+    return max(n, 0)
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -90,7 +168,9 @@ def score_examples(
     trim_prompt: ask the forward (batch["logits_to_keep"], see `logits_to_keep`) for the logits
     of the positions that predict a label and after only; a forward may ignore it.
     by_domain: batch domain by domain (by length within each), for a forward that runs one domain
-    at a time."""
+    at a time.
+    Every batch also says how many first tokens all the examples share (batch["prefix_len"],
+    `common_prefix`): a forward may compute them once for all batches (`PrefixKV`) or ignore it."""
     from tqdm.auto import tqdm
 
     if by_domain:
@@ -98,11 +178,13 @@ def score_examples(
     else:
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     results: list[dict | None] = [None] * len(examples)
+    prefix_len = common_prefix(examples)
     with tqdm(total=len(examples), desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0) as bar:
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
             batch = collate([examples[i] for i in idx], pad_id, padding_side="right")
             batch["domain_names"] = [examples[i].domain for i in idx]
+            batch["prefix_len"] = prefix_len
             if trim_prompt:
                 batch["logits_to_keep"] = logits_to_keep(batch["labels"])
             logits, extras = forward(batch)  # (B, T', V): a forward may give the last T' <= T positions only
