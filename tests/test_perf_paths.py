@@ -701,6 +701,32 @@ def test_scoring_runs_the_shared_prefix_once_and_changes_no_number(routed_moa_di
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_baseline_generation_takes_the_shared_prefix_from_its_cache(tiny_base):
+    """The PEFT systems' generation puts the prompts' shared start before the padding and takes it
+    from the prefix's KV cache: the same replies as left-padded whole prompts, and the batch's first
+    forward runs only what follows the prefix."""
+    from moa.base import load_base
+    from moa.evaluate import _hf_generate
+    from moa.scoring import PrefixKV
+
+    model, tok = load_base(tiny_base)
+    system = {"role": "system", "content": "You answer briefly and exactly, as the examples do."}
+    prompts = [[system, {"role": "user", "content": q}] for q in ("Add 3 and 4.", "REPEAT: stone stone",
+                                                                  "json key=k7", "Add 30 and 12, then say why.")]
+    widths = []
+    model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    plain = _hf_generate(model, tok, prompts, 12, 3)
+    first_plain = widths[0]
+    widths.clear()
+    lm = PrefixKV(model)
+    shared = _hf_generate(model, tok, prompts, 12, 3, lm)
+    assert shared == plain and any(plain)
+    P = lm._cache.get_seq_length()
+    assert P > 20 and widths[0] == P  # the prefix, once
+    assert widths[1] == first_plain - P  # then the first batch without it
+    assert _hf_generate(model, tok, prompts[:1], 12, 3, lm) == plain[:1]  # one prompt: nothing shared
+
+
 def test_metrics_keep_the_ppl_digits_of_near_deterministic_domains(routed_moa_dir, tmp_path):
     """metrics.json's PPLs keep 6 decimals: on a domain scored near 1.0000 the loss differences
     between systems are in the 5th and 6th decimals of the PPL. The report's per-domain changes

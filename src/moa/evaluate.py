@@ -80,17 +80,34 @@ class System:
     (by length within a domain), so a batch needs one adapter, not one per domain in it."""
 
 
-def _hf_generate(model, tok, prompts: list, max_new_tokens: int, batch_size: int) -> list[str]:
+def _hf_generate(model, tok, prompts: list, max_new_tokens: int, batch_size: int, lm=None, state=None) -> list[str]:
+    """Greedy replies of a transformers / PEFT model, batch_size prompts at a time, left padded.
+
+    lm: the model's `PrefixKV`: the first tokens every prompt of a batch shares (the chat
+    template's system text) are then put before the padding, [prefix | pads | rest], and come from
+    its cache; positions and attention are those of the left-padded batch, so the replies are the
+    same up to float rounding. state: as `PrefixKV`'s."""
+    from moa.scoring import shared_start
+
     texts = []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s : s + batch_size]
         rendered = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in chunk]
-        tok.padding_side = "left"
-        enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        rows = [tok(r, add_special_tokens=False)["input_ids"] for r in rendered]
+        P = shared_start(rows, min(map(len, rows)) - 1) if lm is not None and lm.cache_kw else 0
+        T = max(map(len, rows))
+        ids = torch.full((len(rows), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padded after the shared prefix
+            ids[i, T - len(r) + P:], mask[i, T - len(r) + P:] = torch.tensor(r[P:]), 1
+            ids[i, :P], mask[i, :P] = torch.tensor(r[:P], dtype=torch.long), 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        kw = {lm.cache_kw: lm.batch_cache(ids[0, :P], len(rows), state)} if P else {}
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        for row in out[:, enc["input_ids"].shape[1]:]:
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=tok.eos_token_id, **kw)
+        for row in out[:, T:]:
             texts.append(tok.decode(row, skip_special_tokens=True).strip())
     return texts
 
@@ -167,7 +184,8 @@ def peft_system(name: str, base: str, adapter: str | Path | None, max_new_tokens
             for d in sorted(set(doms)):
                 idx = [i for i, x in enumerate(doms) if x == d]
                 use(d)
-                for i, t in zip(idx, _hf_generate(model, tok, [prompts[i] for i in idx], max_new_tokens, batch_size)):
+                for i, t in zip(idx, _hf_generate(model, tok, [prompts[i] for i in idx], max_new_tokens, batch_size,
+                                                  lm, state=d)):
                     texts[i] = t
             return [(t, None) for t in texts]
 
@@ -176,8 +194,10 @@ def peft_system(name: str, base: str, adapter: str | Path | None, max_new_tokens
         model = load_peft_adapter(model, adapter)
         if merge:
             _merge(model, model.active_adapter)
-    return System(name, causal_lm_forward(model),
-                  lambda prompts, doms: [(t, None) for t in _hf_generate(model, tok, prompts, max_new_tokens, batch_size)])
+    lm = PrefixKV(model)
+    return System(name, causal_lm_forward(model, lm),
+                  lambda prompts, doms: [(t, None) for t in _hf_generate(model, tok, prompts, max_new_tokens, batch_size,
+                                                                         lm)])
 
 
 def moa_system(name: str, moa_dir, routing: str, max_new_tokens: int, batch_size: int, model=None,

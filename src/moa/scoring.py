@@ -34,12 +34,13 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return -per_row_sums(nll, keep), keep.sum(-1)
 
 
-def causal_lm_forward(model) -> Callable[[dict], tuple[torch.Tensor, list[dict]]]:
+def causal_lm_forward(model, lm: "PrefixKV | None" = None) -> Callable[[dict], tuple[torch.Tensor, list[dict]]]:
     """Forward fn for a transformers CausalLM / PeftModel: returns (logits, per-row extras); the
     logits of the last `batch["logits_to_keep"]` positions only, where the model can, and after
-    the `batch["prefix_len"]` tokens every row starts with only (`PrefixKV`)."""
+    the `batch["prefix_len"]` tokens every row starts with only (`PrefixKV`: `lm`, to share one
+    with the model's generation)."""
 
-    lm = PrefixKV(model)
+    lm = lm or PrefixKV(model)
 
     def fwd(batch):
         logits = lm.logits(batch["input_ids"], batch["attention_mask"], batch.get("logits_to_keep", 0),
@@ -83,20 +84,27 @@ class PrefixKV:
         P = prefix_len
         if not (P and self.cache_kw and P < ids.shape[1] and bool((ids[:, :P] == ids[:1, :P]).all())):
             return model(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits
+        cache = self.batch_cache(ids[0, :P], ids.shape[0], state)
+        positions = torch.arange(P, ids.shape[1], device=device)[None].expand(ids.shape[0], -1)  # (B, T - P)
+        return model(input_ids=ids[:, P:], attention_mask=mask, position_ids=positions, use_cache=True,
+                     **{self.cache_kw: cache}, **kw).logits
+
+    def batch_cache(self, prefix: torch.Tensor, rows: int, state=None):
+        """A new KV cache of `rows` rows holding the prefix (P,) (on the model's device): a batch's
+        forward appends to it, so each batch gets its own copy of the one computed."""
         import copy
 
         from moa.generation import cache_of
 
-        prefix = ids[0, :P]
-        key = (tuple(prefix.tolist()), state, _param_versions(model))
+        key = (tuple(prefix.tolist()), state, _param_versions(self.model))
         if self._key != key:
-            self._key, self._cache = None, cache_of(model(input_ids=prefix[None], use_cache=True))
+            self._key = None
+            with torch.no_grad():
+                self._cache = cache_of(self.model(input_ids=prefix[None], use_cache=True))
             self._key = key
-        cache = copy.deepcopy(self._cache)  # a batch's forward appends to its cache
-        cache.batch_repeat_interleave(ids.shape[0])
-        positions = torch.arange(P, ids.shape[1], device=device)[None].expand(ids.shape[0], -1)  # (B, T - P)
-        return model(input_ids=ids[:, P:], attention_mask=mask, position_ids=positions, use_cache=True,
-                     **{self.cache_kw: cache}, **kw).logits
+        cache = copy.deepcopy(self._cache)
+        cache.batch_repeat_interleave(rows)
+        return cache
 
 
 def _param_versions(model) -> tuple:
@@ -113,19 +121,22 @@ def _param_versions(model) -> tuple:
 def common_prefix(examples: Sequence[Example]) -> int:
     """How many first tokens every example shares, short of the last token of every prompt (the
     positions from there on predict the labels and are computed per row); 0 for fewer than 2."""
-    if len(examples) < 2:
+    return shared_start([e.input_ids for e in examples], min((e.prompt_len for e in examples), default=0) - 1)
+
+
+def shared_start(seqs: Sequence[Sequence[int]], limit: int) -> int:
+    """The length of the longest start every sequence shares, at most `limit`; 0 for fewer than 2."""
+    if len(seqs) < 2 or limit <= 0:
         return 0
-    first = examples[0].input_ids
-    n = min(min(e.prompt_len for e in examples) - 1, len(first))
-    for e in examples[1:]:
-        ids = e.input_ids
+    first, n = seqs[0], min(limit, len(seqs[0]))
+    for ids in seqs[1:]:
         k = 0
-        while k < n and ids[k] == first[k]:
+        while k < n and k < len(ids) and ids[k] == first[k]:
             k += 1
         n = k
         if n == 0:
             break
-    return max(n, 0)
+    return n
 
 
 def accepts_logits_to_keep(model) -> bool:
