@@ -96,6 +96,8 @@ def _hf_generate(model, tok, prompts: list, max_new_tokens: int, batch_size: int
         rendered = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in chunk]
         rows = [tok(r, add_special_tokens=False)["input_ids"] for r in rendered]
         P = shared_start(rows, min(map(len, rows)) - 1) if lm is not None and lm.cache_kw else 0
+        cache = lm.batch_cache(torch.tensor(rows[0][:P], device=model.device), len(rows), state) if P else None
+        P = P if cache is not None else 0  # no cache to copy into rows: whole prompts
         T = max(map(len, rows))
         ids = torch.full((len(rows), T), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), T), dtype=torch.long)
@@ -103,7 +105,7 @@ def _hf_generate(model, tok, prompts: list, max_new_tokens: int, batch_size: int
             ids[i, T - len(r) + P:], mask[i, T - len(r) + P:] = torch.tensor(r[P:]), 1
             ids[i, :P], mask[i, :P] = torch.tensor(r[:P], dtype=torch.long), 1
         ids, mask = ids.to(model.device), mask.to(model.device)
-        kw = {lm.cache_kw: lm.batch_cache(ids[0, :P], len(rows), state)} if P else {}
+        kw = {lm.cache_kw: cache} if cache is not None else {}
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=pad, eos_token_id=tok.eos_token_id, **kw)

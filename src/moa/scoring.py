@@ -85,13 +85,16 @@ class PrefixKV:
         if not (P and self.cache_kw and P < ids.shape[1] and bool((ids[:, :P] == ids[:1, :P]).all())):
             return model(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits
         cache = self.batch_cache(ids[0, :P], ids.shape[0], state)
+        if cache is None:
+            return model(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits
         positions = torch.arange(P, ids.shape[1], device=device)[None].expand(ids.shape[0], -1)  # (B, T - P)
         return model(input_ids=ids[:, P:], attention_mask=mask, position_ids=positions, use_cache=True,
                      **{self.cache_kw: cache}, **kw).logits
 
     def batch_cache(self, prefix: torch.Tensor, rows: int, state=None):
         """A new KV cache of `rows` rows holding the prefix (P,) (on the model's device): a batch's
-        forward appends to it, so each batch gets its own copy of the one computed."""
+        forward appends to it, so each batch gets its own copy of the one computed. None for a
+        cache that cannot be copied into rows (not a transformers `Cache`)."""
         import copy
 
         from moa.generation import cache_of
@@ -102,6 +105,8 @@ class PrefixKV:
             with torch.no_grad():
                 self._cache = cache_of(self.model(input_ids=prefix[None], use_cache=True))
             self._key = key
+        if not hasattr(self._cache, "batch_repeat_interleave"):
+            return None
         cache = copy.deepcopy(self._cache)
         cache.batch_repeat_interleave(rows)
         return cache
