@@ -22,8 +22,8 @@ forward time, and autograd splits the gradient back to each module's own A.
 Without autograd, where every row is routed, the LoRA's B side runs first and the frozen layer's
 matmul accumulates into its output (`addmm_`): the base GEMM adds the delta inside its own
 blocks, instead of one more read and write of the whole output after it. There the first member
-of a `SharedInput` to see an input computes every member's whole output at once, and with few
-rows (decoding) runs the members' B sides as one matmul (`SharedInput.output`).
+of a `SharedInput` to see an input computes every member's whole output at once
+(`SharedInput.output`).
 """
 
 from __future__ import annotations
@@ -36,13 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-_FUSED_B_ROWS = 32
-"""`SharedInput.output` runs its members' B sides as one matmul over a block-diagonal B^T when the
-input has at most this many rows (tokens): the zeros cost (members - 1) times the B side's small
-FLOPs, which pays where a matmul's fixed cost exceeds its arithmetic (decoding). SmolLM2-135M's
-q/k/v and gate/up B sides, rank 8, 2 threads, separate against fused: 18 / 12 us and 20 / 18 us at
-8 rows, 29 / 22 and 48 / 44 us at 32, 42 / 40 and 90 / 98 us at 64."""
 
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Sibling linear modules that read one input tensor in Llama / Qwen2 / Mistral-style decoder layers:
@@ -455,12 +448,11 @@ class SharedInput:
         plus its expert's, or None where this path does not apply (autocast, a base that is not a
         plain `nn.Linear`, dtypes that differ: the caller then runs the general one).
 
-        The first member called with x computes every member's output: one A projection, the B
-        side, then each frozen weight's matmul accumulating into its member's part (`addmm_`,
-        beta = 1). The others take theirs. With few rows (decoding), the members' B sides run as
-        one matmul over a block-diagonal B^T, and the outputs are column slices of one tensor, as a
-        fused q/k/v projection's are: 2 small matmuls per group instead of 1 + one per member,
-        each of which costs more in dispatch and threads than in arithmetic.
+        The first member called with x computes every member's output: one A projection, each
+        member's B side, then each frozen weight's matmul accumulating into it (`addmm_`, beta =
+        1). The others take theirs: one call does the group's Python and bookkeeping once, not
+        once per member, which is most of what a one-token step's small matmuls cost besides
+        their dispatch.
         """
         outs = self._outs
         if outs is not None and self._x is x and self._choice is choice and self._version == _version(x):
@@ -488,57 +480,20 @@ class SharedInput:
         rows = x2.shape[0]
         shape = x.shape[:-1]
         ys = {}
-        if rows <= _FUSED_B_ROWS and sum(p is not None for p in parts) > 1:
-            Bt, cols = self._fused_B(choice, mode, parts)  # (..., R, O), per member (start, stop) or None
-            y = torch.mm(h, Bt) if mode == "plain" else torch.bmm(h, Bt).view(rows, -1)  # (B*T, O)
-            for m, part, (W, bias), col in zip(self.members, parts, bases, cols):
-                if part is None:
-                    ys[id(m)] = F.linear(x, W, bias)
-                    continue
-                start, stop = col
-                ym = y[:, start:stop]  # (B*T, out): strided rows of y
-                if bias is not None:
-                    ym.add_(bias)
-                ys[id(m)] = ym.addmm_(x2, W.t()).view(*shape, stop - start)
-        else:
-            for m, part, (W, bias) in zip(self.members, parts, bases):
-                if part is None:
-                    ys[id(m)] = F.linear(x, W, bias)
-                    continue
-                start, stop, Bt = part
-                hm = h if start == 0 and stop == h.shape[-1] else h[..., start:stop]
-                ym = torch.mm(hm, Bt) if mode == "plain" else torch.bmm(hm, Bt).view(rows, -1)  # (B*T, out)
-                if bias is not None:
-                    ym.add_(bias)
-                ys[id(m)] = ym.addmm_(x2, W.t()).view(*shape, ym.shape[-1])
+        for m, part, (W, bias) in zip(self.members, parts, bases):
+            if part is None:
+                ys[id(m)] = F.linear(x, W, bias)
+                continue
+            start, stop, Bt = part
+            hm = h if start == 0 and stop == h.shape[-1] else h[..., start:stop]
+            ym = torch.mm(hm, Bt) if mode == "plain" else torch.bmm(hm, Bt).view(rows, -1)  # (B*T, out)
+            if bias is not None:
+                ym.add_(bias)
+            ys[id(m)] = ym.addmm_(x2, W.t()).view(*shape, ym.shape[-1])
         y = ys.pop(id(member))
         if ys:
             self._x, self._version, self._choice, self._outs = x, _version(x), choice, ys
         return y
-
-    def _fused_B(self, choice: ExpertChoice, mode: str, parts: list) -> tuple[Tensor, list]:
-        """The members' routed B^T as one block-diagonal matrix (..., R, O): member m's rows
-        (start, stop) of the projection against its own columns; and each member's columns.
-        Kept on the choice (this runs only without autograd)."""
-        key = (self, mode, "fused B")
-        hit = choice.cache.get(key)
-        if hit is not None and hit[0] is parts:
-            return hit[1], hit[2]
-        first = next(p for p in parts if p is not None)[2]
-        R = max(p[1] for p in parts if p is not None)
-        O = sum(p[2].shape[-1] for p in parts if p is not None)
-        Bt = first.new_zeros(*first.shape[:-2], R, O)
-        cols, o = [], 0
-        for part in parts:
-            if part is None:
-                cols.append(None)
-                continue
-            start, stop, Bm = part
-            Bt[..., start:stop, o:o + Bm.shape[-1]] = Bm
-            cols.append((o, o + Bm.shape[-1]))
-            o += Bm.shape[-1]
-        choice.cache[key] = (parts, Bt, cols)
-        return Bt, cols
 
     def _routed_weights(self, choice: ExpertChoice, mode: str, dense: bool = False
                         ) -> tuple[Tensor | None, list, Tensor | None]:
