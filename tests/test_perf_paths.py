@@ -696,6 +696,10 @@ def test_scoring_runs_the_shared_prefix_once_and_changes_no_number(routed_moa_di
         other[1, 0] += 1  # a row without the prefix: the whole rows run
         torch.testing.assert_close(lm.logits(other, mask, prefix_len=P), base(input_ids=other, attention_mask=mask).logits,
                                    rtol=1e-5, atol=1e-5)
+        base.to(torch.bfloat16)  # bf16 weights: whole rows, exactly as without a prefix
+        calls.clear()
+        assert torch.equal(PrefixKV(base).logits(ids, mask, prefix_len=P), base(input_ids=ids, attention_mask=mask).logits)
+        assert calls == [(4, P + 6), (4, P + 6)]
 
 
 def test_baseline_generation_takes_the_shared_prefix_from_its_cache(tiny_base):

@@ -59,7 +59,11 @@ class PrefixKV:
 
     The cache is kept for one prefix and one state of the weights: any in-place change of a
     parameter (a PEFT merge, say) or another `state` (e.g. the active adapter's name) computes
-    it again. A model whose forward takes no cache runs whole rows.
+    it again. A model whose forward takes no cache runs whole rows, and so does one with bf16 or
+    fp16 weights: there the prefix's keys and values from a forward of their own round
+    differently from the batch's (SmolLM2-135M in bf16: mean |logit error| against float32 0.141
+    with the prefix cached, 0.118 without, and PPL moved by about 1%), while whole rows score the
+    same at any batch size.
     """
 
     def __init__(self, model) -> None:
@@ -69,7 +73,8 @@ class PrefixKV:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         params = inspect.signature(inner.forward).parameters
         self.keeps = accepts_logits_to_keep(model)
-        self.cache_kw = next((k for k in ("cache", "past_key_values") if k in params), None)
+        exact = all(p.dtype == torch.float32 for p in model.parameters())  # see the class docstring
+        self.cache_kw = next((k for k in ("cache", "past_key_values") if k in params), None) if exact else None
         self._key = self._cache = None
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0, prefix_len: int = 0,
