@@ -87,9 +87,8 @@ class PrefixKV:
         ids, mask = input_ids.to(device), attention_mask.to(device)
         kw = {"logits_to_keep": keep} if self.keeps and keep else {}
         P = prefix_len
-        if not (P and self.cache_kw and P < ids.shape[1] and bool((ids[:, :P] == ids[:1, :P]).all())):
-            return model(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits
-        cache = self.batch_cache(ids[0, :P], ids.shape[0], state)
+        shared = P and self.cache_kw and P < ids.shape[1] and bool((ids[:, :P] == ids[:1, :P]).all())
+        cache = self.batch_cache(ids[0, :P], ids.shape[0], state) if shared else None
         if cache is None:
             return model(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits
         positions = torch.arange(P, ids.shape[1], device=device)[None].expand(ids.shape[0], -1)  # (B, T - P)
@@ -104,7 +103,9 @@ class PrefixKV:
 
         from moa.generation import cache_of
 
-        key = (tuple(prefix.tolist()), state, _param_versions(self.model))
+        from moa.layers import _versions
+
+        key = (tuple(prefix.tolist()), state, _versions(tuple(self.model.parameters())))
         if self._key != key:
             self._key = None
             with torch.no_grad():
@@ -115,17 +116,6 @@ class PrefixKV:
         cache = copy.deepcopy(self._cache)
         cache.batch_repeat_interleave(rows)
         return cache
-
-
-def _param_versions(model) -> tuple:
-    """The in-place update counters of a model's parameters (None for inference tensors)."""
-    out = []
-    for p in model.parameters():
-        try:
-            out.append(p._version)
-        except RuntimeError:  # an inference tensor
-            out.append(None)
-    return tuple(out)
 
 
 def common_prefix(examples: Sequence[Example]) -> int:
