@@ -17,7 +17,7 @@ from torch import nn
 from moa import MoAModel
 from moa.errors import MoAError
 from moa.generation import encode_prompts
-from moa.layers import ExpertChoice, MoLoRALinear, RoutingSlot, share_input
+from moa.layers import ExpertChoice, MoLoRALinear, RoutingSlot, cpu_gemm, share_input
 
 IN, OUT, E, R = 24, 20, 3, 4
 
@@ -254,7 +254,7 @@ def test_a_group_computes_its_members_outputs_at_once(name, T, bias):
     for order in (mods, mods[::-1]):
         choice = ExpertChoice.of(torch.tensor(index))
         slot.set_choice(choice)
-        with torch.no_grad(), _Calls() as calls:
+        with torch.no_grad(), cpu_gemm("default"), _Calls() as calls:
             ys = {id(order[0]): order[0](x)}
             assert set(mods[0].shared._outs) == {id(m) for m in order[1:]}  # the others' outputs, ready
             ys.update({id(m): m(x) for m in order[1:]})
@@ -842,7 +842,7 @@ def test_the_base_matmul_accumulating_into_the_lora_output_equals_the_reference(
     index = INDEXES[name]
     slot.set_choice(ExpertChoice.of(torch.tensor(index)))
     x = torch.randn(len(index), 4, IN, generator=g)
-    with torch.set_grad_enabled(grad), _Calls() as calls:
+    with torch.set_grad_enabled(grad), cpu_gemm("default"), _Calls() as calls:
         y = layer(x.clone().requires_grad_(grad))
     with torch.no_grad():
         want = reference(layer, x, index)
@@ -934,3 +934,125 @@ def test_an_adapter_peft_cannot_merge_runs_unmerged(routed_moa_dir, tiny_base, t
         with torch.no_grad():
             want = alone(input_ids=batch["input_ids"][i:i + 1, :n]).logits[0]
         torch.testing.assert_close(logits[i, :n], want, rtol=1e-4, atol=1e-4)
+
+
+def _counting_onednn(monkeypatch):
+    """Count the calls of moa.layers' two oneDNN entry points (which still run)."""
+    import moa.layers as layers
+
+    with cpu_gemm("onednn"):
+        assert layers._onednn_ok()  # its one-time probe, before counting
+    used = {"linear": 0, "add": 0}
+    lin, add = layers._onednn_linear, layers._onednn_linear_add
+
+    def count_lin(*a):
+        used["linear"] += 1
+        return lin(*a)
+
+    def count_add(*a):
+        used["add"] += 1
+        return add(*a)
+
+    monkeypatch.setattr(layers, "_onednn_linear", count_lin)
+    monkeypatch.setattr(layers, "_onednn_linear_add", count_add)
+    return used
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("T", [1, 8])
+@pytest.mark.parametrize("name", list(INDEXES))
+def test_frozen_projections_on_onednn_equal_the_reference(name, T, monkeypatch):
+    """On a CPU in float32 without autograd, the frozen projections run on oneDNN (MOA_CPU_GEMM's
+    default), for every routing path, single and shared inputs, with and without bias: the
+    outputs equal the row-by-row reference to float rounding, and the default GEMM's outputs."""
+    used = _counting_onednn(monkeypatch)
+    index = INDEXES[name]
+    for bias in (False, True):
+        mods, slot = make_siblings(bias=bias)
+        layer, lslot = make_layer()
+        share_input(mods)
+        x = torch.randn(len(index), T, IN)
+        for m, s in [(layer, lslot)] + [(m, slot) for m in mods]:
+            s.set_choice(ExpertChoice.of(torch.tensor(index)))
+        with torch.no_grad():
+            with cpu_gemm("default"):
+                want = [m(x) for m in [layer] + mods]
+            before = dict(used)
+            with cpu_gemm("onednn"):
+                got = [m(x) for m in [layer] + mods]
+        assert sum(used.values()) - sum(before.values()) == 4  # each module's base projection, once
+        for m, y, w in zip([layer] + mods, got, want):
+            torch.testing.assert_close(y, reference(m, x, index), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(y, w, rtol=1e-5, atol=1e-5)
+    every_row_routed = min(index) >= 0
+    assert used["add"] > 0 if every_row_routed else used["add"] == 0  # then the sum is fused into the GEMM
+
+
+@needs_onednn
+def test_onednn_is_not_used_under_autograd_autocast_bf16_or_when_switched_off(monkeypatch):
+    """Training (autograd), autocast and non-float32 weights keep PyTorch's own GEMM, as does
+    MOA_CPU_GEMM=default; a wrong MOA_CPU_GEMM is a clear error."""
+    import moa.layers as layers
+
+    used = _counting_onednn(monkeypatch)
+    layer, slot = make_layer()
+    slot.set_choice(ExpertChoice.of(torch.tensor(INDEXES["mixed"])))
+    x = torch.randn(5, 3, IN)
+    with cpu_gemm("onednn"):
+        y = layer(x.requires_grad_(True))  # autograd: the frozen weight's matmul must be differentiable in x
+        y.sum().backward()
+        assert x.grad is not None and sum(used.values()) == 0
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
+        assert sum(used.values()) == 0
+        layer.to(torch.bfloat16)
+        with torch.no_grad():
+            layer(x.detach().bfloat16())
+        assert sum(used.values()) == 0
+    layer.to(torch.float32)
+    with torch.no_grad(), cpu_gemm("default"):
+        layer(x.detach())
+    assert sum(used.values()) == 0
+    with torch.no_grad(), cpu_gemm("onednn"):
+        layer(x.detach())
+    assert sum(used.values()) == 1
+
+    monkeypatch.setattr(layers, "_gemm_choice", None)  # read MOA_CPU_GEMM again
+    monkeypatch.setenv(layers.CPU_GEMM_ENV, "default")
+    with torch.no_grad():
+        layer(x.detach())
+    assert sum(used.values()) == 1
+    monkeypatch.setattr(layers, "_gemm_choice", None)
+    monkeypatch.setenv(layers.CPU_GEMM_ENV, "blas")
+    with pytest.raises(ValueError, match="MOA_CPU_GEMM"), torch.no_grad():
+        layer(x.detach())
+    monkeypatch.setattr(layers, "_gemm_choice", None)
+    monkeypatch.delenv(layers.CPU_GEMM_ENV)
+    with torch.no_grad():
+        layer(x.detach())
+    assert sum(used.values()) == 2  # onednn by default
+
+
+@needs_onednn
+def test_routed_generation_on_onednn_matches_the_default_gemm(routed_moa_dir):
+    """A whole generation on oneDNN's projections gives the default GEMM's tokens on a small model
+    (the two differ only by float rounding), and the same logits to 1e-4."""
+    from moa.generation import encode_prompts
+
+    model = MoAModel.from_pretrained(routed_moa_dir).eval()
+    prompts = ["alpha beta gamma", "one two three four", "x y", "hello there friend"]
+    doms = [model.domains[i % len(model.domains)] for i in range(len(prompts))]
+    ids, mask = encode_prompts(model, prompts)
+    with cpu_gemm("default"):
+        want = model.generate(prompts, domains=doms, max_new_tokens=6, ignore_eos=True)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask, domains=doms).logits
+    with cpu_gemm("onednn"):
+        got = model.generate(prompts, domains=doms, max_new_tokens=6, ignore_eos=True)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, domains=doms).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert [r.text for r in got] == [r.text for r in want]

@@ -28,8 +28,10 @@ of a `SharedInput` to see an input computes every member's whole output at once
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -174,7 +176,7 @@ class MoLoRALinear(nn.Module):
         base = self._modules["base_layer"]
         if self._plain_base(base):
             params = base._parameters
-            return F.linear(x, params["weight"], params["bias"])  # skips a module call per token
+            return frozen_linear(x, params["weight"], params["bias"])  # skips a module call per token
         return base(x)
 
     @staticmethod
@@ -233,7 +235,7 @@ class MoLoRALinear(nn.Module):
                 y.add_(bias)
             if x2 is None or xl is not x or x2.dtype != x.dtype:  # x2: the LoRA's input as (B*T, in)
                 x2 = x.reshape(-1, self.in_features)
-            return y.addmm_(x2, W.t()).view(*x.shape[:-1], out)
+            return frozen_addmm(y, x2, W).view(*x.shape[:-1], out)
         result = self._base(x)
         if mode == "plain":
             return _add_matmul(result, h, Bt)  # (B, T, out)
@@ -482,14 +484,14 @@ class SharedInput:
         ys = {}
         for m, part, (W, bias) in zip(self.members, parts, bases):
             if part is None:
-                ys[id(m)] = F.linear(x, W, bias)
+                ys[id(m)] = frozen_linear(x, W, bias)
                 continue
             start, stop, Bt = part
             hm = h if start == 0 and stop == h.shape[-1] else h[..., start:stop]
             ym = torch.mm(hm, Bt) if mode == "plain" else torch.bmm(hm, Bt).view(rows, -1)  # (B*T, out)
             if bias is not None:
                 ym.add_(bias)
-            ys[id(m)] = ym.addmm_(x2, W.t()).view(*shape, ym.shape[-1])
+            ys[id(m)] = frozen_addmm(ym, x2, W).view(*shape, ym.shape[-1])
         y = ys.pop(id(member))
         if ys:
             self._x, self._version, self._choice, self._outs = x, _version(x), choice, ys
@@ -596,6 +598,95 @@ class SharedInput:
         for m in self.members:
             out += (m._parameters["lora_A"], m._parameters["lora_B"], m._buffers["scaling"])
         return tuple(out)
+
+
+CPU_GEMM_ENV = "MOA_CPU_GEMM"
+"""Environment variable: "onednn" (the default) or "default" (PyTorch's own GEMM, MKL on most
+builds) for the frozen base projections of MoA layers on a CPU, in float32, without autograd
+(`frozen_linear`)."""
+
+_onednn_works: bool | None = None  # oneDNN's linear is there and agrees with F.linear (checked once)
+_gemm_choice: str | None = None  # "onednn" / "default": MOA_CPU_GEMM, or `cpu_gemm`'s while it runs
+
+
+def _check_choice(choice: str) -> str:
+    choice = choice.strip().lower()
+    if choice not in ("onednn", "default"):
+        raise ValueError(f"CPU GEMM {choice!r}: expected onednn or default ({CPU_GEMM_ENV})")
+    return choice
+
+
+@contextlib.contextmanager
+def cpu_gemm(choice: str):
+    """Within this block the frozen projections' CPU GEMM is `choice` ("onednn" or "default"),
+    whatever MOA_CPU_GEMM says."""
+    global _gemm_choice
+    old, _gemm_choice = _gemm_choice, _check_choice(choice)
+    try:
+        yield
+    finally:
+        _gemm_choice = old
+
+
+def _onednn_ok() -> bool:
+    """oneDNN's float32 linear (`torch.ops.mkldnn._linear_pointwise`, what torch.compile's CPU
+    backend emits for a linear) is chosen (MOA_CPU_GEMM), there, and gives F.linear's result on a
+    probe (to float rounding); the probe runs once per process."""
+    global _gemm_choice, _onednn_works
+    if _gemm_choice is None:
+        _gemm_choice = _check_choice(os.environ.get(CPU_GEMM_ENV, "onednn"))
+    if _gemm_choice != "onednn":
+        return False
+    if _onednn_works is None:
+        _onednn_works = False
+        if torch.backends.mkldnn.is_available():
+            try:
+                with torch.no_grad():
+                    g = torch.Generator().manual_seed(0)
+                    x, w, b = (torch.randn(s, generator=g) for s in ((3, 5, 16), (24, 16), (24,)))
+                    y = _onednn_linear(x, w, b)  # (3, 5, 24)
+                    z = _onednn_linear_add(x.reshape(15, 16), w, y.reshape(15, 24))
+                    ref = F.linear(x, w, b)
+                    _onednn_works = bool(
+                        torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+                        and torch.allclose(z, (ref + F.linear(x, w)).reshape(15, 24), rtol=1e-5, atol=1e-5))
+            except (RuntimeError, AttributeError, NotImplementedError):
+                pass
+    return _onednn_works
+
+
+def _cpu_fp32_inference(x: Tensor, W: Tensor) -> bool:
+    """The frozen projection x W^T runs on oneDNN: a CPU, float32, no autograd, no autocast, chosen."""
+    return (x.device.type == "cpu" and x.dtype == W.dtype == torch.float32 and W.dim() == 2
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and _onednn_ok())
+
+
+def frozen_linear(x: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear(x, W, bias) for a frozen base projection. On a CPU, in float32 and without
+    autograd, it runs as oneDNN's linear instead of the default GEMM (MKL on most PyTorch builds):
+    on the AMD EPYC this was measured on, oneDNN took 0.4-0.6x MKL's time for the few rows of a
+    decoded token and 0.86x for 1,024 rows (docs/RESULTS.md, Performance II). The result is
+    the same up to float rounding (another summation order). MOA_CPU_GEMM=default switches it off."""
+    if _cpu_fp32_inference(x, W):
+        return _onednn_linear(x, W, bias)
+    return F.linear(x, W, bias)
+
+
+def frozen_addmm(y: Tensor, x2: Tensor, W: Tensor) -> Tensor:
+    """y + x2 @ W^T, y (N, out) and x2 (N, in): in place into y by default (`addmm_`, beta = 1), or
+    as oneDNN's linear with the sum fused (a new tensor) where `frozen_linear` uses oneDNN."""
+    if _cpu_fp32_inference(x2, W):
+        return _onednn_linear_add(x2, W, y)
+    return y.addmm_(x2, W.t())
+
+
+def _onednn_linear(x: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, W, bias, "none", [], "")
+
+
+def _onednn_linear_add(x2: Tensor, W: Tensor, y: Tensor) -> Tensor:
+    """x2 W^T + y in one oneDNN call (the sum as a post-op), a new tensor."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x2, y, W, None, "add")
 
 
 def share_input(modules) -> None:
