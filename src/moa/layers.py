@@ -23,7 +23,8 @@ Without autograd, where every row is routed, the LoRA's B side runs first and th
 matmul accumulates into its output (`addmm_`): the base GEMM adds the delta inside its own
 blocks, instead of one more read and write of the whole output after it. There the first member
 of a `SharedInput` to see an input computes every member's whole output at once
-(`SharedInput.output`).
+(`SharedInput.output`). On a CPU in float32 the frozen matmuls run on oneDNN instead
+(`frozen_linear`, MOA_CPU_GEMM), and the B side then accumulates into their output.
 """
 
 from __future__ import annotations
@@ -226,16 +227,12 @@ class MoLoRALinear(nn.Module):
         if (W is not None and choice.rows is None and x.dtype == h.dtype == Bt.dtype == W.dtype
                 and not torch.is_autocast_enabled(x.device.type)
                 and not (torch.is_grad_enabled() and (h.requires_grad or Bt.requires_grad or x.requires_grad))):
-            if mode == "plain":  # h (B*T, r), Bt (r, out); dense: h (B, E*r), Bt (E*r, out)
-                y = torch.mm(h, Bt)  # (B*T, out)
-            else:  # grouped: h (G, n*T, r), Bt (G, r, out); gathered: h (B, T, r), Bt (B, r, out)
-                y = torch.bmm(h, Bt).view(-1, out)  # (B*T, out)
-            bias = base._parameters["bias"]
-            if bias is not None:
-                y.add_(bias)
             if x2 is None or xl is not x or x2.dtype != x.dtype:  # x2: the LoRA's input as (B*T, in)
                 x2 = x.reshape(-1, self.in_features)
-            return frozen_addmm(y, x2, W).view(*x.shape[:-1], out)
+            # plain: h (B*T, r), Bt (r, out); dense: h (B, E*r), Bt (E*r, out); grouped: h (G, n*T, r),
+            # Bt (G, r, out); gathered: h (B, T, r), Bt (B, r, out)
+            y = _frozen_plus_lora(x2, W, base._parameters["bias"], h, Bt, mode == "plain")  # (B*T, out)
+            return y.view(*x.shape[:-1], out)
         result = self._base(x)
         if mode == "plain":
             return _add_matmul(result, h, Bt)  # (B, T, out)
@@ -488,10 +485,8 @@ class SharedInput:
                 continue
             start, stop, Bt = part
             hm = h if start == 0 and stop == h.shape[-1] else h[..., start:stop]
-            ym = torch.mm(hm, Bt) if mode == "plain" else torch.bmm(hm, Bt).view(rows, -1)  # (B*T, out)
-            if bias is not None:
-                ym.add_(bias)
-            ys[id(m)] = frozen_addmm(ym, x2, W).view(*shape, ym.shape[-1])
+            ym = _frozen_plus_lora(x2, W, bias, hm, Bt, mode == "plain")  # (B*T, out)
+            ys[id(m)] = ym.view(*shape, ym.shape[-1])
         y = ys.pop(id(member))
         if ys:
             self._x, self._version, self._choice, self._outs = x, _version(x), choice, ys
@@ -645,11 +640,7 @@ def _onednn_ok() -> bool:
                     g = torch.Generator().manual_seed(0)
                     x, w, b = (torch.randn(s, generator=g) for s in ((3, 5, 16), (24, 16), (24,)))
                     y = _onednn_linear(x, w, b)  # (3, 5, 24)
-                    z = _onednn_linear_add(x.reshape(15, 16), w, y.reshape(15, 24))
-                    ref = F.linear(x, w, b)
-                    _onednn_works = bool(
-                        torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
-                        and torch.allclose(z, (ref + F.linear(x, w)).reshape(15, 24), rtol=1e-5, atol=1e-5))
+                    _onednn_works = bool(torch.allclose(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5))
             except (RuntimeError, AttributeError, NotImplementedError):
                 pass
     return _onednn_works
@@ -664,29 +655,38 @@ def _cpu_fp32_inference(x: Tensor, W: Tensor) -> bool:
 def frozen_linear(x: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
     """F.linear(x, W, bias) for a frozen base projection. On a CPU, in float32 and without
     autograd, it runs as oneDNN's linear instead of the default GEMM (MKL on most PyTorch builds):
-    on the AMD EPYC this was measured on, oneDNN took 0.4-0.6x MKL's time for the few rows of a
-    decoded token and 0.86x for 1,024 rows (docs/RESULTS.md, Performance II). The result is
-    the same up to float rounding (another summation order). MOA_CPU_GEMM=default switches it off."""
+    on the AMD EPYC this was measured on, oneDNN took 0.4-0.75x MKL's time for the 8 rows of a
+    decoded token and 0.86-0.89x for 1,024 rows (docs/RESULTS.md, Performance II;
+    `benchmarks/cpu_gemm.py` measures it on any CPU). The result is the same up to float rounding
+    (another summation order). MOA_CPU_GEMM=default switches it off."""
     if _cpu_fp32_inference(x, W):
         return _onednn_linear(x, W, bias)
     return F.linear(x, W, bias)
 
 
-def frozen_addmm(y: Tensor, x2: Tensor, W: Tensor) -> Tensor:
-    """y + x2 @ W^T, y (N, out) and x2 (N, in): in place into y by default (`addmm_`, beta = 1), or
-    as oneDNN's linear with the sum fused (a new tensor) where `frozen_linear` uses oneDNN."""
+def _frozen_plus_lora(x2: Tensor, W: Tensor, bias: Tensor | None, h: Tensor, Bt: Tensor, plain: bool) -> Tensor:
+    """x2 W^T + bias + the LoRA's h Bt, as (N, out), without autograd. x2 (N, in); plain: h (N, r),
+    Bt (r, out); else batched: h (G, N / G, r), Bt (G, r, out).
+
+    With PyTorch's default GEMM the B side runs first and the frozen matmul accumulates into it
+    (`addmm_`, beta = 1: the delta is added inside the GEMM's own blocks, not in one more pass over
+    the output). On oneDNN (`frozen_linear`) the frozen matmul runs first and the B side
+    accumulates into it: oneDNN's fused sum post-op measured no faster than its plain linear at
+    1,024 rows, the plain linear then `addmm_` 0.90x of the default order (0.73x at 8 rows)."""
     if _cpu_fp32_inference(x2, W):
-        return _onednn_linear_add(x2, W, y)
+        y = _onednn_linear(x2, W, bias)  # (N, out)
+        if plain:
+            return y.addmm_(h, Bt)
+        y.view(h.shape[0], h.shape[1], y.shape[-1]).baddbmm_(h, Bt)
+        return y
+    y = torch.mm(h, Bt) if plain else torch.bmm(h, Bt).view(-1, Bt.shape[-1])  # (N, out)
+    if bias is not None:
+        y.add_(bias)
     return y.addmm_(x2, W.t())
 
 
 def _onednn_linear(x: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, W, bias, "none", [], "")
-
-
-def _onednn_linear_add(x2: Tensor, W: Tensor, y: Tensor) -> Tensor:
-    """x2 W^T + y in one oneDNN call (the sum as a post-op), a new tensor."""
-    return torch.ops.mkldnn._linear_pointwise.binary(x2, y, W, None, "add")
 
 
 def share_input(modules) -> None:
