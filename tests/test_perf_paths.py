@@ -1049,3 +1049,43 @@ def test_routed_generation_on_onednn_matches_the_default_gemm(routed_moa_dir):
             out = model(input_ids=ids, attention_mask=mask, domains=doms).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert [r.text for r in got] == [r.text for r in want]
+
+
+@needs_onednn
+def test_a_moa_models_plain_linears_run_on_onednn_and_train_as_before(routed_moa_dir, monkeypatch):
+    """The LM head and the projections no expert targets become `CPUGemmLinear`s (the wrapped ones'
+    base layers too, which still take the fused path): the same state dict, the same logits as nn.Linear to rounding,
+    oneDNN at inference, F.linear (with gradients) under autograd; PEFT wraps and merges them."""
+    from peft import LoraConfig, get_peft_model
+
+    from moa.layers import CPUGemmLinear, use_cpu_gemm
+
+    model = MoAModel.from_pretrained(routed_moa_dir).eval()
+    swapped = [n for n, m in model.base_model.named_modules() if type(m) is CPUGemmLinear]
+    assert any(n.endswith("lm_head") for n in swapped) and any(n.endswith("o_proj") for n in swapped)
+    assert all(m._plain_base(m.base_layer) for m in model.lora_modules.values())
+    head = model.base_model.get_output_embeddings()
+    x = torch.randn(3, 5, head.in_features)
+    used = _counting_onednn(monkeypatch)
+    with torch.no_grad():
+        with cpu_gemm("onednn"):
+            y = head(x)
+        with cpu_gemm("default"):
+            want = nn.Linear.forward(head, x)
+    assert used["linear"] == 1
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    with cpu_gemm("onednn"):  # training: autograd through F.linear
+        xg = x.clone().requires_grad_(True)
+        head(xg).sum().backward()
+    assert used["linear"] == 1 and xg.grad is not None
+
+    plain = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    keys = list(plain.state_dict())
+    assert use_cpu_gemm(plain) == 2 and list(plain.state_dict()) == keys
+    peft = get_peft_model(plain, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    x = torch.randn(4, 8)
+    with torch.no_grad(), cpu_gemm("default"):
+        unmerged = peft(x)
+    peft.merge_adapter()
+    with torch.no_grad(), cpu_gemm("onednn"):
+        torch.testing.assert_close(peft(x), unmerged, rtol=1e-5, atol=1e-5)

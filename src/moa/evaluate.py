@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from moa.errors import MoAError
+from moa.layers import use_cpu_gemm
 
 
 # --------------------------------------------------------------------------- text metrics
@@ -146,6 +147,7 @@ def peft_system(name: str, base: str, adapter: str | Path | None, max_new_tokens
     from moa.scoring import PrefixKV, causal_lm_forward, load_peft_adapter
 
     model, tok = load_base(base)
+    use_cpu_gemm(model)  # the same GEMM as the MoA systems' (oneDNN at float32 CPU inference); PEFT wraps these
     merge = merges_exactly(model)
     if adapters_by_domain:
         from peft import PeftModel

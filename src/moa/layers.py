@@ -182,7 +182,7 @@ class MoLoRALinear(nn.Module):
 
     @staticmethod
     def _plain_base(base: nn.Module) -> bool:
-        return type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
+        return type(base) in _PLAIN_LINEARS and not (base._forward_hooks or base._forward_pre_hooks)
 
     def _expert_weights(self) -> tuple[Tensor, Tensor]:
         if self.trainable_mask is None:
@@ -662,6 +662,31 @@ def frozen_linear(x: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
     if _cpu_fp32_inference(x, W):
         return _onednn_linear(x, W, bias)
     return F.linear(x, W, bias)
+
+
+class CPUGemmLinear(nn.Linear):
+    """An `nn.Linear` whose forward is `frozen_linear`: oneDNN's linear on a CPU in float32 without
+    autograd, `F.linear` otherwise (training included). Same parameters, state dict and results
+    (to float rounding); `use_cpu_gemm` turns a model's plain linears into these."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return frozen_linear(x, self.weight, self.bias)
+
+
+_PLAIN_LINEARS = (nn.Linear, CPUGemmLinear)
+
+
+def use_cpu_gemm(model: nn.Module) -> int:
+    """Turn every plain `nn.Linear` of `model` (its LM head, projections no expert targets, the base
+    layers of MoLoRALinears and of PEFT layers) into a `CPUGemmLinear`, in place: their inference
+    on a CPU in float32 then runs on oneDNN, as MoLoRALinear's frozen projections do. Returns how
+    many were turned."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = CPUGemmLinear
+            n += 1
+    return n
 
 
 def _frozen_plus_lora(x2: Tensor, W: Tensor, bias: Tensor | None, h: Tensor, Bt: Tensor, plain: bool) -> Tensor:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from moa.errors import MoAError
 from moa.generation import GenerationResult, cache_of
 from moa.losses import label_nll
-from moa.layers import SHARED_INPUTS, MoLoRALinear, RoutingSlot, share_input
+from moa.layers import SHARED_INPUTS, MoLoRALinear, RoutingSlot, share_input, use_cpu_gemm
 from moa.router import (ROUTINGS, LayerRouter, RoutingState, check_pool_mask, check_routed_checkpointing, decide,
                         enable_routed_checkpointing, router_loss, routing_hooks)
 
@@ -107,6 +107,7 @@ class MoAModel(nn.Module):
         self._layers = tuple(layers)  # a tuple: not registered twice as a submodule
         self.slots = [RoutingSlot() for _ in layers]
         self.lora_modules = _inject(base_model, layers, self.slots, self.target_modules, lora_dropout)
+        use_cpu_gemm(base_model)  # the LM head and untargeted projections: oneDNN at float32 CPU inference
         """{module path in base_model: MoLoRALinear}, in model order (a plain dict, not registered twice)."""
         self.fuse_shared_inputs(True)
         hidden = base_model.config.get_text_config().hidden_size
