@@ -1009,6 +1009,14 @@ def test_onednn_is_not_used_under_autograd_autocast_bf16_or_when_switched_off(mo
     with torch.no_grad(), cpu_gemm("default"):
         layer(x.detach())
     assert sum(used.values()) == 0
+    from moa.layers import frozen_linear
+
+    with torch.no_grad(), cpu_gemm("onednn"):  # a 1-D input, or a non-contiguous weight: F.linear
+        w, xd = layer.base_layer.weight, x.detach()
+        torch.testing.assert_close(frozen_linear(xd[0, 0], w, None), w @ xd[0, 0])
+        torch.testing.assert_close(frozen_linear(xd, w.t().contiguous().t(), None), xd @ w.t())
+        torch.testing.assert_close(frozen_linear(xd[..., :10], w[:, :10], None), xd[..., :10] @ w[:, :10].t())
+    assert sum(used.values()) == 0
     with torch.no_grad(), cpu_gemm("onednn"):
         layer(x.detach())
     assert sum(used.values()) == 1

@@ -648,8 +648,9 @@ def _onednn_ok() -> bool:
 
 def _cpu_fp32_inference(x: Tensor, W: Tensor) -> bool:
     """The frozen projection x W^T runs on oneDNN: a CPU, float32, no autograd, no autocast, chosen."""
-    return (x.device.type == "cpu" and x.dtype == W.dtype == torch.float32 and W.dim() == 2
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and _onednn_ok())
+    return (x.device.type == "cpu" and x.dtype == W.dtype == torch.float32 and x.dim() >= 2 and W.dim() == 2
+            and W.is_contiguous() and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and _onednn_ok())
 
 
 def frozen_linear(x: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:

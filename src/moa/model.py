@@ -107,8 +107,8 @@ class MoAModel(nn.Module):
         self._layers = tuple(layers)  # a tuple: not registered twice as a submodule
         self.slots = [RoutingSlot() for _ in layers]
         self.lora_modules = _inject(base_model, layers, self.slots, self.target_modules, lora_dropout)
-        use_cpu_gemm(base_model)  # the LM head and untargeted projections: oneDNN at float32 CPU inference
         """{module path in base_model: MoLoRALinear}, in model order (a plain dict, not registered twice)."""
+        use_cpu_gemm(base_model)  # the LM head and untargeted projections: oneDNN at float32 CPU inference
         self.fuse_shared_inputs(True)
         hidden = base_model.config.get_text_config().hidden_size
         # float32 like the experts (master weights), on the base's device

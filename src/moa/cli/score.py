@@ -52,7 +52,10 @@ def _cmd_score(args) -> int:
     else:
         from moa.base import load_base
 
+        from moa.layers import use_cpu_gemm
+
         model, tok = load_base(args.base or DEFAULT_BASE)
+        use_cpu_gemm(model)  # oneDNN at float32 CPU inference, as MoA checkpoints score
         if args.adapter:
             model = load_peft_adapter(model, args.adapter)
         forward = causal_lm_forward(model)
