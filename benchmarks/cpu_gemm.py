@@ -21,17 +21,15 @@ same repeat ("paired"), then "lora": MoA mixed over MoA with no expert under the
 """
 import argparse
 import statistics
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
 
+from common import crop, random_experts_moa
 from moa.base import load_base
 from moa.generation import cache_of
 from moa.layers import cpu_gemm
-from moa.model import MoAModel
 from moa.router import RoutingState
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,17 +87,8 @@ del layers
 # ---------------------------------------------------------------- the model
 base, tok = load_base("smollm2-135m")
 base.eval()
-tmp = tempfile.mkdtemp()
-dirs = []
-for k in range(E):
-    b, _ = load_base("smollm2-135m")
-    torch.manual_seed(k)
-    cfg = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    get_peft_model(b, cfg).save_pretrained(f"{tmp}/e{k}")
-    dirs.append(f"{tmp}/e{k}")
-doms = [f"d{k}" for k in range(E)]
-moa = MoAModel.from_adapters(dirs, domains=doms, base="smollm2-135m").eval()
+moa = random_experts_moa(E, 8)
+doms = moa.domains
 g = torch.Generator().manual_seed(0)
 ids = torch.randint(100, 40000, (B, 128), generator=g)
 mask = torch.ones_like(ids)
@@ -137,15 +126,10 @@ with torch.inference_mode():
         with moa.routing(RoutingState("explicit", moa.expert_ids_for(rows, None, B))):
             moa_caches[name] = (rows, cache_of(moa.base_model(input_ids=prompt, use_cache=True)))
 
-    def crop(cache):
-        extra = cache.get_seq_length() - CACHED
-        if extra > 0:
-            cache.crop(-extra)
-
     def base_step():
         base(input_ids=step_ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
              **{kw: base_cache}, logits_to_keep=1)
-        crop(base_cache)
+        crop(base_cache, CACHED)
 
     def moa_step(name, choice):
         rows, cache = moa_caches[name]
@@ -155,7 +139,7 @@ with torch.inference_mode():
             with cpu_gemm(choice), moa.routing(state):
                 moa.base_model(input_ids=step_ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
                                **{kw: cache}, logits_to_keep=1)
-            crop(cache)
+            crop(cache, CACHED)
         return f
 
     cases = {"base (transformers)": base_step}

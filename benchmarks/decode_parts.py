@@ -15,14 +15,12 @@ mask (`mm` / `addmm_`), and blocks of rows per expert (`bmm` / `baddbmm_` over E
     python benchmarks/decode_parts.py [--threads 2] [--repeats 40]
 """
 import argparse
-import tempfile
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
 
+from common import crop as crop_to, random_experts_moa
 from moa.base import load_base
-from moa.model import MoAModel
 from moa.router import RoutingState
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,16 +32,7 @@ B, E, r, CACHED = 8, 4, 8, 64
 
 base, _ = load_base("smollm2-135m")
 base.eval()
-tmp = tempfile.mkdtemp()
-dirs = []
-for k in range(E):
-    b, _ = load_base("smollm2-135m")
-    torch.manual_seed(k)
-    cfg = LoraConfig(r=r, lora_alpha=16, init_lora_weights=False,
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    get_peft_model(b, cfg).save_pretrained(f"{tmp}/e{k}")
-    dirs.append(f"{tmp}/e{k}")
-moa = MoAModel.from_adapters(dirs, domains=[f"d{k}" for k in range(E)], base="smollm2-135m").eval()
+moa = random_experts_moa(E, r)
 ids = torch.randint(100, 40000, (B, CACHED))
 step = torch.randint(100, 40000, (B, 1))
 mask = torch.ones(B, CACHED + 1, dtype=torch.long)
@@ -51,9 +40,7 @@ pos = torch.full((B, 1), CACHED)
 
 
 def crop(cache):
-    extra = cache.get_seq_length() - CACHED
-    if extra > 0:
-        cache.crop(-extra)
+    crop_to(cache, CACHED)
 
 
 def timed(model, cache, state=None):
