@@ -1028,8 +1028,12 @@ def test_onednn_is_not_used_under_autograd_autocast_bf16_or_when_switched_off(mo
     assert sum(used.values()) == 1
     monkeypatch.setattr(layers, "_gemm_choice", None)
     monkeypatch.setenv(layers.CPU_GEMM_ENV, "blas")
-    with pytest.raises(ValueError, match="MOA_CPU_GEMM"), torch.no_grad():
+    from moa.errors import MoAError
+
+    with pytest.raises(MoAError, match="MOA_CPU_GEMM='blas'"), torch.no_grad():
         layer(x.detach())
+    with pytest.raises(MoAError, match="MOA_CPU_GEMM='blas'"):  # when a model is built, whatever its dtype
+        layers.use_cpu_gemm(nn.Sequential(nn.Linear(4, 2)).bfloat16())
     monkeypatch.setattr(layers, "_gemm_choice", None)
     monkeypatch.delenv(layers.CPU_GEMM_ENV)
     with torch.no_grad():

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moa.errors import MoAError
+
 
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Sibling linear modules that read one input tensor in Llama / Qwen2 / Mistral-style decoder layers:
@@ -607,7 +609,7 @@ _gemm_choice: str | None = None  # "onednn" / "default": MOA_CPU_GEMM, or `cpu_g
 def _check_choice(choice: str) -> str:
     choice = choice.strip().lower()
     if choice not in ("onednn", "default"):
-        raise ValueError(f"CPU GEMM {choice!r}: expected onednn or default ({CPU_GEMM_ENV})")
+        raise MoAError(f"{CPU_GEMM_ENV}={choice!r}: expected onednn or default")
     return choice
 
 
@@ -623,14 +625,20 @@ def cpu_gemm(choice: str):
         _gemm_choice = old
 
 
+def _choice() -> str:
+    """The CPU GEMM in force: `cpu_gemm`'s, else MOA_CPU_GEMM's (read once; a wrong value is an error)."""
+    global _gemm_choice
+    if _gemm_choice is None:
+        _gemm_choice = _check_choice(os.environ.get(CPU_GEMM_ENV, "onednn"))
+    return _gemm_choice
+
+
 def _onednn_ok() -> bool:
     """oneDNN's float32 linear (`torch.ops.mkldnn._linear_pointwise`, what torch.compile's CPU
     backend emits for a linear) is chosen (MOA_CPU_GEMM), there, and gives F.linear's result on a
     probe (to float rounding); the probe runs once per process."""
-    global _gemm_choice, _onednn_works
-    if _gemm_choice is None:
-        _gemm_choice = _check_choice(os.environ.get(CPU_GEMM_ENV, "onednn"))
-    if _gemm_choice != "onednn":
+    global _onednn_works
+    if _choice() != "onednn":
         return False
     if _onednn_works is None:
         _onednn_works = False
@@ -682,6 +690,7 @@ def use_cpu_gemm(model: nn.Module) -> int:
     layers of MoLoRALinears and of PEFT layers) into a `CPUGemmLinear`, in place: their inference
     on a CPU in float32 then runs on oneDNN, as MoLoRALinear's frozen projections do. Returns how
     many were turned."""
+    _choice()  # a wrong MOA_CPU_GEMM fails here, when the model is built, whatever its dtype
     n = 0
     for m in model.modules():
         if type(m) is nn.Linear:
