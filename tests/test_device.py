@@ -94,6 +94,17 @@ def test_placement_is_what_loads_follow_and_explicit_arguments_win(tiny_base):
     assert dev.current().dtype == torch.float32
 
 
+def test_bases_load_without_hub_kernels(tiny_base, routed_moa_dir):
+    """With `kernels` installed, transformers kernelizes by default and, on a GPU, downloads the
+    kernels (an offline GPU machine could not load the base). moa's loads opt out."""
+    from moa.base import load_base, load_base_prefix
+    from moa.model import MoAModel
+
+    assert load_base(tiny_base)[0].use_kernels is False
+    assert load_base_prefix(tiny_base, 1)[0].use_kernels is False
+    assert MoAModel.from_pretrained(routed_moa_dir).base_model.use_kernels is False
+
+
 def test_every_model_loading_command_has_device_and_dtype_with_defaults_in_help():
     parsers = {}
 

@@ -195,8 +195,12 @@ def _load_frozen(auto_cls, path: str, place, **kwargs):
     frozen, in eval mode, with a pad token id."""
     # Straight onto an accelerator (no full copy in host memory first); the CPU needs no map.
     where = {} if place.device.type == "cpu" else {"device_map": {"": str(place.device)}}
+    # No Hub kernels: with the `kernels` package installed, transformers would otherwise swap layers
+    # for kernels it downloads on an accelerator (an offline GPU machine then cannot load the base
+    # at all: "... is not available in the local cache and Hugging Face Hub is in offline mode"),
+    # and run code from the Hub. moa's own layers wrap the projections.
     try:
-        model = auto_cls.from_pretrained(path, dtype=place.dtype, **where, **kwargs)
+        model = auto_cls.from_pretrained(path, dtype=place.dtype, use_kernels=False, **where, **kwargs)
     except (OSError, ValueError) as e:
         raise MoAError(f"cannot load base model from {path}: {e}") from e
     tok = load_tokenizer(path)
