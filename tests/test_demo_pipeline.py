@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -30,12 +31,16 @@ def tiny_profile(**kw) -> Profile:
                       "stage2": "joint", **kw})  # the demo profiles' recipe (moa.demo.PROFILES)
 
 
-def test_full_pipeline_with_baselines_writes_report_metrics_and_plots(tiny_base, tmp_path):
+def test_full_pipeline_with_baselines_writes_report_metrics_and_plots(tiny_base, tmp_path, capsys):
     data = tiny_splits(tmp_path, 8, 3)
     prof = tiny_profile(eval_per_domain=3, generate_per_domain=2, max_new_tokens=3, ablations=True,
                         eta_sweep=(1.0, 5.0))
     out = tmp_path / "run"
     metrics = run_demo(prof, out, data, base=str(tiny_base))
+    # The last line gives the whole demo's time and the trainings' share of it (not one as the other).
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    m = re.fullmatch(r"time: ([0-9.]+) min in all, ([0-9.]+) min of it training; report: .*report\.md", last)
+    assert m and float(m[1]) >= float(m[2]), last
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["domains"] == ["math", "echo", "json"]
     assert set(saved["systems"]) == SYSTEMS
