@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 
+from common import random_expert_dirs
+
 PROMPTS = [f"Write a short note number {i} about the weather in a city." for i in range(8)]
 DOMAINS = ["a", "b", "c", "d"]
 ROWS = [DOMAINS[i % 4] for i in range(8)]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def random_base(src: Path, out: Path) -> Path:
@@ -45,20 +46,6 @@ def random_base(src: Path, out: Path) -> Path:
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
     AutoTokenizer.from_pretrained(src).save_pretrained(out)
     return out
-
-
-def random_experts(base: Path, out: Path) -> list[Path]:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    dirs = []
-    for k in range(len(DOMAINS)):
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        torch.manual_seed(k)
-        cfg = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=TARGETS)
-        get_peft_model(model, cfg).save_pretrained(out / f"e{k}")
-        dirs.append(out / f"e{k}")
-    return dirs
 
 
 def sync(device: torch.device) -> None:
@@ -195,7 +182,7 @@ def main() -> None:
     only = set(args.only.split(","))
     work = Path(tempfile.mkdtemp(prefix="moa_gpu_check_"))
     base = random_base(Path(args.base), work / "base") if args.random_weights else Path(args.base)
-    experts = random_experts(base, work / "experts")
+    experts = random_expert_dirs(str(base), str(work / "experts"), len(DOMAINS))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     from moa.layers import _choice, _onednn_ok
 

@@ -664,8 +664,8 @@ def _cpu_fp32_inference(x: Tensor, W: Tensor) -> bool:
 def frozen_linear(x: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
     """F.linear(x, W, bias) for a frozen base projection. On a CPU, in float32 and without
     autograd, it runs as oneDNN's linear instead of the default GEMM (MKL on most PyTorch builds):
-    on the AMD EPYC this was measured on, oneDNN took 0.4-0.75x MKL's time for the 8 rows of a
-    decoded token and 0.86-0.89x for 1,024 rows (docs/RESULTS.md, Performance II;
+    on the AMD EPYC this was measured on, oneDNN took 0.6-0.9x MKL's time for the 8 rows of a
+    decoded token and 0.85-0.93x for 1,024 rows (docs/RESULTS.md, Performance II;
     `benchmarks/cpu_gemm.py` measures it on any CPU). The result is the same up to float rounding
     (another summation order). MOA_CPU_GEMM=default switches it off."""
     if _cpu_fp32_inference(x, W):
